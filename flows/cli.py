@@ -1,0 +1,278 @@
+"""The ``bucketchat`` command: the seed's scripts as subcommands, with the seed's flag names.
+
+Flags are snake_case as in the seed; the kebab-case spelling works too (``--creative-prob``).
+Heavy imports happen inside each command, so ``--help`` is instant and ``chat`` never loads Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tasks.settings import DEFAULT_MODEL_URI, TABLE_NAME
+
+EXAMPLES = """examples:
+  bucketchat pipeline --data conversation_data.sample.jsonl
+  bucketchat chat                                   # the registered champion, interactive
+  bucketchat chat --json < questions.txt            # one JSON answer per input line
+  bucketchat expand --input conversation_data.sample.jsonl --output conversation_data.large.jsonl --target 5000
+  bucketchat db build --data conversation_data.large.jsonl --db llm_chat.db && bucketchat db stats --db llm_chat.db
+  bucketchat finetune --data conversation_data.sample.jsonl --device cpu
+"""
+
+
+def _arg(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--snake_name`` and its ``--kebab-name`` twin."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    parser.add_argument(*names, **kwargs)
+
+
+def _expansion_args(p: argparse.ArgumentParser, target_required: bool) -> None:
+    _arg(p, "--output", required=True, help="output dataset (.jsonl; a .parquet twin and a .rejects.jsonl are written beside it)")
+    _arg(p, "--target", type=int, required=target_required, help="number of records to grow the dataset to (exactly)")
+    _arg(p, "--creative_prob", type=float, default=0.0, help="probability a variant also gets a conversational opener on the assistant side (default 0)")
+    _arg(p, "--blend_prob", type=float, default=0.0, help="probability a variant joins two user messages that share a response (default 0)")
+    _arg(p, "--seed", type=int, default=42, help="random seed; the same seed gives the same output (default 42)")
+    _arg(p, "--strict", action="store_true", help="stop at the first malformed line instead of writing it to the rejects file")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    _arg(g, "--model_size", default="base", help="head size (default base)")
+    _arg(g, "--epochs", type=int, default=40, help="maximum epochs (default 40; early stopping usually ends sooner)")
+    _arg(g, "--batch_size", type=int, default=64, help="examples per step (default 64)")
+    _arg(g, "--lr", type=float, default=1e-3, help="AdamW learning rate (default 0.001)")
+    _arg(g, "--weight_decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    _arg(g, "--val_split", type=float, default=0.1, help="fraction held out for validation and calibration (default 0.1)")
+    _arg(g, "--split_mode", choices=["stratified", "random"], default="stratified", help="validation split: per response (stratified, default) or per row")
+    _arg(g, "--label_smoothing", type=float, default=0.0, help="bucket cross-entropy label smoothing (default 0)")
+    _arg(g, "--lr_schedule", choices=["cosine", "linear", "constant"], default="cosine", help="learning-rate schedule (default cosine)")
+    _arg(g, "--warmup_steps", type=int, default=0, help="linear warmup steps (default 0)")
+    _arg(g, "--early_stop_patience", type=int, default=6, help="epochs without validation improvement before stopping; 0 = off (default 6)")
+    _arg(g, "--balanced_sampler", action="store_true", help="sample batches so every bucket is equally likely (for skewed buckets)")
+    _arg(g, "--max_candidates_per_bucket", type=int, default=256, help="responses the head learns per bucket; the rest stay reachable by retrieval (default 256)")
+    _arg(g, "--hidden_dim", type=int, default=1024, help="hidden width of the head (default 1024)")
+    _arg(g, "--dropout", type=float, default=0.5, help="dropout in the head (default 0.5)")
+    _arg(g, "--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
+
+
+def _train_dicts(a: argparse.Namespace, seed: int) -> tuple[dict, dict]:
+    train = {k: getattr(a, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "device")}
+    head = {"model_size": a.model_size, "hidden_dim": a.hidden_dim, "dropout": a.dropout, "num_buckets": a.num_buckets}
+    # Validate here, once, so a bad flag fails before Prefect starts.
+    from models.train import TrainConfig
+
+    TrainConfig(**train, seed=seed)
+    return {**train, "seed": seed}, head
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bucketchat", description="Train a retrieval-style chatbot on your conversation logs and chat with it.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("expand", help="grow a dataset with synthetic variants", description="Grow a conversation JSONL to exactly --target records with meaning-preserving variants of the user side. Each new record carries parent_id and op.")
+    _arg(p, "--input", required=True, help="conversation JSONL (flat pairs or multi-turn) or a .parquet dataset")
+    _expansion_args(p, target_required=True)
+
+    p = sub.add_parser("build-super", help="merge sources, filter, dedupe and expand", description="Merge several sources (each keeps its `source`), drop unusable and duplicate pairs, then expand to --target if it is larger.")
+    _arg(p, "--inputs", nargs="+", required=True, help="conversation JSONL files or .parquet datasets")
+    _expansion_args(p, target_required=False)
+
+    p = sub.add_parser("db", help="build or inspect the LanceDB conversation table")
+    dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    b = dbsub.add_parser("build", help="embed, bucket and write a new table version", description="Embed every user message (cached by content hash), assign buckets, and write a new version of the table with a full-text index (and a vector index when large).")
+    _arg(b, "--data", required=True, help="conversation JSONL or .parquet dataset")
+    _arg(b, "--db", required=True, help="LanceDB folder, e.g. llm_chat.db")
+    _arg(b, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
+    _arg(b, "--num_buckets", type=int, default=10, help="response buckets (default 10)")
+    _arg(b, "--seed", type=int, default=0, help="clustering seed (default 0)")
+    _arg(b, "--device", default="cpu", help="encoder device (default cpu)")
+    _arg(b, "--strict", action="store_true", help="stop at the first malformed line")
+    s = dbsub.add_parser("stats", help="rows, buckets, sources, versions and index state", description="Describe the latest version of the table.")
+    _arg(s, "--db", required=True, help="LanceDB folder")
+    _arg(s, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
+    _arg(s, "--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("finetune", help="train, log to MLflow, register, promote if better", description="Train the 10-bucket head on a pinned table version, log it to MLflow, register a version of `bucketchat` and move the `champion` alias only if it is at least as good on the same validation set.")
+    _arg(p, "--data", help="conversation data; (re)builds --db from it first. Without it, trains on the table as it is")
+    _arg(p, "--db", default="llm_chat.db", help="LanceDB folder (default llm_chat.db)")
+    _arg(p, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
+    _arg(p, "--table_version", type=int, help="table version to train on (default: the latest)")
+    _arg(p, "--num_buckets", type=int, default=10, help="response buckets when building (default 10)")
+    _arg(p, "--seed", type=int, default=42, help="seed for the split, init and sampling (default 42)")
+    _arg(p, "--output", default="champion_model_chat_ft.pth", help="local weights file (safetensors; default champion_model_chat_ft.pth)")
+    _arg(p, "--meta", default="chat_model_meta.json", help="local meta JSON (default chat_model_meta.json)")
+    _arg(p, "--strict", action="store_true", help="stop at the first malformed line")
+    _train_args(p)
+
+    p = sub.add_parser("chat", help="answer messages with the champion (or given weights)", description="Interactive on a terminal (`exit` quits). With piped input, answers each line as its own conversation.")
+    _arg(p, "--model", default=DEFAULT_MODEL_URI, help=f"MLflow model URI (default {DEFAULT_MODEL_URI})")
+    _arg(p, "--weights", help="local weights file (with --meta) instead of --model")
+    _arg(p, "--meta", help="local meta JSON (with --weights)")
+    _arg(p, "--device", default="cpu", help="cpu or cuda (default cpu)")
+    _arg(p, "--pool_mode", choices=["all", "top"], default="all", help="all: every bucket, weighted by its probability (default); top: only the --top_labels likeliest")
+    _arg(p, "--top_labels", type=int, default=3, help="buckets searched with --pool_mode top (default 3)")
+    _arg(p, "--response_temperature", type=float, default=0.0, help="0 = always the best response (default); higher samples among the best")
+    _arg(p, "--llm_db", help="LanceDB folder to retrieve from (default: the table version the model pins)")
+    _arg(p, "--db_top_k", type=int, default=20, help="rows retrieved per message (default 20)")
+    _arg(p, "--min_confidence", type=float, help="fall back below this confidence (default: calibrated at training)")
+    _arg(p, "--seed", type=int, default=0, help="sampling seed (default 0)")
+    _arg(p, "--json", action="store_true", help="print one JSON object per answer")
+
+    p = sub.add_parser("pipeline", help="the whole chain on embedded defaults", description="Prepare (merge, filter, dedupe) -> [expand] -> build the table -> train -> register -> promote. Everything goes under --workdir; runs are tracked in MLFLOW_TRACKING_URI (default: mlflow/ in the project).")
+    _arg(p, "--data", nargs="+", required=True, help="conversation JSONL files")
+    _arg(p, "--workdir", help="folder for everything the run makes (default .bucketchat/work in the project)")
+    _arg(p, "--target", type=int, help="expand the dataset to this many records first")
+    _arg(p, "--creative_prob", type=float, default=0.0, help="see `bucketchat expand`")
+    _arg(p, "--blend_prob", type=float, default=0.0, help="see `bucketchat expand`")
+    _arg(p, "--num_buckets", type=int, default=10, help="response buckets (default 10)")
+    _arg(p, "--seed", type=int, default=42, help="seed (default 42)")
+    _arg(p, "--strict", action="store_true", help="stop at the first malformed line")
+    _train_args(p)
+    return parser
+
+
+def _print_summary(title: str, result: dict) -> None:
+    print(f"{title}:")
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _report_rejects(result: dict) -> None:
+    n = result.get("rejected_lines") or 0
+    if n:
+        print(f"{n} malformed line(s) skipped; see {result.get('rejects')}", file=sys.stderr)
+
+
+def cmd_expand(a) -> None:
+    from flows.expand import expand_flow
+
+    r = expand_flow(a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
+    _report_rejects(r)
+    print(f"wrote {r['records']} records ({r['records'] - r['input_records']} new) to {r['jsonl']} and {r['parquet']}")
+
+
+def cmd_build_super(a) -> None:
+    from flows.build_super import build_super_flow
+
+    r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
+    _report_rejects(r)
+    print(f"wrote {r['records']} records to {r['jsonl']} and {r['parquet']}; dropped {r['low_quality']} low-quality and {r['duplicates']} duplicate pairs (see {r['rejects']})")
+
+
+def cmd_db(a) -> None:
+    if a.db_command == "build":
+        from flows.build_db import build_db_flow
+
+        r = build_db_flow(a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict)
+        _report_rejects(r)
+        print(f"table {r['table']} in {r['db']}: version {r['version']}, {r['rows']} rows, {r['embedded']} newly embedded")
+        print("rows per bucket: " + ", ".join(f"{b}: {n}" for b, n in r["buckets"].items()))
+        return
+    from retrieval.store import stats
+
+    s = stats(a.db, a.table)
+    if a.json:
+        print(json.dumps(s, indent=2))
+        return
+    print(f"table {s['table']} in {s['db']}: version {s['version']}, {s['rows']} rows, {s['embedding_cache']} cached embeddings")
+    print("buckets:")
+    for b, v in s["buckets"].items():
+        print(f"  {b:>3}  {v['rows']:>7} rows  {v['groups']:>5} groups")
+    print("sources:")
+    for src, n in s["sources"].items():
+        print(f"  {src}: {n}")
+    print("versions: " + ", ".join(f"v{v['version']} ({v['rows']} rows)" for v in s["versions"]))
+    print("indices:")
+    for i in s["indices"]:
+        print(f"  {i['name']}: {i['type']} on {', '.join(i['columns'])}, {i['indexed_rows']} indexed, {i['unindexed_rows']} unindexed")
+
+
+def cmd_finetune(a) -> None:
+    from flows.finetune import finetune_flow
+
+    train, head = _train_dicts(a, a.seed)
+    r = finetune_flow(str(Path(a.db)), a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict)
+    _report(r)
+    print(f"local checkpoint: {a.output} + {a.meta}")
+
+
+def _report(r: dict) -> None:
+    t, reg = r["train"], r["registry"]
+    acc = t["val_response_acc"]
+    print(f"trained on {r.get('table', {}).get('name', 'table')} v{r['build']['version'] if r.get('build') else r['table']['version']}: validation response accuracy {acc:.4f}" if acc is not None else "trained (no validation rows)")
+    print(f"MLflow run {t['run_id']}; registered bucketchat v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
+
+
+def cmd_pipeline(a) -> None:
+    from flows.pipeline import pipeline_flow
+
+    train, head = _train_dicts(a, a.seed)
+    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict)
+    d = r["dataset"]
+    if d["rejected_lines"]:
+        print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)
+    print(f"dataset: {d['records']} pairs ({d['duplicates']} duplicates, {d['low_quality']} low-quality dropped) -> {d['parquet']}")
+    print(f"table: {r['build']['db']} version {r['build']['version']} ({r['build']['rows']} rows, {r['build']['embedded']} newly embedded)")
+    _report(r)
+    print(f"workdir: {r['workdir']}")
+
+
+def _load_engine(a):
+    from retrieval.answer import ChatEngine, ChatOptions
+    from tasks import registry
+
+    if bool(a.weights) != bool(a.meta):
+        raise ValueError("--weights and --meta go together; pass both, or neither to use --model")
+    weights, meta = (a.weights, a.meta) if a.weights else registry.download_model(a.model)
+    opts = ChatOptions(device=a.device, pool_mode=a.pool_mode, top_labels=a.top_labels, response_temperature=a.response_temperature, llm_db=a.llm_db, db_top_k=a.db_top_k, min_confidence=a.min_confidence, seed=a.seed)
+    return ChatEngine(str(weights), str(meta), opts)
+
+
+def cmd_chat(a) -> None:
+    engine = _load_engine(a)
+    if sys.stdin.isatty():
+        pinned = engine.meta.get("table", {})
+        print(f"bucketchat — model from {a.weights or a.model}, table {pinned.get('name')} v{pinned.get('version')}. Type 'exit' to quit.")
+        while True:
+            try:
+                message = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if message.lower() in ("exit", "quit"):
+                return
+            if not message:
+                continue
+            ans = engine.answer(message)
+            print(json.dumps({"message": message, **ans.to_dict()}, ensure_ascii=False) if a.json else f"bot> {ans.response}")
+        return
+    for number, line in enumerate(sys.stdin, start=1):
+        message = line.strip()
+        if not message:
+            continue  # blank lines separate nothing; each line is its own conversation anyway
+        ans = engine.answer(message)
+        if a.json:
+            print(json.dumps({"line": number, "message": message, **ans.to_dict()}, ensure_ascii=False), flush=True)
+        else:
+            print(ans.response, flush=True)
+
+
+COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "chat": cmd_chat, "pipeline": cmd_pipeline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tasks.records import RecordError
+
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RecordError) as exc:
+        print(f"bucketchat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

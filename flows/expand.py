@@ -1,0 +1,16 @@
+"""Flow: grow a conversation dataset with synthetic variants (``bucketchat expand``)."""
+
+from prefect import flow
+
+from tasks.data import expand_dataset
+
+
+@flow(name="expand")
+def expand_flow(input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False) -> dict:
+    return expand_dataset(input, output, target, creative_prob, blend_prob, seed, strict)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(expand_flow(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,25 @@
+"""Flow: train a head on a pinned table version, register it, promote it if better (``bucketchat finetune``)."""
+
+from prefect import flow
+
+from tasks.database import build_database
+from tasks.settings import TABLE_NAME
+from tasks.training import register_and_promote, train_head
+
+
+@flow(name="finetune")
+def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, train: dict | None = None, head: dict | None = None, output: str | None = None, meta: str | None = None, num_buckets: int = 10, strict: bool = False) -> dict:
+    """With ``data``, (re)build the table first (cached embeddings make that cheap); otherwise train on
+    ``table_version`` of an existing table (default: its latest)."""
+    train, head = train or {}, head or {}
+    built = None
+    if data:
+        built = build_database(data, db, table, num_buckets, train.get("seed", 0), train.get("device", "cpu"), strict)
+        table_version = built["version"]
+    elif table_version is None:
+        from retrieval.store import open_table
+
+        table_version = int(open_table(db, table).version)
+    trained = train_head(db, table, table_version, train, head, output, meta)
+    promotion = register_and_promote(trained["run_id"], db, table, table_version, trained["val_ids"], trained["val_response_acc"])
+    return {"table": {"db": db, "name": table, "version": table_version}, "build": built, "train": {k: v for k, v in trained.items() if k != "val_ids"}, "registry": promotion}

@@ -1,0 +1,1 @@
+"""The encoder, the LanceDB store (build, stats, hybrid search), bucket assignment and answering."""

@@ -1,0 +1,82 @@
+"""Assigning rows to response buckets.
+
+A row's *group* is its ``label`` (intent) when it has one, else the label of rows with the same
+response (partially labelled logs), else its response text. Groups, never rows,
+are clustered into ``num_buckets`` buckets, so all of an intent (or all askings of one response) land
+in one bucket. A group's position is the mean of its user vectors plus the mean of its response
+vectors: similar questions with similar answers share a bucket.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.dataset import normalise
+
+
+def group_key(label: str | None, response: str) -> str:
+    return f"label:{label}" if label is not None else f"response:{normalise(response)}"
+
+
+def group_keys(labels: list[str | None], responses: list[str]) -> list[str]:
+    """Group per row; an unlabelled row takes the label its response has elsewhere, if just one."""
+    label_of: dict[str, set[str]] = {}
+    for lab, resp in zip(labels, responses):
+        if lab is not None:
+            label_of.setdefault(normalise(resp), set()).add(lab)
+    inherited = {r: next(iter(labs)) for r, labs in label_of.items() if len(labs) == 1}
+    return [group_key(lab if lab is not None else inherited.get(normalise(resp)), resp) for lab, resp in zip(labels, responses)]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def spherical_kmeans(points: np.ndarray, k: int, weights: np.ndarray, seed: int = 0, iters: int = 50) -> np.ndarray:
+    """Cluster unit vectors (N, D) into ``k`` groups by cosine; k-means++ seeding; returns (N,) ids."""
+    rng = np.random.default_rng(seed)
+    n = len(points)
+    centers = [points[rng.choice(n, p=weights / weights.sum())]]
+    for _ in range(1, k):
+        dist = 1.0 - np.max(points @ np.stack(centers).T, axis=1)  # (N,)
+        prob = np.clip(dist, 0, None) * weights
+        idx = rng.choice(n, p=prob / prob.sum()) if prob.sum() > 0 else rng.choice(n)
+        centers.append(points[idx])
+    c = np.stack(centers)  # (k, D)
+    assign = np.full(n, -1)
+    for _ in range(iters):
+        new = np.argmax(points @ c.T, axis=1)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+        for j in range(k):
+            members = assign == j
+            if members.any():
+                c[j] = _unit((points[members] * weights[members, None]).sum(0))
+    return assign
+
+
+def assign_buckets(labels: list[str | None], responses: list[str], user_vecs: np.ndarray, response_vecs: np.ndarray, num_buckets: int = 10, seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """Bucket per row (N,) int32 and the map group key -> bucket.
+
+    With at most ``num_buckets`` groups each group gets its own bucket (in sorted key order, so the
+    map is stable); the remaining buckets stay empty.
+    """
+    if num_buckets < 2:
+        raise ValueError(f"--num_buckets must be at least 2, got {num_buckets}")
+    keys = group_keys(labels, responses)
+    groups = sorted(set(keys))
+    index = {g: i for i, g in enumerate(groups)}
+    row_group = np.array([index[k] for k in keys])
+    counts = np.bincount(row_group, minlength=len(groups)).astype(np.float64)
+    if len(groups) <= num_buckets:
+        group_bucket = np.arange(len(groups))
+    else:
+        pos = np.zeros((len(groups), user_vecs.shape[1]), dtype=np.float64)
+        resp = np.zeros_like(pos)
+        np.add.at(pos, row_group, user_vecs)
+        np.add.at(resp, row_group, response_vecs)
+        points = _unit(_unit(pos) + _unit(resp))
+        group_bucket = spherical_kmeans(points, num_buckets, counts, seed=seed)
+    mapping = {g: int(b) for g, b in zip(groups, group_bucket)}
+    return group_bucket[row_group].astype(np.int32), mapping

