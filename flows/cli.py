@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(p, "--min_confidence", type=float, help="fall back below this confidence (default: calibrated at training)")
     _arg(p, "--seed", type=int, default=0, help="sampling seed (default 0)")
     _arg(p, "--json", action="store_true", help="print one JSON object per answer")
+    _arg(p, "--echo", action="store_true", help="with piped input, print each message before its answer")
 
     p = sub.add_parser("pipeline", help="the whole chain on embedded defaults", description="Prepare (merge, filter, dedupe) -> [expand] -> build the table -> train -> register -> promote. Everything goes under --workdir; runs are tracked in MLFLOW_TRACKING_URI (default: mlflow/ in the project).")
     _arg(p, "--data", nargs="+", required=True, help="conversation JSONL files")
@@ -256,7 +257,7 @@ def cmd_chat(a) -> None:
         if a.json:
             print(json.dumps({"line": number, "message": message, **ans.to_dict()}, ensure_ascii=False), flush=True)
         else:
-            print(ans.response, flush=True)
+            print(f"you> {message}\nbot> {ans.response}\n" if a.echo else ans.response, flush=True)
 
 
 COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "chat": cmd_chat, "pipeline": cmd_pipeline}

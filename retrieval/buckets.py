@@ -56,15 +56,14 @@ def spherical_kmeans(points: np.ndarray, k: int, weights: np.ndarray, seed: int 
     return assign
 
 
-def assign_buckets(labels: list[str | None], responses: list[str], user_vecs: np.ndarray, response_vecs: np.ndarray, num_buckets: int = 10, seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
-    """Bucket per row (N,) int32 and the map group key -> bucket.
+def assign_buckets(keys: list[str], user_vecs: np.ndarray, response_vecs: np.ndarray, num_buckets: int = 10, seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """Bucket per row (N,) int32 and the map group key -> bucket, for rows grouped by ``group_keys``.
 
     With at most ``num_buckets`` groups each group gets its own bucket (in sorted key order, so the
     map is stable); the remaining buckets stay empty.
     """
     if num_buckets < 2:
         raise ValueError(f"--num_buckets must be at least 2, got {num_buckets}")
-    keys = group_keys(labels, responses)
     groups = sorted(set(keys))
     index = {g: i for i, g in enumerate(groups)}
     row_group = np.array([index[k] for k in keys])

@@ -79,15 +79,16 @@ def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int 
     user_vecs, new_users = cache.embed([p.user for p in pairs], device=device, progress=progress)
     responses = [p.assistant for p in pairs]
     labels = [p.label for p in pairs]
+    keys = group_keys(labels, responses)
     # Response vectors only matter for clustering unlabelled groups; labelled rows skip the work.
-    need = [r for lab, r in zip(labels, responses) if lab is None]
+    need = [r for k, r in zip(keys, responses) if k.startswith("response:")]
     resp_lookup, new_resp = {}, 0
     if need:
         uniq = list(dict.fromkeys(need))
         vecs, new_resp = cache.embed(uniq, device=device, progress=progress)
         resp_lookup = dict(zip(uniq, vecs))
     response_vecs = np.stack([resp_lookup.get(r, user_vecs[i]) for i, r in enumerate(responses)])
-    buckets, _ = assign_buckets(labels, responses, user_vecs, response_vecs, num_buckets=num_buckets, seed=seed)
+    buckets, _ = assign_buckets(keys, user_vecs, response_vecs, num_buckets=num_buckets, seed=seed)
     data = pa.table(
         {
             "id": [p.id for p in pairs],
@@ -95,7 +96,7 @@ def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int 
             "context": [json.dumps([{"role": r, "content": c} for r, c in p.context], ensure_ascii=False) for p in pairs],
             "assistant": responses,
             "label": labels,
-            "group": group_keys(labels, responses),
+            "group": keys,
             "bucket": pa.array(buckets, pa.int32()),
             "source": [p.source for p in pairs],
             "parent_id": [p.parent_id for p in pairs],

@@ -1,0 +1,77 @@
+"""Shared fixtures: real components in temp dirs (LanceDB, MLflow, Prefect), tiny deterministic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect (through ``tasks``): keep Prefect's home and every default workdir
+# out of the project and out of ~/.prefect.
+_STATE = tempfile.mkdtemp(prefix="bucketchat-tests-")
+os.environ["BUCKETCHAT_HOME"] = _STATE
+os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Four clearly different intents, six askings each: small enough to embed in a second, big enough
+# that a head must actually learn to separate them.
+INTENTS = {
+    "reset_password": ("Use Settings > Security > Reset password; the emailed link works for 30 minutes.", [
+        "How do I reset my password?", "I forgot my password", "password reset please",
+        "can't remember my login password", "I need a new password", "locked out, forgot my password"]),
+    "track_order": ("Track your order under Orders > Track; the tracking number appears once it ships.", [
+        "Where is my order?", "how do I track my package", "has my parcel shipped yet",
+        "delivery status of my order", "when will my package arrive", "I want a tracking number"]),
+    "boil_egg": ("Boil eggs 6 minutes for a soft yolk, 9 minutes for hard, then cool them in cold water.", [
+        "How long do I boil an egg?", "soft boiled egg time", "how to make hard boiled eggs",
+        "minutes to boil eggs", "perfect boiled egg timing", "how long for a runny yolk"]),
+    "undo_commit": ("Run `git reset --soft HEAD~1` to undo the last commit and keep its changes.", [
+        "How do I undo my last commit?", "revert the last git commit", "I committed by mistake",
+        "undo git commit keep changes", "remove the most recent commit", "go back one commit in git"]),
+}
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_records() -> list[dict]:
+    return [{"user": u, "assistant": resp, "intent": name} for name, (resp, asks) in INTENTS.items() for u in asks]
+
+
+@pytest.fixture
+def tiny_jsonl(tmp_path, tiny_records) -> Path:
+    multi = {"messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi, where is my parcel?"},
+        {"role": "assistant", "content": INTENTS["track_order"][0]},
+        {"role": "user", "content": "and how long should I boil eggs?"},
+        {"role": "assistant", "content": INTENTS["boil_egg"][0]},
+    ]}
+    return write_jsonl(tmp_path / "tiny.jsonl", tiny_records + [multi])
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A real MLflow tracking store + registry in this test's temp dir."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Real Prefect flow runs against a temporary local API, results kept in a temp dir."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with tempfile.TemporaryDirectory() as storage:
+        os.environ["PREFECT_LOCAL_STORAGE_PATH"] = storage
+        with prefect_test_harness(server_startup_timeout=120):
+            yield

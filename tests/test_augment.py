@@ -1,0 +1,35 @@
+import pytest
+
+from tasks.augment import expand
+from tasks.dataset import normalise
+from tasks.records import load_records
+
+
+def test_expand_reaches_exact_target_deterministically(tiny_jsonl):
+    pairs, _ = load_records(tiny_jsonl)
+    a = expand(pairs, 120, creative_prob=0.3, blend_prob=0.3, seed=1)
+    b = expand(pairs, 120, creative_prob=0.3, blend_prob=0.3, seed=1)
+    assert len(a) == 120
+    assert a == b
+    assert a[: len(pairs)] == pairs
+    assert len({(normalise(p.user), normalise(p.assistant)) for p in a}) == 120
+
+
+def test_variants_carry_provenance_and_keep_response_content(tiny_jsonl):
+    pairs, _ = load_records(tiny_jsonl)
+    by_id = {p.id: p for p in pairs}
+    grown = expand(pairs, 80, creative_prob=0.5, seed=3)
+    for child in grown[len(pairs):]:
+        parent = by_id[child.parent_id]
+        assert child.op != "original"
+        assert child.assistant.endswith(parent.assistant)  # creative adds an opener, never new content
+        assert child.label == parent.label and child.context == parent.context
+    assert len({p.id for p in grown}) == 80
+
+
+def test_expand_refuses_to_shrink_or_bad_probabilities(tiny_jsonl):
+    pairs, _ = load_records(tiny_jsonl)
+    with pytest.raises(ValueError, match="--target 3 is below the input's 26 records"):
+        expand(pairs, 3)
+    with pytest.raises(ValueError, match="--blend_prob must be between 0 and 1"):
+        expand(pairs, 30, blend_prob=2)

@@ -1,0 +1,54 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from models import checkpoint
+from models.heads import BucketHead, HeadConfig
+
+
+def _head():
+    torch.manual_seed(0)
+    return BucketHead(HeadConfig(num_candidates=3, input_dim=8, hidden_dim=16), torch.tensor([0, 1, 1])).eval()
+
+
+def _meta():
+    return {"candidates": {"texts": ["a", "b", "c"], "buckets": [0, 1, 1], "counts": [1, 1, 1]}}
+
+
+def test_round_trip_gives_identical_logits(tmp_path):
+    head = _head()
+    checkpoint.save(head, _meta(), tmp_path / "w.pth", tmp_path / "m.json")
+    loaded, meta = checkpoint.load(tmp_path / "w.pth", tmp_path / "m.json")
+    x = torch.randn(4, 8)
+    assert torch.equal(head(x)[0], loaded(x)[0]) and torch.equal(head(x)[1], loaded(x)[1])
+    assert meta["head_config"]["num_candidates"] == 3 and meta["format"] == checkpoint.META_FORMAT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "w.pth"]  # no temp files left
+
+
+def test_legacy_tensor_pth_loads_but_pickled_objects_are_refused(tmp_path):
+    head = _head()
+    torch.save(head.state_dict(), tmp_path / "legacy.pth")
+    assert set(checkpoint.load_state(tmp_path / "legacy.pth")) == set(head.state_dict())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pth", "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    with pytest.raises(ValueError, match="neither safetensors nor a tensors-only"):
+        checkpoint.load_state(tmp_path / "evil.pth")
+
+
+def test_mismatched_or_bad_meta_is_a_clear_error(tmp_path):
+    checkpoint.save(_head(), _meta(), tmp_path / "w.pth", tmp_path / "m.json")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["head_config"]["hidden_dim"] = 32
+    (tmp_path / "m2.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not fit --meta"):
+        checkpoint.load(tmp_path / "w.pth", tmp_path / "m2.json")
+    (tmp_path / "m3.json").write_text("{nope")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        checkpoint.load(tmp_path / "w.pth", tmp_path / "m3.json")

@@ -1,0 +1,50 @@
+import json
+
+import pyarrow.parquet as pq
+
+from tasks.dataset import dedupe_exact, normalise, quality_filter, read_pairs, rejects_path, write_dataset, write_rejects
+from tasks.records import Pair, load_records
+from tests.conftest import write_jsonl
+
+
+def test_rejects_file_sits_beside_output(tmp_path):
+    assert rejects_path(tmp_path / "data.jsonl") == tmp_path / "data.rejects.jsonl"
+    assert rejects_path(tmp_path / "llm_chat.db") == tmp_path / "llm_chat.rejects.jsonl"
+
+
+def test_normalise_ignores_case_space_and_unicode_form():
+    assert normalise("  Hello\u00a0  WORLD ") == normalise("hello world") == "hello world"
+
+
+def test_dedupe_keeps_first_and_reports_the_rest():
+    a = Pair("Hi there", "hello", source="s", line=1)
+    b = Pair("hi   THERE", "Hello", source="s", line=2)
+    c = Pair("hi there", "hello", context=(("user", "x"),), source="s", line=3)  # other context: kept
+    kept, dropped = dedupe_exact([a, b, c])
+    assert kept == [a, c]
+    assert [(r.line, r.reason) for r in dropped] == [(2, "exact duplicate of s:1:0")]
+
+
+def test_quality_filter_drops_echoes():
+    kept, dropped = quality_filter([Pair("same", "Same"), Pair("q", "a")])
+    assert [p.user for p in kept] == ["q"]
+    assert dropped[0].reason == "assistant equals user"
+
+
+def test_dataset_round_trips_through_parquet_and_jsonl(tmp_path, tiny_jsonl):
+    pairs, _ = load_records(tiny_jsonl)
+    out = write_dataset(pairs, tmp_path / "out.jsonl")
+    assert pq.read_table(out["parquet"]).num_rows == len(pairs) == 26
+    back_parquet, _ = read_pairs(out["parquet"])
+    assert back_parquet == pairs
+    back_jsonl, rejects = read_pairs(out["jsonl"])
+    assert rejects == []
+    assert [(p.user, p.assistant, p.context, p.label) for p in back_jsonl] == [(p.user, p.assistant, p.context, p.label) for p in pairs]
+
+
+def test_write_rejects_always_writes_a_file(tmp_path):
+    path = write_rejects([], tmp_path / "x.jsonl")
+    assert open(path).read() == ""
+    _, rejects = load_records(write_jsonl(tmp_path / "in.jsonl", ["{oops"]))
+    path = write_rejects(rejects, tmp_path / "x.jsonl")
+    assert [json.loads(l)["line"] for l in open(path)] == [1]
