@@ -64,7 +64,8 @@ def load(weights: str | Path, meta_path: str | Path, device: str = "cpu") -> tup
     """Rebuild the head from its meta and load its weights (strict: every tensor must match)."""
     meta = load_meta(meta_path)
     cfg = HeadConfig(**meta["head_config"])
-    head = BucketHead(cfg, torch.tensor(meta["candidates"]["buckets"], dtype=torch.long))
+    cands = meta["candidates"]
+    head = BucketHead(cfg, torch.tensor(cands["buckets"], dtype=torch.long), torch.tensor([t is not None for t in cands["texts"]]))
     state = load_state(weights)
     try:
         head.load_state_dict(state, strict=True)

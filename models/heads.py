@@ -41,7 +41,7 @@ class HeadConfig:
 
 
 class BucketHead(nn.Module):
-    def __init__(self, cfg: HeadConfig, candidate_bucket: torch.Tensor):
+    def __init__(self, cfg: HeadConfig, candidate_bucket: torch.Tensor, candidate_learned: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         # Unit-length sentence embeddings have entries ~1/sqrt(384); LayerNorm puts them on a scale
@@ -52,6 +52,9 @@ class BucketHead(nn.Module):
         self.candidate = nn.Linear(cfg.hidden_dim, cfg.num_candidates)
         # (C,) bucket of each candidate; and (K, C) membership, to normalise candidates per bucket.
         self.register_buffer("candidate_bucket", candidate_bucket.long())
+        # (C,) False for a bucket's "other" slot (responses left to retrieval), True for a response.
+        learned = torch.ones_like(candidate_bucket, dtype=torch.bool) if candidate_learned is None else candidate_learned.bool()
+        self.register_buffer("candidate_learned", learned)
         self.register_buffer("membership", F.one_hot(candidate_bucket.long(), cfg.num_buckets).T.bool(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

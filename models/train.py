@@ -62,35 +62,58 @@ class TrainConfig:
 
 @dataclass
 class Candidates:
-    """The responses the head learns to score, grouped by bucket; the rest stay reachable by retrieval."""
+    """The responses the head learns to score, grouped by bucket; the rest stay reachable by retrieval.
 
-    texts: list[str]
+    A bucket whose responses do not all fit in ``max_per_bucket`` also gets an *other* slot (text
+    ``None``), trained on the rows whose response was left out. At answer time the responses that
+    retrieval finds in that bucket share the slot's probability, so they compete fairly with the
+    learned ones instead of being drowned by them.
+    """
+
+    texts: list[str | None]
     buckets: list[int]
     counts: list[int]
     index: dict[str, int] = field(repr=False)  # response text -> candidate id
+    other: dict[int, int] = field(repr=False)  # bucket -> id of its "other" slot
 
     @classmethod
     def select(cls, responses: list[str], buckets: list[int], max_per_bucket: int) -> "Candidates":
         """The ``max_per_bucket`` most frequent responses of each bucket (ties: first seen)."""
         freq = Counter(zip(responses, buckets))
-        first = {}
+        first: dict = {}
         for i, key in enumerate(zip(responses, buckets)):
             first.setdefault(key, i)
         per_bucket: dict[int, list] = {}
         for (text, b), n in freq.items():
             per_bucket.setdefault(b, []).append((-n, first[(text, b)], text))
-        texts, bks, counts = [], [], []
+        texts: list[str | None] = []
+        bks, counts, index = [], [], {}
+        left_out: Counter = Counter()
         for b in sorted(per_bucket):
-            for neg, _, text in sorted(per_bucket[b])[:max_per_bucket]:
-                if text not in texts:  # a response in two buckets is learned once, in the commoner one
+            ranked = sorted(per_bucket[b])
+            for neg, _, text in ranked[:max_per_bucket]:
+                if text not in index:  # a response in two buckets is learned once, in the commoner one
+                    index[text] = len(texts)
                     texts.append(text)
                     bks.append(b)
                     counts.append(-neg)
-        return cls(texts, bks, counts, {t: i for i, t in enumerate(texts)})
+            left_out[b] += sum(-neg for neg, _, text in ranked[max_per_bucket:] if text not in index)
+        other = {}
+        for b, n in sorted(left_out.items()):
+            if n:
+                other[b] = len(texts)
+                texts.append(None)
+                bks.append(b)
+                counts.append(n)
+        return cls(texts, bks, counts, index, other)
 
-    def targets(self, responses: list[str]) -> np.ndarray:
-        """Candidate id per row, -1 where the response is not a learned candidate."""
-        return np.array([self.index.get(r, -1) for r in responses], dtype=np.int64)
+    @property
+    def learned(self) -> list[bool]:
+        return [t is not None for t in self.texts]
+
+    def targets(self, responses: list[str], buckets: list[int]) -> np.ndarray:
+        """Candidate id per row: its response, else its bucket's other slot, else -1."""
+        return np.array([self.index.get(r, self.other.get(b, -1)) for r, b in zip(responses, buckets)], dtype=np.int64)
 
 
 def split_indices(keys: list[str], ids: list[str], val_split: float, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,13 +170,15 @@ def loss_fn(head: BucketHead, x: torch.Tensor, y_bucket: torch.Tensor, y_cand: t
 
 @torch.no_grad()
 def evaluate(head: BucketHead, x: torch.Tensor, y_bucket: torch.Tensor, y_cand: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, float]:
-    """Validation loss, bucket accuracy and response accuracy (argmax over learned candidates)."""
+    """Validation loss, bucket accuracy and response accuracy: the argmax is the row's own learned
+    response (an "other" slot names no response, so it never counts as right)."""
     head.eval()
     log_pb, log_pr = head.response_log_probs(x)
+    pred = log_pr.argmax(1)
     return {
         "loss": float(loss_fn(head, x, y_bucket, y_cand, label_smoothing)),
         "bucket_acc": float((log_pb.argmax(1) == y_bucket).float().mean()),
-        "response_acc": float((log_pr.argmax(1) == y_cand).float().mean()),
+        "response_acc": float(((pred == y_cand) & head.candidate_learned[pred]).float().mean()),
     }
 
 
@@ -218,12 +243,12 @@ def train(head: BucketHead, x: np.ndarray, y_bucket: np.ndarray, y_cand: np.ndar
     return TrainResult({k: v.detach().cpu() for k, v in best.items()}, best_epoch, history, stopped)
 
 
-def calibrate_min_confidence(log_pr: torch.Tensor, y_cand: torch.Tensor, keep: float = 0.99) -> float:
+def calibrate_min_confidence(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: torch.Tensor, keep: float = 0.99) -> float:
     """Fallback threshold: the confidence below which only ``1 - keep`` of *correct* validation answers
     fall. Without out-of-scope examples this is the honest knob: it bounds the in-scope accuracy that
     falling back may cost (1 % by default) and rejects whatever is less sure than that."""
     conf, pred = log_pr.exp().max(dim=1)
-    correct = conf[pred == y_cand]
+    correct = conf[(pred == y_cand) & learned[pred]]
     if len(correct) == 0:
         return 0.0
     return float(torch.quantile(correct, 1.0 - keep))

@@ -1,8 +1,9 @@
 """Answering a message with a stored response (DESIGN.md §4).
 
 p(bucket) and p(response) come from the head over the message embedding; the learned candidates are
-scored in memory. The pinned table adds responses the head did not learn (hybrid FTS + vector search),
-each scored as log p(its bucket) + its share of the retrieved similarity mass. The best-scoring
+scored in memory. The pinned table adds responses the head did not learn (hybrid FTS + vector search):
+those of a bucket share the probability of that bucket's "other" slot, split by similarity among the
+retrieved rows of that bucket (rows of a foreign ``--llm_db`` share their bucket's probability). The best-scoring
 response wins (or one is sampled with ``response_temperature`` > 0); too little confidence gives the
 fallback answer instead of a wrong one.
 """
@@ -76,9 +77,10 @@ class ChatEngine:
         torch.set_num_threads(1)
         self.head, self.meta = checkpoint.load(weights, meta, device=self.opts.device)
         cands = self.meta["candidates"]
-        self.texts: list[str] = cands["texts"]
+        self.texts: list[str | None] = cands["texts"]  # None: the bucket's "other" slot
         self.cand_bucket = np.asarray(cands["buckets"], dtype=np.int64)
-        self.known = {t: i for i, t in enumerate(self.texts)}
+        self.known = {t: i for i, t in enumerate(self.texts) if t is not None}
+        self.other_slot = {int(b): j for j, (t, b) in enumerate(zip(self.texts, self.cand_bucket)) if t is None}
         threshold = self.opts.min_confidence
         self.min_confidence = float(self.meta["calibration"]["min_confidence"] if threshold is None else threshold)
         self.table = self._open_table()
@@ -116,18 +118,23 @@ class ChatEngine:
         scores: dict[str, tuple[float, int, str]] = {}  # response -> (log score, bucket, where from)
         in_pool = np.isin(self.cand_bucket, allowed)
         for j in np.flatnonzero(in_pool):
-            scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
+            if self.texts[j] is not None:
+                scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
         if self.searches_table:
             rows = hybrid_search(self.table, vec, message, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
-            if rows:
-                sims = np.array([r["cosine"] for r in rows]) / RETRIEVAL_TEMPERATURE
-                share = sims - np.logaddexp.reduce(sims)  # log softmax over retrieved rows
-                for r, s in zip(rows, share):
-                    if r["assistant"] in self.known:
-                        continue  # the head's own score is better calibrated than retrieval's
-                    score = float(log_pb[r["bucket"]] + s)
+            # The head's own score is better calibrated than retrieval's for responses it learned.
+            rows = [r for r in rows if r["assistant"] not in self.known]
+            by_bucket: dict[int, list[dict]] = {}
+            for r in rows:
+                by_bucket.setdefault(int(r["bucket"]), []).append(r)
+            for b, group in by_bucket.items():
+                sims = np.array([r["cosine"] for r in group]) / RETRIEVAL_TEMPERATURE
+                share = sims - np.logaddexp.reduce(sims)  # log softmax within this bucket's rows
+                mass = log_pr[self.other_slot[b]] if b in self.other_slot else log_pb[b]
+                for r, sh in zip(group, share):
+                    score = float(mass + sh)
                     if score > scores.get(r["assistant"], (-math.inf,))[0]:
-                        scores[r["assistant"]] = (score, int(r["bucket"]), f"table:{r['id']}")
+                        scores[r["assistant"]] = (score, b, f"table:{r['id']}")
         ranked = sorted(scores.items(), key=lambda kv: -kv[1][0])
         if not ranked:
             return Answer(self.opts.fallback_response, int(np.argmax(log_pb)), 0.0, True, [], (time.perf_counter() - start) * 1000)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 
+from tasks import run_logger
 from tasks.augment import expand
 from tasks.dataset import dedupe_exact, quality_filter, read_pairs, write_dataset, write_rejects
 
@@ -14,7 +15,7 @@ from tasks.dataset import dedupe_exact, quality_filter, read_pairs, write_datase
 @task
 def prepare_dataset(inputs: list[str], output: str, strict: bool = False) -> dict:
     """Merge sources, drop unusable and duplicate pairs, write the dataset and its rejects file."""
-    logger = get_run_logger()
+    logger = run_logger()
     pairs, rejects = [], []
     for path in inputs:
         got, bad = read_pairs(path, strict=strict)

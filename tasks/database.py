@@ -5,16 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from retrieval.store import build_table, stats
+from tasks import run_logger
 from tasks.dataset import read_pairs, write_rejects
 
 
 @task(retries=1, retry_delay_seconds=2)  # I/O on the table folder; a rebuild is safe to repeat
 def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False) -> dict:
     """Embed, bucket and write ``data`` as a new version of ``table``; rejects go beside the db."""
-    logger = get_run_logger()
+    logger = run_logger()
     pairs, rejects = read_pairs(data, strict=strict)
     rejected = write_rejects(rejects, Path(db).with_suffix(".jsonl")) if rejects or Path(data).suffix != ".parquet" else None
     result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, progress=len(pairs) > 2000)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.settings import CHAMPION_ALIAS, EXPERIMENT_NAME, MODEL_NAME, artifact_location, mlflow_tracking_uri
+from tasks.settings import CHAMPION_ALIAS, EXPERIMENT_NAME, MODEL_NAME, artifact_location, mlflow_tracking_uri, sqlite_path
 
 MODEL_ARTIFACT = "model"  # run artifact folder holding head.safetensors + meta.json
 WEIGHTS_FILE, META_FILE = "head.safetensors", "meta.json"
@@ -22,8 +22,9 @@ def configure() -> str:
     import mlflow
 
     uri = mlflow_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    db_file = sqlite_path(uri)
+    if db_file:
+        db_file.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(uri))

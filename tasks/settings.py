@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "bucketchat"
@@ -32,19 +32,20 @@ def mlflow_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow' / 'mlflow.db'}"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` URI."""
+    prefix = "sqlite:///"
+    return Path(unquote(tracking_uri[len(prefix):])).resolve() if tracking_uri.startswith(prefix) else None
+
+
 def artifact_location(tracking_uri: str) -> str | None:
     """Keep artifacts beside a SQLite store; otherwise let the tracking server decide.
 
     MLflow's default for a SQLite store is ``./mlruns`` under the *current directory*, which would let
     two runs with different stores write into the same folder.
     """
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        db_path = Path(unquote(parsed.path))
-        return (db_path.parent / "artifacts").as_uri()
-    if parsed.scheme in ("", "file"):
-        return None
-    return None
+    db_file = sqlite_path(tracking_uri)
+    return (db_file.parent / "artifacts").as_uri() if db_file else None
 
 
 def apply_environment() -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from models import checkpoint
 from models.heads import BucketHead, HeadConfig
 from models.train import Candidates, TrainConfig, calibrate_min_confidence, split_indices, train
 from retrieval.encoder import ENCODER_ID
 from retrieval.store import open_table
-from tasks import registry
+from tasks import registry, run_logger
 
 
 def table_rows(db: str, table: str, version: int) -> dict:
@@ -35,10 +35,10 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     """Train a head on ``table@version``; returns (head, meta, validation ids and accuracy)."""
     rows = table_rows(db, table, version)
     cands = Candidates.select(rows["responses"], rows["buckets"].tolist(), train_cfg.max_candidates_per_bucket)
-    y_cand = cands.targets(rows["responses"])
+    y_cand = cands.targets(rows["responses"], rows["buckets"].tolist())
     tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed)
     cfg = HeadConfig(num_candidates=len(cands.texts), input_dim=rows["vectors"].shape[1], **head_cfg)
-    head = BucketHead(cfg, torch.tensor(cands.buckets))
+    head = BucketHead(cfg, torch.tensor(cands.buckets), torch.tensor(cands.learned))
     result = train(head, rows["vectors"], rows["buckets"], y_cand, tr, va, train_cfg, on_epoch=on_epoch)
     head.cpu().eval()
     with torch.no_grad():
@@ -50,8 +50,8 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         "table": {"db": str(Path(db).resolve()), "name": table, "version": int(version)},
         "candidates": {"texts": cands.texts, "buckets": cands.buckets, "counts": cands.counts},
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
-        "all_responses_learned": bool((y_cand >= 0).all()),
-        "calibration": {"min_confidence": calibrate_min_confidence(log_pr, y_va) if len(va) else 0.0, "val_rows": int(len(va))},
+        "all_responses_learned": not cands.other,
+        "calibration": {"min_confidence": calibrate_min_confidence(log_pr, y_va, head.candidate_learned) if len(va) else 0.0, "val_rows": int(len(va))},
         "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history)},
         "train_config": train_cfg.to_dict(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -73,7 +73,7 @@ def response_accuracy(weights: str, meta_path: str, db: str, table: str, version
         return None  # a head for another encoder cannot be scored on these vectors
     with torch.no_grad():
         _, log_pr = head.response_log_probs(torch.from_numpy(rows["vectors"][idx]))
-    texts = meta["candidates"]["texts"]
+    texts = meta["candidates"]["texts"]  # None for an "other" slot: never equal to a response
     predicted = [texts[j] for j in log_pr.argmax(1).tolist()]
     return float(np.mean([p == rows["responses"][i] for p, i in zip(predicted, idx)]))
 
@@ -83,7 +83,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
     """Fit, log params/metrics/checkpoint to MLflow, and write the local ``--output``/``--meta``."""
     import mlflow
 
-    logger = get_run_logger()
+    logger = run_logger()
     train_cfg = TrainConfig(**train)
     registry.configure()
     size = head.get("model_size", "base")
@@ -112,7 +112,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
 def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None) -> dict:
     """Register the run's model; move ``champion`` to it unless the current champion scores higher on
     this run's validation rows. Returns the new version, whether it was promoted, and why."""
-    logger = get_run_logger()
+    logger = run_logger()
     tags = {"val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a", "table_version": str(version)}
     new_version = registry.register(run_id, tags)
     current = registry.champion_version()

@@ -6,10 +6,13 @@ from models.heads import BucketHead, HeadConfig
 from models.train import Candidates, TrainConfig, calibrate_min_confidence, lr_lambda, split_indices, train
 
 
-def test_candidates_keep_the_most_frequent_per_bucket():
+def test_candidates_keep_the_most_frequent_per_bucket_plus_an_other_slot():
     c = Candidates.select(["a", "b", "b", "c", "c", "c", "d"], [0, 0, 0, 1, 1, 1, 1], max_per_bucket=1)
-    assert (c.texts, c.buckets, c.counts) == (["b", "c"], [0, 1], [2, 3])
-    assert c.targets(["a", "b", "c"]).tolist() == [-1, 0, 1]
+    assert (c.texts, c.buckets, c.counts) == (["b", "c", None, None], [0, 1, 0, 1], [2, 3, 1, 1])
+    assert c.learned == [True, True, False, False]
+    assert c.targets(["a", "b", "c", "d"], [0, 0, 1, 1]).tolist() == [2, 0, 1, 3]
+    everything = Candidates.select(["a", "b"], [0, 1], max_per_bucket=5)
+    assert (everything.texts, everything.other) == (["a", "b"], {})
 
 
 def test_stratified_split_is_deterministic_and_keeps_every_response_in_training():
@@ -48,7 +51,7 @@ def test_training_separates_toy_clusters_and_picks_best_epoch():
 def test_calibration_bounds_the_in_scope_loss():
     log_pr = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
     y = torch.tensor([0, 0, 1, 1])  # last one is wrong
-    thr = calibrate_min_confidence(log_pr, y, keep=1.0)
+    thr = calibrate_min_confidence(log_pr, y, torch.tensor([True, True]), keep=1.0)
     assert thr == pytest.approx(0.6)
 
 

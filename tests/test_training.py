@@ -1,0 +1,71 @@
+"""Fit on a real table, log to a real MLflow store, register, and promote only when better."""
+
+import mlflow
+import pytest
+
+from retrieval.store import build_table
+from tasks import registry
+from tasks.records import load_records
+from tasks.training import fit, register_and_promote, response_accuracy, train_head
+from models.train import TrainConfig
+
+
+@pytest.fixture
+def table(tmp_path, tiny_jsonl):
+    pairs, _ = load_records(tiny_jsonl)
+    res = build_table(pairs, tmp_path / "db", "conversations")
+    return str(tmp_path / "db"), "conversations", res.version
+
+
+def test_fit_meta_pins_table_and_explains_the_model(table):
+    db, name, version = table
+    head, meta, val = fit(db, name, version, TrainConfig(epochs=30, lr=5e-3, val_split=0.2), {"hidden_dim": 64, "dropout": 0.0})
+    assert meta["table"]["name"] == name and meta["table"]["version"] == version
+    assert sorted(meta["candidates"]["texts"]) == sorted(meta["candidates"]["texts"]) and len(meta["candidates"]["texts"]) == 4
+    assert meta["all_responses_learned"] is True
+    assert len(val["ids"]) == 4  # round(6 * 0.2) = 1 per intent (the 7-row intents also give 1)
+    assert val["accuracy"] == 1.0
+    assert 0.0 < meta["calibration"]["min_confidence"] <= 1.0
+
+
+def test_champion_moves_only_when_not_worse(table, mlflow_store, prefect_harness):
+    db, name, version = table
+    good = train_head.fn(db, name, version, {"epochs": 30, "lr": 5e-3, "val_split": 0.2}, {"hidden_dim": 64, "dropout": 0.0})
+    first = register_and_promote.fn(good["run_id"], db, name, version, good["val_ids"], good["val_response_acc"])
+    assert (first["version"], first["promoted"], first["reason"]) == (1, True, "no champion yet")
+    assert registry.champion_version() == 1
+
+    # One epoch at a tiny learning rate cannot separate four intents: a worse model.
+    bad = train_head.fn(db, name, version, {"epochs": 1, "lr": 1e-6, "val_split": 0.2, "early_stop_patience": 0}, {"hidden_dim": 64})
+    assert bad["val_ids"] == good["val_ids"]  # the same validation rows on every run
+    second = register_and_promote.fn(bad["run_id"], db, name, version, bad["val_ids"], bad["val_response_acc"])
+    assert second["version"] == 2 and second["promoted"] is False
+    assert "champion kept" in second["reason"]
+    assert registry.champion_version() == 1
+
+    # Equal is good enough: retraining the same recipe moves the alias to the newer version.
+    again = train_head.fn(db, name, version, {"epochs": 30, "lr": 5e-3, "val_split": 0.2}, {"hidden_dim": 64, "dropout": 0.0})
+    third = register_and_promote.fn(again["run_id"], db, name, version, again["val_ids"], again["val_response_acc"])
+    assert third["promoted"] is True and registry.champion_version() == 3
+
+
+def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefect_harness, tmp_path):
+    db, name, version = table
+    out = train_head.fn(db, name, version, {"epochs": 5, "lr": 5e-3, "early_stop_patience": 0}, {"hidden_dim": 32}, str(tmp_path / "w.pth"), str(tmp_path / "m.json"))
+    client = registry.client()
+    run = client.get_run(out["run_id"])
+    assert run.data.params["lr"] == "0.005" and run.data.params["head.hidden_dim"] == "32"
+    assert run.data.tags["model_size"] == "base" and run.data.tags["table_version"] == str(version)
+    assert [m.step for m in client.get_metric_history(out["run_id"], "train_loss")] == [1, 2, 3, 4, 5]
+    files = {f.path for f in client.list_artifacts(out["run_id"], "model")}
+    assert files == {"model/head.safetensors", "model/meta.json"}
+    assert (tmp_path / "w.pth").is_file() and (tmp_path / "m.json").is_file()
+    # Artifacts live beside the SQLite store, not in the current directory.
+    assert mlflow.get_experiment_by_name("bucketchat").artifact_location.startswith((tmp_path / "mlruns").as_uri())
+    acc = response_accuracy(str(tmp_path / "w.pth"), str(tmp_path / "m.json"), db, name, version, out["val_ids"])
+    assert acc == out["val_response_acc"]
+
+
+def test_missing_model_names_the_store_and_the_fix(mlflow_store):
+    with pytest.raises(ValueError, match="Train one first"):
+        registry.download_model("models:/bucketchat@champion")
