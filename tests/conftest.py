@@ -15,6 +15,9 @@ _STATE = tempfile.mkdtemp(prefix="bucketchat-tests-")
 os.environ["BUCKETCHAT_HOME"] = _STATE
 os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Prefect's console handler would log "stopping temporary server" into pytest's already-closed
+# capture stream at session end; tests assert on results, not on Prefect's INFO lines.
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,0 +1,59 @@
+"""Real Prefect flow runs (session harness): each stage flow, and the pipeline end to end + chat."""
+
+import json
+
+import pytest
+
+from flows.build_db import build_db_flow
+from flows.build_super import build_super_flow
+from flows.expand import expand_flow
+from flows.pipeline import pipeline_flow
+from tasks import registry
+from tests.conftest import write_jsonl
+
+
+def test_expand_flow_writes_both_formats_and_rejects(tmp_path, tiny_records, prefect_harness):
+    src = write_jsonl(tmp_path / "in.jsonl", tiny_records + ["{broken"])
+    out = expand_flow(str(src), str(tmp_path / "big.jsonl"), 60, seed=1)
+    assert out["records"] == 60 and out["rejected_lines"] == 1
+    assert sum(1 for _ in open(out["jsonl"])) == 60
+    assert [json.loads(l)["line"] for l in open(out["rejects"])] == [25]
+
+
+def test_build_super_merges_sources_and_drops_duplicates(tmp_path, tiny_records, prefect_harness):
+    a = write_jsonl(tmp_path / "a.jsonl", tiny_records[:10])
+    b = write_jsonl(tmp_path / "b.jsonl", tiny_records[5:] + [{"user": "same", "assistant": "SAME"}])
+    out = build_super_flow([str(a), str(b)], str(tmp_path / "super.jsonl"), target=40)
+    assert (out["duplicates"], out["low_quality"], out["records"]) == (5, 1, 40)
+    rows = [json.loads(l) for l in open(out["jsonl"])]
+    assert {r["source"] for r in rows[:24]} == {"a", "b"}
+
+
+def test_build_db_flow_reports_version_and_counts(tmp_path, tiny_jsonl, prefect_harness):
+    out = build_db_flow(str(tiny_jsonl), str(tmp_path / "x.db"))
+    assert out["rows"] == 26 and out["version"] >= 1 and out["embedded"] == 26
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, prefect_harness, monkeypatch, capsys):
+    """Two runs with their own workdirs and MLflow stores never touch each other."""
+    import io
+    import sys
+
+    from flows.cli import main
+
+    for name in ("one", "two"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        out = pipeline_flow([str(tiny_jsonl)], workdir=str(tmp_path / name / "work"), train={"epochs": 30, "lr": 5e-3}, head={"hidden_dim": 64, "dropout": 0.0})
+        assert out["registry"] == {"version": 1, "promoted": True, "reason": "no champion yet", "previous_champion": None, "champion_val_acc": None}
+        assert out["dataset"]["records"] == 26
+        assert registry.champion_version() == 1
+        work = tmp_path / name / "work"
+        assert {p.name for p in work.iterdir()} >= {"dataset.jsonl", "dataset.parquet", "dataset.rejects.jsonl", "llm_chat.db", "champion_model_chat_ft.pth", "chat_model_meta.json"}
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("I forgot my password\nhow do I undo a commit in git\n"))
+    assert main(["chat", "--json"]) == 0  # the champion of store "two"
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["response"][:12] for l in lines] == ["Use Settings", "Run `git res"]
+    meta = json.loads((tmp_path / "two" / "work" / "chat_model_meta.json").read_text())
+    assert meta["table"]["db"] == str(tmp_path / "two" / "work" / "llm_chat.db")
