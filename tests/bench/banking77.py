@@ -1,0 +1,76 @@
+"""BANKING77 response accuracy through the exact commands a user runs.
+
+    python tests/bench/banking77.py [--train train.jsonl] [--repeats 1] [--keep DIR]
+
+For each repeat: `bucketchat pipeline --data TRAIN` in a fresh workdir and MLflow store (defaults,
+nothing tuned), then every line of test.jsonl is piped through `bucketchat chat --json`. Correct =
+the returned response equals the line's `assistant`; a fallback counts as wrong. The test file is
+only ever read here, never by training. Prints the median and range over repeats, the pipeline's
+wall time, and chat latency percentiles; `--json` writes them to a file too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data" / "banking77"
+BIN = Path(sys.executable).parent
+
+
+def run_once(train: Path, test: Path, work: Path) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "BUCKETCHAT_HOME": str(work / "home")}
+    t0 = time.perf_counter()
+    subprocess.run([BIN / "bucketchat", "pipeline", "--data", str(train), "--workdir", str(work / "run")], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pipeline_s = time.perf_counter() - t0
+    rows = [json.loads(l) for l in test.read_text(encoding="utf-8").splitlines() if l.strip()]
+    t0 = time.perf_counter()
+    out = subprocess.run([BIN / "bucketchat", "chat", "--json"], env=env, check=True, input="".join(r["user"].replace("\n", " ") + "\n" for r in rows), capture_output=True, text=True).stdout
+    chat_s = time.perf_counter() - t0
+    answers = [json.loads(l) for l in out.splitlines()]
+    assert len(answers) == len(rows), f"{len(answers)} answers for {len(rows)} questions"
+    correct = sum(a["response"] == r["assistant"] and not a["fallback"] for a, r in zip(answers, rows))
+    lat = sorted(a["latency_ms"] for a in answers)
+    return {
+        "accuracy": correct / len(rows),
+        "fallback_rate": sum(a["fallback"] for a in answers) / len(rows),
+        "pipeline_s": pipeline_s,
+        "chat_process_s": chat_s,
+        "latency_p50_ms": lat[len(lat) // 2],
+        "latency_p99_ms": lat[int(len(lat) * 0.99)],
+        "questions": len(rows),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", type=Path, default=DATA / "train.jsonl")
+    p.add_argument("--test", type=Path, default=DATA / "test.jsonl")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    a = p.parse_args()
+    if not a.train.is_file():
+        sys.exit(f"--train {a.train} not found; this benchmark needs ../shared/data/banking77 beside the checkout")
+    runs = []
+    for i in range(a.repeats):
+        with tempfile.TemporaryDirectory(prefix="bench-b77-") as tmp:
+            runs.append(run_once(a.train, a.test, Path(tmp)))
+        print(f"run {i + 1}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in runs[-1].items()), flush=True)
+    summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)} for k in runs[0] if k != "questions"}
+    print(f"\nBANKING77 {a.train.name} -> {a.test.name}, {a.repeats} run(s), {runs[0]['questions']} questions")
+    for k, v in summary.items():
+        print(f"  {k:>16}: median {v['median']:.4f}  (min {v['min']:.4f}, max {v['max']:.4f})")
+    if a.json:
+        a.json.write_text(json.dumps({"train": str(a.train), "runs": runs, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
