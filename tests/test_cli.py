@@ -56,5 +56,8 @@ def test_chat_answers_each_piped_line_as_json(tmp_path, tiny_jsonl, monkeypatch,
 
 
 def test_console_script_is_installed():
-    out = subprocess.run(["bucketchat", "--help"], capture_output=True, text=True, check=True).stdout
+    from pathlib import Path
+
+    # Next to the interpreter: `make test` runs .venv/bin/python without activating the venv.
+    out = subprocess.run([str(Path(sys.executable).parent / "bucketchat"), "--help"], capture_output=True, text=True, check=True).stdout
     assert "pipeline" in out and "chat" in out
