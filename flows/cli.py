@@ -135,9 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_summary(title: str, result: dict) -> None:
-    print(f"{title}:")
-    print(json.dumps(result, indent=2, default=str))
+def _preflight(paths: list[str], strict: bool) -> None:
+    """Fail on a missing file (or, with --strict, the first bad line) before Prefect starts: a typo
+    should cost a second, not a server start and two tracebacks."""
+    from tasks.records import iter_records
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input file {path!r} does not exist; check the path")
+        if strict and Path(path).suffix != ".parquet":
+            for _ in iter_records(path, strict=True):
+                pass
 
 
 def _report_rejects(result: dict) -> None:
@@ -149,6 +157,7 @@ def _report_rejects(result: dict) -> None:
 def cmd_expand(a) -> None:
     from flows.expand import expand_flow
 
+    _preflight([a.input], a.strict)
     r = expand_flow(a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
     _report_rejects(r)
     print(f"wrote {r['records']} records ({r['records'] - r['input_records']} new) to {r['jsonl']} and {r['parquet']}")
@@ -157,6 +166,7 @@ def cmd_expand(a) -> None:
 def cmd_build_super(a) -> None:
     from flows.build_super import build_super_flow
 
+    _preflight(a.inputs, a.strict)
     r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
     _report_rejects(r)
     print(f"wrote {r['records']} records to {r['jsonl']} and {r['parquet']}; dropped {r['low_quality']} low-quality and {r['duplicates']} duplicate pairs (see {r['rejects']})")
@@ -166,6 +176,7 @@ def cmd_db(a) -> None:
     if a.db_command == "build":
         from flows.build_db import build_db_flow
 
+        _preflight([a.data], a.strict)
         r = build_db_flow(a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict)
         _report_rejects(r)
         print(f"table {r['table']} in {r['db']}: version {r['version']}, {r['rows']} rows, {r['embedded']} newly embedded")
@@ -194,6 +205,7 @@ def cmd_finetune(a) -> None:
     from flows.finetune import finetune_flow
 
     train, head = _train_dicts(a, a.seed)
+    _preflight([a.data] if a.data else [], a.strict)
     r = finetune_flow(str(Path(a.db)), a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict)
     _report(r)
     print(f"local checkpoint: {a.output} + {a.meta}")
@@ -210,6 +222,7 @@ def cmd_pipeline(a) -> None:
     from flows.pipeline import pipeline_flow
 
     train, head = _train_dicts(a, a.seed)
+    _preflight(a.data, a.strict)
     r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict)
     d = r["dataset"]
     if d["rejected_lines"]:

@@ -35,7 +35,12 @@ def test_seed_flags_parse_in_snake_and_kebab_case():
 
 def test_bad_input_exits_2_with_a_message_naming_the_fix(tmp_path, capsys):
     assert main(["expand", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--target", "5"]) == 2
-    assert "does not exist; pass the path of a JSONL file" in capsys.readouterr().err
+    assert "missing.jsonl' does not exist; check the path" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user": "u", "assistant": "a"}\n{"user": "u"}\n')
+    assert main(["pipeline", "--data", str(bad), "--workdir", str(tmp_path / "w"), "--strict"]) == 2
+    assert capsys.readouterr().err.strip() == f"""bucketchat pipeline: error: {bad}:2: missing field 'assistant'. Fix: give both "user" and "assistant", or a "messages" list"""
+    assert not (tmp_path / "w").exists()  # nothing was started
     assert main(["finetune", "--epochs", "0", "--db", str(tmp_path / "db")]) == 2
     assert "--epochs=0 is invalid" in capsys.readouterr().err
     assert main(["chat", "--weights", "w.pth"]) == 2
