@@ -13,12 +13,13 @@ QUESTIONS := "I forgot my password, what do I do?" \
              "which debt should I pay off first?" \
              "who won the football world cup in 1954?"
 
-.PHONY: install demo test test-fast bench-banking77 clean
+.PHONY: install demo test test-fast bench-banking77 bench-sample clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every transitive package to the versions the suite passed with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,9 +34,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# BANKING77 response accuracy through the same pipeline + chat a user runs (needs ../shared/data).
+# Response accuracy, pipeline wall time and chat latency through the commands a user runs.
+# BANKING77 needs ../shared/data beside the checkout; bench-sample uses the bundled sample.
 bench-banking77: $(STAMP)
-	$(BIN)/python tests/bench/banking77.py
+	$(BIN)/python tests/bench/accuracy.py --repeats 3
+	$(BIN)/python tests/bench/accuracy.py --repeats 3 --train ../shared/data/banking77/train_10shot.jsonl
+
+bench-sample: $(STAMP)
+	$(BIN)/python tests/bench/accuracy.py --repeats 3 --train conversation_data.sample.jsonl --test conversation_data.sample.jsonl
 
 clean:
 	rm -rf .bucketchat

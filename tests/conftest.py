@@ -72,9 +72,9 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def prefect_harness():
     """Real Prefect flow runs against a temporary local API, results kept in a temp dir."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with tempfile.TemporaryDirectory() as storage:
-        os.environ["PREFECT_LOCAL_STORAGE_PATH"] = storage
+    with tempfile.TemporaryDirectory() as storage, temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}):
         with prefect_test_harness(server_startup_timeout=120):
             yield

@@ -1,11 +1,12 @@
-"""BANKING77 response accuracy through the exact commands a user runs.
+"""Response accuracy, pipeline wall time and chat latency through the exact commands a user runs.
 
-    python tests/bench/banking77.py [--train train.jsonl] [--repeats 1] [--keep DIR]
+    python tests/bench/accuracy.py [--train TRAIN.jsonl] [--test TEST.jsonl] [--repeats 3] [--json OUT]
 
-For each repeat: `bucketchat pipeline --data TRAIN` in a fresh workdir and MLflow store (defaults,
-nothing tuned), then every line of test.jsonl is piped through `bucketchat chat --json`. Correct =
+Defaults to BANKING77 (../shared/data/banking77). 
+For each repeat: `bucketchat pipeline --data TRAIN` in a fresh workdir, MLflow store and Prefect home
+(cold: nothing cached; defaults, nothing tuned), then every line of test.jsonl is piped through `bucketchat chat --json`. Correct =
 the returned response equals the line's `assistant`; a fallback counts as wrong. The test file is
-only ever read here, never by training. Prints the median and range over repeats, the pipeline's
+only ever read here, never by training; its multi-turn lines (no `user` field) are skipped. Prints the median and range over repeats, the pipeline's
 wall time, and chat latency percentiles; `--json` writes them to a file too.
 """
 
@@ -31,7 +32,7 @@ def run_once(train: Path, test: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     subprocess.run([BIN / "bucketchat", "pipeline", "--data", str(train), "--workdir", str(work / "run")], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pipeline_s = time.perf_counter() - t0
-    rows = [json.loads(l) for l in test.read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [r for r in (json.loads(l) for l in test.read_text(encoding="utf-8").splitlines() if l.strip()) if "user" in r]
     t0 = time.perf_counter()
     out = subprocess.run([BIN / "bucketchat", "chat", "--json"], env=env, check=True, input="".join(r["user"].replace("\n", " ") + "\n" for r in rows), capture_output=True, text=True).stdout
     chat_s = time.perf_counter() - t0
@@ -54,7 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=Path, default=DATA / "train.jsonl")
     p.add_argument("--test", type=Path, default=DATA / "test.jsonl")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args()
     if not a.train.is_file():
@@ -65,7 +66,7 @@ def main() -> None:
             runs.append(run_once(a.train, a.test, Path(tmp)))
         print(f"run {i + 1}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in runs[-1].items()), flush=True)
     summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)} for k in runs[0] if k != "questions"}
-    print(f"\nBANKING77 {a.train.name} -> {a.test.name}, {a.repeats} run(s), {runs[0]['questions']} questions")
+    print(f"\n{a.train.name} -> {a.test.name}, {a.repeats} run(s), {runs[0]['questions']} questions")
     for k, v in summary.items():
         print(f"  {k:>16}: median {v['median']:.4f}  (min {v['min']:.4f}, max {v['max']:.4f})")
     if a.json:
