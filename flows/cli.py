@@ -214,7 +214,8 @@ def cmd_finetune(a) -> None:
 def _report(r: dict) -> None:
     t, reg = r["train"], r["registry"]
     acc = t["val_response_acc"]
-    print(f"trained on {r.get('table', {}).get('name', 'table')} v{r['build']['version'] if r.get('build') else r['table']['version']}: validation response accuracy {acc:.4f}" if acc is not None else "trained (no validation rows)")
+    where = f"{r['table']['name']} v{r['table']['version']}"
+    print(f"trained on {where}: validation response accuracy {acc:.4f}" if acc is not None else f"trained on {where} (no validation rows)")
     print(f"MLflow run {t['run_id']}; registered bucketchat v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.build_db import build_db_flow
+from flows.finetune import finetune_flow
 from tasks.data import expand_dataset, prepare_dataset
-from tasks.database import build_database
 from tasks.settings import TABLE_NAME, default_workdir
-from tasks.training import register_and_promote, train_head
 
 
 @flow(name="pipeline")
@@ -22,10 +22,9 @@ def pipeline_flow(data: list[str], workdir: str | None = None, target: int | Non
     if target and target > dataset["records"]:
         dataset = {**dataset, **expand_dataset(dataset["parquet"], str(work / "dataset.jsonl"), target, creative_prob, blend_prob, seed)}
     db = str(work / "llm_chat.db")
-    built = build_database(dataset["parquet"], db, TABLE_NAME, num_buckets, seed, train.get("device", "cpu"))
-    trained = train_head(db, TABLE_NAME, built["version"], train, head or {}, str(work / "champion_model_chat_ft.pth"), str(work / "chat_model_meta.json"))
-    promotion = register_and_promote(trained["run_id"], db, TABLE_NAME, built["version"], trained["val_ids"], trained["val_response_acc"])
-    return {"workdir": str(work), "dataset": dataset, "build": built, "train": {k: v for k, v in trained.items() if k != "val_ids"}, "registry": promotion}
+    built = build_db_flow(dataset["parquet"], db, TABLE_NAME, num_buckets, seed, train.get("device", "cpu"))
+    tuned = finetune_flow(db, table=TABLE_NAME, table_version=built["version"], train=train, head=head, output=str(work / "champion_model_chat_ft.pth"), meta=str(work / "chat_model_meta.json"))
+    return {"workdir": str(work), "dataset": dataset, **tuned, "build": built}
 
 
 if __name__ == "__main__":

@@ -3,13 +3,11 @@ counts: nothing large or live passes between tasks."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
 from tasks import run_logger
 from tasks.augment import expand
-from tasks.dataset import dedupe_exact, quality_filter, read_pairs, write_dataset, write_rejects
+from tasks.dataset import dedupe_exact, quality_filter, read_input, read_pairs, write_dataset, write_rejects
 
 
 @task
@@ -32,9 +30,6 @@ def prepare_dataset(inputs: list[str], output: str, strict: bool = False) -> dic
 @task
 def expand_dataset(input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False) -> dict:
     """Grow a dataset to exactly ``target`` pairs with synthetic variants (see tasks/augment.py)."""
-    pairs, rejects = read_pairs(input, strict=strict)
+    pairs, rejected, rejects_file = read_input(input, output, strict)
     grown = expand(pairs, target, creative_prob=creative_prob, blend_prob=blend_prob, seed=seed)
-    written = write_dataset(grown, output)
-    # Expanding a dataset in place must not erase the rejects its earlier stage wrote.
-    rejected = write_rejects(rejects, output) if rejects or Path(input).suffix != ".parquet" else None
-    return {**written, "rejects": rejected, "records": len(grown), "input_records": len(pairs), "rejected_lines": len(rejects)}
+    return {**write_dataset(grown, output), "rejects": rejects_file, "records": len(grown), "input_records": len(pairs), "rejected_lines": rejected}

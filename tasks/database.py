@@ -9,18 +9,17 @@ from prefect import task
 
 from retrieval.store import build_table, stats
 from tasks import run_logger
-from tasks.dataset import read_pairs, write_rejects
+from tasks.dataset import read_input
 
 
 @task(retries=1, retry_delay_seconds=2)  # I/O on the table folder; a rebuild is safe to repeat
 def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False) -> dict:
     """Embed, bucket and write ``data`` as a new version of ``table``; rejects go beside the db."""
     logger = run_logger()
-    pairs, rejects = read_pairs(data, strict=strict)
-    rejected = write_rejects(rejects, Path(db).with_suffix(".jsonl")) if rejects or Path(data).suffix != ".parquet" else None
+    pairs, rejected, rejects_file = read_input(data, Path(db).with_suffix(".jsonl"), strict)  # llm_chat.rejects.jsonl
     result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, progress=len(pairs) > 2000)
-    logger.info("table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, len(rejects))
-    return {**asdict(result), "rejects": rejected, "rejected_lines": len(rejects)}
+    logger.info("table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, rejected)
+    return {**asdict(result), "rejects": rejects_file, "rejected_lines": rejected}
 
 
 @task

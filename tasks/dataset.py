@@ -57,6 +57,18 @@ def read_pairs(path: str | Path, strict: bool = False) -> tuple[list[Pair], list
     return pairs, []
 
 
+def read_input(path: str | Path, output: str | Path, strict: bool = False) -> tuple[list[Pair], int, str | None]:
+    """Read a stage's input; for conversation JSONL, write its rejects beside ``output``.
+
+    Returns (pairs, rejected line count, rejects path or None). A ``.parquet`` input was written by an
+    earlier stage, which already wrote its rejects; rewriting them here would erase them.
+    """
+    pairs, rejects = read_pairs(path, strict=strict)
+    if Path(path).suffix == ".parquet":
+        return pairs, 0, None
+    return pairs, len(rejects), write_rejects(rejects, output)
+
+
 def pairs_table(pairs: Iterable[Pair]) -> pa.Table:
     rows = [
         {

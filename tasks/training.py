@@ -89,7 +89,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
     size = head.get("model_size", "base")
     with mlflow.start_run(run_name=f"{size}-{table}-v{version}") as run:
         mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": str(Path(db).resolve()), "encoder": ENCODER_ID})
-        mlflow.log_params({**{k: v for k, v in train.items()}, **{f"head.{k}": v for k, v in head.items()}, "table_version": version})
+        mlflow.log_params({**train, **{f"head.{k}": v for k, v in head.items()}, "table_version": version})
 
         def on_epoch(row: dict) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])

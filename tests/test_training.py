@@ -8,6 +8,7 @@ from tasks import registry
 from tasks.records import load_records
 from tasks.training import fit, register_and_promote, response_accuracy, train_head
 from models.train import TrainConfig
+from tests.conftest import INTENTS
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def test_fit_meta_pins_table_and_explains_the_model(table):
     db, name, version = table
     head, meta, val = fit(db, name, version, TrainConfig(epochs=30, lr=5e-3, val_split=0.2), {"hidden_dim": 64, "dropout": 0.0})
     assert meta["table"]["name"] == name and meta["table"]["version"] == version
-    assert sorted(meta["candidates"]["texts"]) == sorted(meta["candidates"]["texts"]) and len(meta["candidates"]["texts"]) == 4
+    assert sorted(meta["candidates"]["texts"]) == sorted(resp for resp, _ in INTENTS.values())
     assert meta["all_responses_learned"] is True
     assert len(val["ids"]) == 4  # round(6 * 0.2) = 1 per intent (the 7-row intents also give 1)
     assert val["accuracy"] == 1.0
