@@ -38,6 +38,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     y_cand = cands.targets(rows["responses"], rows["buckets"].tolist())
     tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed)
     cfg = HeadConfig(num_candidates=len(cands.texts), input_dim=rows["vectors"].shape[1], **head_cfg)
+    torch.manual_seed(train_cfg.seed)  # the initial weights too: the same data and seed give the same model
     head = BucketHead(cfg, torch.tensor(cands.buckets), torch.tensor(cands.learned))
     result = train(head, rows["vectors"], rows["buckets"], y_cand, tr, va, train_cfg, on_epoch=on_epoch)
     head.cpu().eval()

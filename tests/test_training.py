@@ -2,6 +2,7 @@
 
 import mlflow
 import pytest
+import torch
 
 from retrieval.store import build_table
 from tasks import registry
@@ -27,6 +28,14 @@ def test_fit_meta_pins_table_and_explains_the_model(table):
     assert len(val["ids"]) == 4  # round(6 * 0.2) = 1 per intent (the 7-row intents also give 1)
     assert val["accuracy"] == 1.0
     assert 0.0 < meta["calibration"]["min_confidence"] <= 1.0
+
+
+def test_same_data_and_seed_give_the_same_model(table):
+    db, name, version = table
+    cfg = TrainConfig(epochs=3, lr=5e-3, val_split=0.2)
+    a, _, _ = fit(db, name, version, cfg, {"hidden_dim": 32})
+    b, _, _ = fit(db, name, version, cfg, {"hidden_dim": 32})
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_champion_moves_only_when_not_worse(table, mlflow_store, prefect_harness):
