@@ -3,8 +3,10 @@
 Each variant keeps the parent's response (and context) and rewrites the user side in a way that keeps
 its meaning; it records ``parent_id`` and the ``op`` that made it. Deterministic for a seed.
 
-- user-side ops: ``frame`` (question frames), ``filler`` (politeness/filler words), ``casing``,
-  ``punct`` (punctuation), ``typo`` (one adjacent-key swap in a longer word)
+- user-side ops: ``synonym`` (phrase substitutions that keep meaning: "how do I" -> "how can I",
+  "can't" -> "cannot", ...), ``frame`` (question frames), ``filler`` (politeness/filler words),
+  ``reorder`` (swap two clauses around a comma), ``casing``, ``punct`` (punctuation), ``typo`` (one
+  swap of adjacent letters in a longer word)
 - ``creative`` (probability ``--creative_prob``): the assistant side gets a conversational opener,
   leaving its content verbatim
 - ``blend`` (probability ``--blend_prob``): two user messages that share a response are joined into
@@ -23,8 +25,33 @@ from tasks.dataset import normalise
 from tasks.records import Pair
 
 FRAMES = ("Can you tell me {q}", "I was wondering, {q}", "Quick question: {q}", "Could you help me? {q}", "{q} Thanks in advance.", "Hey, {q}")
-FILLERS = ("please", "actually", "just", "by the way")
+# Where people actually put filler: in front of the question, or after it.
+PREFIXES = ("Actually, ", "Just wondering, ", "By the way, ", "Hi, ", "Um, ")
+SUFFIXES = (" please", ", thanks", " asap", " if possible")
 OPENERS = ("Sure! ", "Happy to help. ", "Good question. ", "Of course. ")
+# Phrase groups whose members mean the same in a question; matched on word boundaries, any case.
+SYNONYMS = (
+    ("how do i", "how can i", "how should i", "what's the way to"),
+    ("can't", "cannot", "can not", "am unable to"),
+    ("don't", "do not"),
+    ("isn't", "is not"),
+    ("doesn't", "does not"),
+    ("i want to", "i would like to", "i'd like to", "i need to"),
+    ("where is", "where's"),
+    ("what is", "what's"),
+    ("please", "pls", "kindly"),
+    ("help me", "assist me"),
+    ("quickly", "fast"),
+    ("get", "obtain"),
+    ("change", "modify", "update"),
+    ("find", "locate"),
+    ("buy", "purchase"),
+    ("start", "begin"),
+    ("fix", "repair", "sort out"),
+    ("problem", "issue"),
+)
+_SYN_INDEX = {phrase: group for group in SYNONYMS for phrase in group}
+_SYN_RE = re.compile(r"\b(" + "|".join(sorted((re.escape(p) for p in _SYN_INDEX), key=len, reverse=True)) + r")\b", re.IGNORECASE)
 
 
 def _lower_first(text: str) -> str:
@@ -32,13 +59,40 @@ def _lower_first(text: str) -> str:
 
 
 def _frame(text: str, rng: random.Random) -> str:
-    return rng.choice(FRAMES).format(q=_lower_first(text))
+    frame = rng.choice(FRAMES)
+    # Mid-sentence the question starts lower case; after "?" or at the start it keeps its capital.
+    mid_sentence = not (frame.startswith("{q}") or "? {q}" in frame)
+    return frame.format(q=_lower_first(text) if mid_sentence else text)
 
 
 def _filler(text: str, rng: random.Random) -> str:
-    words = text.split()
-    words.insert(rng.randrange(1, len(words) + 1) if len(words) > 1 else 1, rng.choice(FILLERS))
-    return " ".join(words)
+    if rng.random() < 0.5:
+        return rng.choice(PREFIXES) + _lower_first(text)
+    bare = text.rstrip("?!. ")
+    return bare + rng.choice(SUFFIXES) + text[len(bare):].strip()
+
+
+def _synonym(text: str, rng: random.Random) -> str:
+    matches = list(_SYN_RE.finditer(text))
+    if not matches:
+        return _frame(text, rng)
+    m = rng.choice(matches)
+    found = m.group(0)
+    choice = rng.choice([p for p in _SYN_INDEX[found.lower()] if p != found.lower()])
+    choice = re.sub(r"\bi\b", "I", choice)  # the pronoun stays upper case
+    if found[:1].isupper():
+        choice = choice[:1].upper() + choice[1:]
+    return text[: m.start()] + choice + text[m.end() :]
+
+
+def _reorder(text: str, rng: random.Random) -> str:
+    """"If X, how do I Y?" -> "How do I Y, if X?": two clauses, same meaning, other order."""
+    parts = [p.strip() for p in text.rstrip("?!. ").split(",")]
+    if len(parts) != 2 or not all(parts):
+        return _filler(text, rng)
+    end = text.rstrip()[-1] if text.rstrip()[-1:] in "?!." else ""
+    first, second = parts[1], _lower_first(parts[0])
+    return f"{first[:1].upper()}{first[1:]}, {second}{end}"
 
 
 def _casing(text: str, rng: random.Random) -> str:
@@ -62,7 +116,9 @@ def _typo(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-USER_OPS: dict[str, Callable[[str, random.Random], str]] = {"frame": _frame, "filler": _filler, "casing": _casing, "punct": _punct, "typo": _typo}
+USER_OPS: dict[str, Callable[[str, random.Random], str]] = {
+    "synonym": _synonym, "frame": _frame, "filler": _filler, "reorder": _reorder, "casing": _casing, "punct": _punct, "typo": _typo,
+}
 _SPACE = re.compile(r"\s+")
 
 
