@@ -6,8 +6,8 @@ from tasks.data import expand_dataset, prepare_dataset
 
 
 @flow(name="build-super")
-def build_super_flow(inputs: list[str], output: str, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False) -> dict:
-    merged = prepare_dataset(inputs, output, strict)
+def build_super_flow(inputs: list[str], output: str, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
+    merged = prepare_dataset(inputs, output, strict, near_dup_threshold)
     if target and target > merged["records"]:
         grown = expand_dataset(merged["parquet"], output, target, creative_prob, blend_prob, seed)
         return {**merged, **{k: v for k, v in grown.items() if v is not None}}

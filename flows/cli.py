@@ -38,6 +38,10 @@ def _expansion_args(p: argparse.ArgumentParser, target_required: bool) -> None:
     _arg(p, "--strict", action="store_true", help="stop at the first malformed line instead of writing it to the rejects file")
 
 
+def _near_dup_arg(p: argparse.ArgumentParser) -> None:
+    _arg(p, "--near_dup_threshold", type=float, default=0.9, help="drop a pair whose user and assistant text are both at least this similar (character edit similarity, 0-1) to a kept pair; 1 keeps near duplicates (default 0.9)")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     _arg(g, "--model_size", default="base", help="head size (default base)")
@@ -76,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(p, "--input", required=True, help="conversation JSONL (flat pairs or multi-turn) or a .parquet dataset")
     _expansion_args(p, target_required=True)
 
-    p = sub.add_parser("build-super", help="merge sources, filter, dedupe and expand", description="Merge several sources (each keeps its `source`), drop unusable and duplicate pairs, then expand to --target if it is larger.")
+    p = sub.add_parser("build-super", help="merge sources, filter, dedupe and expand", description="Merge several sources (each keeps its `source`), drop unusable pairs (too short/long, mostly non-text, echoes, control characters, broken encoding), exact and near duplicates, then expand to --target if it is larger. Writes the dataset (.jsonl + .parquet), a .rejects.jsonl with every dropped record and why, and a .report.json with counts per reason.")
     _arg(p, "--inputs", nargs="+", required=True, help="conversation JSONL files or .parquet datasets")
     _expansion_args(p, target_required=False)
+    _near_dup_arg(p)
 
     p = sub.add_parser("db", help="build or inspect the LanceDB conversation table")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(p, "--num_buckets", type=int, default=10, help="response buckets (default 10)")
     _arg(p, "--seed", type=int, default=42, help="seed (default 42)")
     _arg(p, "--strict", action="store_true", help="stop at the first malformed line")
+    _near_dup_arg(p)
     _train_args(p)
     return parser
 
@@ -167,9 +173,10 @@ def cmd_build_super(a) -> None:
     from flows.build_super import build_super_flow
 
     _preflight(a.inputs, a.strict)
-    r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
+    r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict, a.near_dup_threshold)
     _report_rejects(r)
-    print(f"wrote {r['records']} records to {r['jsonl']} and {r['parquet']}; dropped {r['low_quality']} low-quality and {r['duplicates']} duplicate pairs (see {r['rejects']})")
+    print(f"wrote {r['records']} records to {r['jsonl']} and {r['parquet']}")
+    print("dropped: " + (", ".join(f"{n} {reason}" for reason, n in sorted(r["dropped"].items())) or "nothing") + f" (records in {r['rejects']}, counts in {r['report']})")
 
 
 def cmd_db(a) -> None:
@@ -224,7 +231,7 @@ def cmd_pipeline(a) -> None:
 
     train, head = _train_dicts(a, a.seed)
     _preflight(a.data, a.strict)
-    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict)
+    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold)
     d = r["dataset"]
     if d["rejected_lines"]:
         print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)

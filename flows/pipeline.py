@@ -15,10 +15,10 @@ from tasks.settings import TABLE_NAME, default_workdir
 
 
 @flow(name="pipeline")
-def pipeline_flow(data: list[str], workdir: str | None = None, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, num_buckets: int = 10, seed: int = 42, train: dict | None = None, head: dict | None = None, strict: bool = False) -> dict:
+def pipeline_flow(data: list[str], workdir: str | None = None, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, num_buckets: int = 10, seed: int = 42, train: dict | None = None, head: dict | None = None, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
     work = Path(workdir or default_workdir()).resolve()
     train = {"seed": seed, **(train or {})}
-    dataset = prepare_dataset(data, str(work / "dataset.jsonl"), strict)
+    dataset = prepare_dataset(data, str(work / "dataset.jsonl"), strict, near_dup_threshold)
     if target and target > dataset["records"]:
         dataset = {**dataset, **expand_dataset(dataset["parquet"], str(work / "dataset.jsonl"), target, creative_prob, blend_prob, seed)}
     db = str(work / "llm_chat.db")

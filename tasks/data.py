@@ -7,24 +7,54 @@ from prefect import task
 
 from tasks import run_logger
 from tasks.augment import expand
-from tasks.dataset import dedupe_exact, quality_filter, read_input, read_pairs, write_dataset, write_rejects
+from models.atomic import atomic_path, write_text
+from tasks.dataset import read_input, rejects_path, write_dataset
+from tasks.dedupe import QualityConfig, filter_and_dedupe
+from tasks.records import Pair, Reject, iter_records
 
 
 @task
-def prepare_dataset(inputs: list[str], output: str, strict: bool = False) -> dict:
-    """Merge sources, drop unusable and duplicate pairs, write the dataset and its rejects file."""
+def prepare_dataset(inputs: list[str], output: str, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
+    """Merge sources, drop unusable and duplicate pairs, write the dataset, its rejects file and a
+    report of every drop reason with counts (``<output>.report.json``).
+
+    Streams: lines are read one at a time and every reject is written as it is found, so memory holds
+    only the pairs that are kept.
+    """
+    import json
+    from pathlib import Path
+
     logger = run_logger()
-    pairs, rejects = [], []
-    for path in inputs:
-        got, bad = read_pairs(path, strict=strict)
-        logger.info("%s: %d pairs, %d rejected lines", path, len(got), len(bad))
-        pairs += got
-        rejects += bad
-    pairs, low_quality = quality_filter(pairs)
-    pairs, duplicates = dedupe_exact(pairs)
-    written = write_dataset(pairs, output)
-    rejected = write_rejects(rejects + low_quality + duplicates, output)
-    return {**written, "rejects": rejected, "records": len(pairs), "rejected_lines": len(rejects), "low_quality": len(low_quality), "duplicates": len(duplicates)}
+    cfg = QualityConfig(near_dup_threshold=near_dup_threshold)
+    per_source: dict[str, dict[str, int]] = {}
+    with atomic_path(rejects_path(output)) as tmp, open(tmp, "w", encoding="utf-8") as rejects_file:
+
+        def reject(r: Reject) -> None:
+            rejects_file.write(json.dumps(r.to_record(), ensure_ascii=False) + "\n")
+
+        def records():
+            for path in inputs:
+                counts = per_source.setdefault(path, {"pairs": 0, "malformed": 0})
+                for item in iter_records(path, strict=strict):
+                    if isinstance(item, Pair):
+                        counts["pairs"] += 1
+                        yield item
+                    else:
+                        counts["malformed"] += 1
+                        reject(item)
+                logger.info("%s: %d pairs, %d malformed lines", path, counts["pairs"], counts["malformed"])
+
+        kept, report = filter_and_dedupe(records(), cfg, on_drop=reject)
+    malformed = sum(c["malformed"] for c in per_source.values())
+    summary = {"sources": per_source, **report.to_dict(), "malformed_lines": malformed, "near_dup_threshold": near_dup_threshold}
+    report_path = Path(output).with_suffix("").with_suffix(".report.json")
+    write_text(report_path, json.dumps(summary, indent=2))
+    return {
+        **write_dataset(kept, output), "rejects": str(rejects_path(output)), "report": str(report_path), "records": len(kept),
+        "rejected_lines": malformed, "duplicates": report.dropped["exact duplicate"] + report.dropped["near duplicate"],
+        "low_quality": report.to_dict()["dropped_total"] - report.dropped["exact duplicate"] - report.dropped["near duplicate"],
+        "dropped": dict(report.dropped),
+    }
 
 
 @task

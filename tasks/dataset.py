@@ -1,5 +1,5 @@
 """Datasets on disk: read JSONL or Parquet into pairs; write Parquet (for the pipeline) + JSONL (for
-people) and the rejects file, all atomically; exact-duplicate removal."""
+people) and the rejects file, all atomically."""
 
 from __future__ import annotations
 
@@ -115,29 +115,3 @@ _SPACE = re.compile(r"\s+")
 def normalise(text: str) -> str:
     """Case, Unicode form and whitespace do not make a record new."""
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
-
-
-def dedupe_exact(pairs: list[Pair]) -> tuple[list[Pair], list[Reject]]:
-    """Keep the first of every (context, user, assistant) that is equal after ``normalise``."""
-    seen: dict[tuple, Pair] = {}
-    kept, dropped = [], []
-    for p in pairs:
-        key = (tuple(normalise(c) for _, c in p.context), normalise(p.user), normalise(p.assistant))
-        if key in seen:
-            first = seen[key]
-            dropped.append(Reject(p.source, p.line, f"exact duplicate of {first.id}", "nothing to fix; the first copy is kept", json.dumps(p.to_record(), ensure_ascii=False)))
-        else:
-            seen[key] = p
-            kept.append(p)
-    return kept, dropped
-
-
-def quality_filter(pairs: list[Pair]) -> tuple[list[Pair], list[Reject]]:
-    """Drop pairs that cannot teach anything: the reply only echoes the message."""
-    kept, dropped = [], []
-    for p in pairs:
-        if normalise(p.user) == normalise(p.assistant):
-            dropped.append(Reject(p.source, p.line, "assistant equals user", "give the reply its own text", json.dumps(p.to_record(), ensure_ascii=False)))
-        else:
-            kept.append(p)
-    return kept, dropped

@@ -2,7 +2,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from tasks.dataset import dedupe_exact, normalise, quality_filter, read_pairs, rejects_path, write_dataset, write_rejects
+from tasks.dataset import normalise, read_pairs, rejects_path, write_dataset, write_rejects
 from tasks.records import Pair, load_records
 from tests.conftest import write_jsonl
 
@@ -14,21 +14,6 @@ def test_rejects_file_sits_beside_output(tmp_path):
 
 def test_normalise_ignores_case_space_and_unicode_form():
     assert normalise("  Hello\u00a0  WORLD ") == normalise("hello world") == "hello world"
-
-
-def test_dedupe_keeps_first_and_reports_the_rest():
-    a = Pair("Hi there", "hello", source="s", line=1)
-    b = Pair("hi   THERE", "Hello", source="s", line=2)
-    c = Pair("hi there", "hello", context=(("user", "x"),), source="s", line=3)  # other context: kept
-    kept, dropped = dedupe_exact([a, b, c])
-    assert kept == [a, c]
-    assert [(r.line, r.reason) for r in dropped] == [(2, "exact duplicate of s:1:0")]
-
-
-def test_quality_filter_drops_echoes():
-    kept, dropped = quality_filter([Pair("same", "Same"), Pair("q", "a")])
-    assert [p.user for p in kept] == ["q"]
-    assert dropped[0].reason == "assistant equals user"
 
 
 def test_dataset_round_trips_through_parquet_and_jsonl(tmp_path, tiny_jsonl):
