@@ -167,6 +167,8 @@ def cmd_expand(a) -> None:
     r = expand_flow(a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
     _report_rejects(r)
     print(f"wrote {r['records']} records ({r['records'] - r['input_records']} new) to {r['jsonl']} and {r['parquet']}")
+    dropped = r["inconsistent_variants"]
+    print(f"variants dropped by the consistency check: {sum(dropped.values())}" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(dropped.items()))})" if dropped else ""))
 
 
 def cmd_build_super(a) -> None:

@@ -7,8 +7,8 @@ from tasks.records import load_records
 
 def test_expand_reaches_exact_target_deterministically(tiny_jsonl):
     pairs, _ = load_records(tiny_jsonl)
-    a = expand(pairs, 120, creative_prob=0.3, blend_prob=0.3, seed=1)
-    b = expand(pairs, 120, creative_prob=0.3, blend_prob=0.3, seed=1)
+    a, _ = expand(pairs, 120, creative_prob=0.3, blend_prob=0.3, seed=1)
+    b, _ = expand(pairs, 120, creative_prob=0.3, blend_prob=0.3, seed=1)
     assert len(a) == 120
     assert a == b
     assert a[: len(pairs)] == pairs
@@ -18,7 +18,7 @@ def test_expand_reaches_exact_target_deterministically(tiny_jsonl):
 def test_variants_carry_provenance_and_keep_response_content(tiny_jsonl):
     pairs, _ = load_records(tiny_jsonl)
     by_id = {p.id: p for p in pairs}
-    grown = expand(pairs, 80, creative_prob=0.5, seed=3)
+    grown, _ = expand(pairs, 80, creative_prob=0.5, seed=3)
     for child in grown[len(pairs):]:
         parent = by_id[child.parent_id]
         assert child.op != "original"
@@ -33,3 +33,22 @@ def test_expand_refuses_to_shrink_or_bad_probabilities(tiny_jsonl):
         expand(pairs, 3)
     with pytest.raises(ValueError, match="--blend_prob must be between 0 and 1"):
         expand(pairs, 30, blend_prob=2)
+
+
+def test_consistency_check_drops_variants_that_change_meaning(tiny_jsonl):
+    from tasks.augment import ConsistencyFilter
+    from tasks.records import Pair
+
+    pairs, _ = load_records(tiny_jsonl)
+    check = ConsistencyFilter(pairs)
+    egg = next(p for p in pairs if p.user == "How long do I boil an egg?")
+    same = Pair("How long do I boil an egg please?", egg.assistant, parent_id=egg.id, op="filler")
+    hijacked = Pair("How long do I track my package order?", egg.assistant, parent_id=egg.id, op="synonym")
+    unrelated = Pair("zzz qqq xxx", egg.assistant, parent_id=egg.id, op="typo")
+    assert check.check([same, hijacked, unrelated]) == [None, "nearer another response", "drifted from its parent"]
+
+
+def test_expand_reports_dropped_variants(tiny_jsonl):
+    pairs, _ = load_records(tiny_jsonl)
+    _, dropped = expand(pairs, 150, blend_prob=0.5, seed=0)
+    assert set(dropped) <= {"drifted from its parent", "nearer another response"}

@@ -27,10 +27,10 @@ DATA = ROOT.parent / "shared" / "data" / "banking77"
 BIN = Path(sys.executable).parent
 
 
-def run_once(train: Path, test: Path, work: Path) -> dict:
+def run_once(train: Path, test: Path, work: Path, extra: list[str]) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "BUCKETCHAT_HOME": str(work / "home")}
     t0 = time.perf_counter()
-    subprocess.run([BIN / "bucketchat", "pipeline", "--data", str(train), "--workdir", str(work / "run")], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([BIN / "bucketchat", "pipeline", "--data", str(train), "--workdir", str(work / "run"), *extra], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pipeline_s = time.perf_counter() - t0
     rows = [r for r in (json.loads(l) for l in test.read_text(encoding="utf-8").splitlines() if l.strip()) if "user" in r]
     t0 = time.perf_counter()
@@ -57,16 +57,17 @@ def main() -> None:
     p.add_argument("--test", type=Path, default=DATA / "test.jsonl")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("pipeline_args", nargs="*", help="extra `bucketchat pipeline` flags after --, e.g. -- --target 5000")
     a = p.parse_args()
     if not a.train.is_file():
         sys.exit(f"--train {a.train} not found; this benchmark needs ../shared/data/banking77 beside the checkout")
     runs = []
     for i in range(a.repeats):
         with tempfile.TemporaryDirectory(prefix="bench-b77-") as tmp:
-            runs.append(run_once(a.train, a.test, Path(tmp)))
+            runs.append(run_once(a.train, a.test, Path(tmp), a.pipeline_args))
         print(f"run {i + 1}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in runs[-1].items()), flush=True)
     summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)} for k in runs[0] if k != "questions"}
-    print(f"\n{a.train.name} -> {a.test.name}, {a.repeats} run(s), {runs[0]['questions']} questions")
+    print(f"\n{a.train.name} {' '.join(a.pipeline_args)} -> {a.test.name}, {a.repeats} run(s), {runs[0]['questions']} questions")
     for k, v in summary.items():
         print(f"  {k:>16}: median {v['median']:.4f}  (min {v['min']:.4f}, max {v['max']:.4f})")
     if a.json:
