@@ -116,31 +116,37 @@ class Candidates:
         return np.array([self.index.get(r, self.other.get(b, -1)) for r, b in zip(responses, buckets)], dtype=np.int64)
 
 
-def split_indices(keys: list[str], ids: list[str], val_split: float, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(keys: list[str], ids: list[str], val_split: float, mode: str, seed: int, families: list[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train/val split that depends on the rows, not their order.
 
-    ``stratified``: within each key (response), the rows whose hashed id sorts first go to validation,
-    ``round(n * val_split)`` of them, and keys with one row stay in training (a response never seen in
-    training cannot be learned). ``random``: each row by its hash alone. The same data therefore gets
-    the same validation set on every run, which is what makes champion comparisons fair.
+    Rows split by *family*: a synthetic variant belongs to its parent's family (``families[i]`` is the
+    parent id, or None for an original). A held-out family contributes only its original row to
+    validation, and its variants go nowhere: a variant of a training row in validation would make
+    validation easy and the calibrated fallback threshold far too strict.
+
+    ``stratified``: within each key (response), the families whose hashed id sorts first are held
+    out, ``round(n * val_split)`` of them, and a key with one family stays in training (a response
+    never seen in training cannot be learned). ``random``: each family by its hash alone. The same
+    data therefore gets the same validation set on every run, which keeps champion comparisons fair.
     """
     def h(s: str) -> int:
         return int.from_bytes(hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest(), "big")
 
-    n = len(ids)
-    is_val = np.zeros(n, dtype=bool)
+    fam = [f or i for f, i in zip(families or [None] * len(ids), ids)]
+    held: set[str] = set()
     if val_split > 0:
         if mode == "random":
-            is_val = np.array([h(i) / 2**64 < val_split for i in ids])
+            held = {f for f in set(fam) if h(f) / 2**64 < val_split}
         else:
-            by_key: dict[str, list[int]] = {}
-            for row, key in enumerate(keys):
-                by_key.setdefault(key, []).append(row)
-            for rows in by_key.values():
-                take = int(round(len(rows) * val_split)) if len(rows) > 1 else 0
-                for row in sorted(rows, key=lambda r: h(ids[r]))[: min(take, len(rows) - 1)]:
-                    is_val[row] = True
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+            by_key: dict[str, set[str]] = {}
+            for key, f in zip(keys, fam):
+                by_key.setdefault(key, set()).add(f)
+            for group in by_key.values():
+                take = int(round(len(group) * val_split)) if len(group) > 1 else 0
+                held.update(sorted(group, key=h)[: min(take, len(group) - 1)])
+    in_val = np.array([f in held for f in fam], dtype=bool)
+    original = np.array([f == i for f, i in zip(fam, ids)], dtype=bool)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val & original)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -21,9 +21,10 @@ from tasks import registry, run_logger
 
 def table_rows(db: str, table: str, version: int) -> dict:
     """The columns training needs from one table version: vectors (N, 384) and plain lists."""
-    data = open_table(db, table, version).to_arrow().select(["id", "assistant", "group", "bucket", "vector"])
+    data = open_table(db, table, version).to_arrow().select(["id", "parent_id", "assistant", "group", "bucket", "vector"])
     return {
         "ids": data["id"].to_pylist(),
+        "parents": data["parent_id"].to_pylist(),
         "responses": data["assistant"].to_pylist(),
         "groups": data["group"].to_pylist(),
         "buckets": np.asarray(data["bucket"].to_numpy(), dtype=np.int64),
@@ -36,7 +37,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     rows = table_rows(db, table, version)
     cands = Candidates.select(rows["responses"], rows["buckets"].tolist(), train_cfg.max_candidates_per_bucket)
     y_cand = cands.targets(rows["responses"], rows["buckets"].tolist())
-    tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed)
+    tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed, rows["parents"])
     cfg = HeadConfig(num_candidates=len(cands.texts), input_dim=rows["vectors"].shape[1], **head_cfg)
     torch.manual_seed(train_cfg.seed)  # the initial weights too: the same data and seed give the same model
     head = BucketHead(cfg, torch.tensor(cands.buckets), torch.tensor(cands.learned))

@@ -25,6 +25,18 @@ def test_stratified_split_is_deterministic_and_keeps_every_response_in_training(
     assert sorted(ids[20 - i] for i in va2) == sorted(ids[i] for i in va)  # order does not matter
 
 
+def test_variants_stay_with_their_parent_and_only_originals_validate():
+    keys = ["r"] * 12
+    ids = [f"o{i}" for i in range(4)] + [f"v{i}" for i in range(8)]
+    families = [None] * 4 + [f"o{i % 4}" for i in range(8)]  # two variants per original
+    tr, va = split_indices(keys, ids, 0.5, "stratified", seed=0, families=families)
+    held = {ids[i] for i in va}
+    assert len(held) == 2 and held <= {"o0", "o1", "o2", "o3"}
+    for i in tr:  # no training row belongs to a held-out family
+        assert (families[i] or ids[i]) not in held
+    assert len(tr) == 6  # the two kept originals and their four variants; held-out variants go nowhere
+
+
 def test_lr_schedules():
     cos = lr_lambda("cosine", warmup=2, total=12)
     assert [round(cos(s), 3) for s in (0, 1, 2, 7, 12)] == [0.5, 1.0, 1.0, 0.5, 0.0]
