@@ -39,9 +39,12 @@ def run_once(train: Path, test: Path, work: Path, extra: list[str]) -> dict:
     answers = [json.loads(l) for l in out.splitlines()]
     assert len(answers) == len(rows), f"{len(answers)} answers for {len(rows)} questions"
     correct = sum(a["response"] == r["assistant"] and not a["fallback"] for a, r in zip(answers, rows))
+    # What the ranking alone would score if nothing fell back: separates routing from calibration.
+    top = sum(bool(a["candidates"]) and a["candidates"][0]["response"] == r["assistant"] for a, r in zip(answers, rows))
     lat = sorted(a["latency_ms"] for a in answers)
     return {
         "accuracy": correct / len(rows),
+        "accuracy_without_fallback": top / len(rows),
         "fallback_rate": sum(a["fallback"] for a in answers) / len(rows),
         "pipeline_s": pipeline_s,
         "chat_process_s": chat_s,
