@@ -1,7 +1,8 @@
 """Flow: the whole chain on embedded defaults — the only place that knows the stage order.
 
 data files -> prepare (merge, filter, dedupe) -> [expand to --target] -> build-db -> finetune ->
-register -> champion (if better). Everything it makes goes under ``workdir``.
+register -> champion (if better). Everything it makes goes under ``workdir``; the data stages are
+cached on their code, parameters and input bytes, so a rerun on unchanged data skips them.
 """
 
 from pathlib import Path
@@ -10,7 +11,9 @@ from prefect import flow
 
 from flows.build_db import build_db_flow
 from flows.finetune import finetune_flow
-from tasks.data import expand_dataset, prepare_dataset
+from tasks.caching import outputs_missing
+from flows.prepare import prepare_flow
+from tasks.data import expand_dataset
 from tasks.settings import TABLE_NAME, default_workdir
 
 
@@ -18,9 +21,12 @@ from tasks.settings import TABLE_NAME, default_workdir
 def pipeline_flow(data: list[str], workdir: str | None = None, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, num_buckets: int = 10, seed: int = 42, train: dict | None = None, head: dict | None = None, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
     work = Path(workdir or default_workdir()).resolve()
     train = {"seed": seed, **(train or {})}
-    dataset = prepare_dataset(data, str(work / "dataset.jsonl"), strict, near_dup_threshold)
+    final = str(work / "dataset.jsonl")
+    merged = str(work / "merged.jsonl") if target else final  # each stage its own artifact
+    dataset = prepare_flow(data, merged, strict, near_dup_threshold)
     if target and target > dataset["records"]:
-        dataset = {**dataset, **expand_dataset(dataset["parquet"], str(work / "dataset.jsonl"), target, creative_prob, blend_prob, seed)}
+        grown = expand_dataset.with_options(refresh_cache=outputs_missing(final))(dataset["parquet"], final, target, creative_prob, blend_prob, seed)
+        dataset = {**dataset, **{k: v for k, v in grown.items() if v is not None}}
     db = str(work / "llm_chat.db")
     built = build_db_flow(dataset["parquet"], db, TABLE_NAME, num_buckets, seed, train.get("device", "cpu"))
     tuned = finetune_flow(db, table=TABLE_NAME, table_version=built["version"], train=train, head=head, output=str(work / "champion_model_chat_ft.pth"), meta=str(work / "chat_model_meta.json"))

@@ -217,11 +217,12 @@ def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_pro
     tries, limit = 0, max_tries_per_record * target
     while len(out) < target:
         # A batch a little larger than what is missing: the check runs vectorised per batch.
-        batch = []
+        batch, exhausted = [], False
         while len(batch) < min(50_000, int((target - len(out)) * 1.2) + 16):
             tries += 1
             if tries > limit:
-                raise ValueError(f"could only make {len(out)} distinct consistent records from {len(pairs)} inputs after {limit} tries; lower --target or add more varied data")
+                exhausted = True
+                break
             parent = pairs[rng.randrange(len(pairs))]
             child = variant(parent, by_response[normalise(parent.assistant)], rng, creative_prob, blend_prob)
             key = (normalise(child.user), normalise(child.assistant))
@@ -234,4 +235,6 @@ def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_pro
                 dropped[reason] += 1
             elif len(out) < target:
                 out.append(dataclasses.replace(child, line=len(out)))
+        if exhausted and len(out) < target:
+            raise ValueError(f"could only make {len(out)} distinct consistent records from {len(pairs)} inputs after {limit} tries ({sum(dropped.values())} variants failed the consistency check); lower --target to at most {len(out)} or add more varied data")
     return out, dropped

@@ -6,58 +6,57 @@ from __future__ import annotations
 from prefect import task
 
 from tasks import run_logger
+from tasks.caching import CACHED
 from tasks.augment import expand
+import json
+from pathlib import Path
+
 from models.atomic import atomic_path, write_text
-from tasks.dataset import read_input, rejects_path, write_dataset
+from tasks.caching import file_digest
+from tasks.dataset import iter_parquet, read_input, read_pairs, rejects_path, write_dataset, write_rejects
 from tasks.dedupe import QualityConfig, filter_and_dedupe
-from tasks.records import Pair, Reject, iter_records
+from tasks.records import Reject
 
 
-@task
-def prepare_dataset(inputs: list[str], output: str, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
-    """Merge sources, drop unusable and duplicate pairs, write the dataset, its rejects file and a
-    report of every drop reason with counts (``<output>.report.json``).
+@task(**CACHED)
+def validate_source(path: str, staging: str, strict: bool = False) -> dict:
+    """Read one source: its pairs to a Parquet shard in ``staging``, its malformed lines beside it.
 
-    Streams: lines are read one at a time and every reject is written as it is found, so memory holds
-    only the pairs that are kept.
+    Mapped over the sources, so they are read in parallel (threads, or a Dask cluster).
     """
-    import json
-    from pathlib import Path
+    pairs, rejects = read_pairs(path, strict=strict)
+    shard = Path(staging) / f"{Path(path).stem}-{file_digest(Path(path))[:12]}.parquet"
+    write_dataset(pairs, shard)
+    run_logger().info("%s: %d pairs, %d malformed lines", path, len(pairs), len(rejects))
+    return {"source": path, "shard": str(shard), "rejects": write_rejects(rejects, shard), "pairs": len(pairs), "malformed": len(rejects)}
 
-    logger = run_logger()
+
+@task(**CACHED)
+def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0.9) -> dict:
+    """Stream the shards, in source order, through quality filters and exact/near dedupe; write the
+    dataset, one rejects file (malformed lines + every dropped pair, with reasons) and
+    ``<output>.report.json`` with counts per reason. Memory holds only the kept pairs."""
     cfg = QualityConfig(near_dup_threshold=near_dup_threshold)
-    per_source: dict[str, dict[str, int]] = {}
     with atomic_path(rejects_path(output)) as tmp, open(tmp, "w", encoding="utf-8") as rejects_file:
+        for shard in shards:  # malformed lines first, as the sources had them
+            rejects_file.write(Path(shard["rejects"]).read_text(encoding="utf-8"))
 
         def reject(r: Reject) -> None:
             rejects_file.write(json.dumps(r.to_record(), ensure_ascii=False) + "\n")
 
-        def records():
-            for path in inputs:
-                counts = per_source.setdefault(path, {"pairs": 0, "malformed": 0})
-                for item in iter_records(path, strict=strict):
-                    if isinstance(item, Pair):
-                        counts["pairs"] += 1
-                        yield item
-                    else:
-                        counts["malformed"] += 1
-                        reject(item)
-                logger.info("%s: %d pairs, %d malformed lines", path, counts["pairs"], counts["malformed"])
-
-        kept, report = filter_and_dedupe(records(), cfg, on_drop=reject)
-    malformed = sum(c["malformed"] for c in per_source.values())
-    summary = {"sources": per_source, **report.to_dict(), "malformed_lines": malformed, "near_dup_threshold": near_dup_threshold}
+        kept, report = filter_and_dedupe((p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject)
+    malformed = sum(s["malformed"] for s in shards)
+    summary = {"sources": {s["source"]: {"pairs": s["pairs"], "malformed": s["malformed"]} for s in shards}, **report.to_dict(), "malformed_lines": malformed, "near_dup_threshold": near_dup_threshold}
     report_path = Path(output).with_suffix("").with_suffix(".report.json")
     write_text(report_path, json.dumps(summary, indent=2))
+    dups = report.dropped["exact duplicate"] + report.dropped["near duplicate"]
     return {
         **write_dataset(kept, output), "rejects": str(rejects_path(output)), "report": str(report_path), "records": len(kept),
-        "rejected_lines": malformed, "duplicates": report.dropped["exact duplicate"] + report.dropped["near duplicate"],
-        "low_quality": report.to_dict()["dropped_total"] - report.dropped["exact duplicate"] - report.dropped["near duplicate"],
-        "dropped": dict(report.dropped),
+        "rejected_lines": malformed, "duplicates": dups, "low_quality": report.to_dict()["dropped_total"] - dups, "dropped": dict(report.dropped),
     }
 
 
-@task
+@task(**CACHED)
 def expand_dataset(input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False) -> dict:
     """Grow a dataset to exactly ``target`` pairs with synthetic variants (see tasks/augment.py)."""
     pairs, rejected, rejects_file = read_input(input, output, strict)

@@ -7,7 +7,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,22 +39,23 @@ def rejects_path(output: str | Path) -> Path:
     return output.with_name(f"{stem}.rejects.jsonl")
 
 
-def read_pairs(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:
-    """Pairs from a ``.parquet`` dataset this project wrote, or from any conversation JSONL."""
-    path = Path(path)
-    if path.suffix != ".parquet":
-        return load_records(path, strict=strict)
-    pairs = []
-    for row in pq.read_table(path).to_pylist():
-        context = tuple((t["role"], t["content"]) for t in json.loads(row["context"] or "[]"))
-        pairs.append(
-            Pair(
+def iter_parquet(path: str | Path, batch_size: int = 8192) -> Iterator[Pair]:
+    """Stream the pairs of a ``.parquet`` dataset this project wrote, a record batch at a time."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        for row in batch.to_pylist():
+            context = tuple((t["role"], t["content"]) for t in json.loads(row["context"] or "[]"))
+            yield Pair(
                 user=row["user"], assistant=row["assistant"], context=context, label=row["label"],
                 source=row["source"] or "", line=row["line"], turn=row["turn"],
                 parent_id=row["parent_id"], op=row["op"] or "original", meta=json.loads(row["meta"] or "{}"),
             )
-        )
-    return pairs, []
+
+
+def read_pairs(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:
+    """Pairs from a ``.parquet`` dataset this project wrote, or from any conversation JSONL."""
+    if Path(path).suffix != ".parquet":
+        return load_records(path, strict=strict)
+    return list(iter_parquet(path)), []
 
 
 def read_input(path: str | Path, output: str | Path, strict: bool = False) -> tuple[list[Pair], int, str | None]:

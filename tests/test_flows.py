@@ -57,3 +57,38 @@ def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, p
     assert [l["response"][:12] for l in lines] == ["Use Settings", "Run `git res"]
     meta = json.loads((tmp_path / "two" / "work" / "chat_model_meta.json").read_text())
     assert meta["table"]["db"] == str(tmp_path / "two" / "work" / "llm_chat.db")
+
+
+def test_unchanged_inputs_hit_the_cache_and_edited_inputs_do_not(tmp_path, tiny_records, prefect_harness):
+    """A cached stage does not run: its output is not rewritten. New bytes at the same path, or a
+    deleted output, make it run again."""
+    src = write_jsonl(tmp_path / "in.jsonl", tiny_records)
+    out = tmp_path / "super.parquet"
+
+    def run() -> int:
+        result = build_super_flow([str(src)], str(tmp_path / "super.jsonl"))
+        assert result["records"] == sum(1 for _ in open(result["jsonl"]))
+        return out.stat().st_mtime_ns
+
+    first = run()
+    assert run() == first  # cached
+    write_jsonl(src, tiny_records[:-1])  # same path, new bytes
+    edited = run()
+    assert edited != first
+    out.unlink()
+    (tmp_path / "super.jsonl").unlink()
+    assert out.exists() is False and run() > edited  # output gone: runs again
+
+
+def test_sources_are_read_by_mapped_tasks_on_a_dask_cluster(tmp_path, tiny_records, prefect_harness):
+    from prefect_dask import DaskTaskRunner
+
+    from flows.prepare import prepare_flow
+
+    a = write_jsonl(tmp_path / "a.jsonl", tiny_records[:12])
+    b = write_jsonl(tmp_path / "b.jsonl", tiny_records[12:] + ["{bad"])
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "processes": False, "threads_per_worker": 1})
+    out = prepare_flow.with_options(task_runner=runner)([str(a), str(b)], str(tmp_path / "m.jsonl"))
+    assert out["records"] == 24 and out["rejected_lines"] == 1
+    report = json.load(open(out["report"]))
+    assert report["sources"] == {str(a): {"pairs": 12, "malformed": 0}, str(b): {"pairs": 12, "malformed": 1}}

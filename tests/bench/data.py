@@ -4,7 +4,8 @@
 
 1. `bucketchat expand` 5,000 -> 120,000 records (the first 5,000 pairs of BANKING77 train).
 2. `bucketchat build-super` over three inputs totalling 260,000 records: expansions of BANKING77
-   train (120k), test (60k) and the 10-shot file (80k), which overlap the way merged real sources do.
+   train (120k), test (60k) and train again with another seed (80k), which overlap the way merged,
+   re-exported real sources do.
 
 Each command runs in a fresh process (cold: Prefect's temporary server start included) under a small
 wrapper that reports the command's peak RSS. Prints medians with min/max over the repeats.
@@ -48,10 +49,10 @@ def make_inputs(folder: Path) -> tuple[Path, list[Path]]:
     base = folder / "base5k.jsonl"
     write_dataset(train[:5000], base)
     sources = []
-    for name, n in (("train", 120_000), ("test", 60_000), ("train_10shot", 80_000)):
+    for name, n, seed in (("train", 120_000, 7), ("test", 60_000, 7), ("train", 80_000, 8)):
         pairs, _ = load_records(DATA / f"{name}.jsonl")
-        grown, _ = expand(pairs, n, seed=7)
-        path = folder / f"{name}_{n // 1000}k.jsonl"
+        grown, _ = expand(pairs, n, seed=seed)
+        path = folder / f"{name}_{n // 1000}k_seed{seed}.jsonl"
         write_dataset(grown, path)
         sources.append(path)
     return base, sources

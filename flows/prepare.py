@@ -1,0 +1,19 @@
+"""Subflow: read every source in parallel (a mapped task per source), then merge, filter and dedupe.
+
+Mapped tasks run on the flow's task runner: threads by default; a Dask cluster with
+``prepare_flow.with_options(task_runner=DaskTaskRunner(address=...))`` (``prefect-dask``).
+"""
+
+from pathlib import Path
+
+from prefect import flow, unmapped
+
+from tasks.caching import outputs_missing
+from tasks.data import merge_sources, validate_source
+
+
+@flow(name="prepare")
+def prepare_flow(inputs: list[str], output: str, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
+    staging = Path(output).parent / f".{Path(output).stem}.shards"
+    shards = validate_source.map(inputs, unmapped(str(staging)), unmapped(strict))
+    return merge_sources.with_options(refresh_cache=outputs_missing(output))(shards, output, near_dup_threshold)
