@@ -1,19 +1,18 @@
 """Flow: merge sources, filter, dedupe, then expand to a target (``bucketchat build-super``)."""
 
-from pathlib import Path
-
 from prefect import flow
 
-from tasks.caching import outputs_missing
 from flows.prepare import prepare_flow
+from tasks.caching import outputs_missing
 from tasks.data import expand_dataset
+from tasks.dataset import sibling
 
 
 @flow(name="build-super")
 def build_super_flow(inputs: list[str], output: str, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
     # With a target, the merged set is its own artifact and the expansion writes --output: each stage
     # writes a new file, so a cached stage never points at a file a later stage overwrote.
-    merged_path = str(Path(output).with_suffix("").with_suffix(".merged.jsonl")) if target else output
+    merged_path = str(sibling(output, ".merged.jsonl")) if target else output
     merged = prepare_flow(inputs, merged_path, strict, near_dup_threshold)
     if target and target > merged["records"]:
         grown = expand_dataset.with_options(refresh_cache=outputs_missing(output))(merged["parquet"], output, target, creative_prob, blend_prob, seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models.atomic import atomic_path, write_text
 from tasks.caching import file_digest
-from tasks.dataset import iter_parquet, read_input, read_pairs, rejects_path, write_dataset, write_rejects
+from tasks.dataset import iter_parquet, read_input, read_pairs, rejects_path, sibling, write_dataset, write_rejects
 from tasks.dedupe import QualityConfig, filter_and_dedupe
 from tasks.records import Reject
 
@@ -47,7 +47,7 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
         kept, report = filter_and_dedupe((p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject)
     malformed = sum(s["malformed"] for s in shards)
     summary = {"sources": {s["source"]: {"pairs": s["pairs"], "malformed": s["malformed"]} for s in shards}, **report.to_dict(), "malformed_lines": malformed, "near_dup_threshold": near_dup_threshold}
-    report_path = Path(output).with_suffix("").with_suffix(".report.json")
+    report_path = sibling(output, ".report.json")
     write_text(report_path, json.dumps(summary, indent=2))
     dups = report.dropped["exact duplicate"] + report.dropped["near duplicate"]
     return {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 from prefect import task
 
@@ -16,7 +15,7 @@ from tasks.dataset import read_input
 def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False) -> dict:
     """Embed, bucket and write ``data`` as a new version of ``table``; rejects go beside the db."""
     logger = run_logger()
-    pairs, rejected, rejects_file = read_input(data, Path(db).with_suffix(".jsonl"), strict)  # llm_chat.rejects.jsonl
+    pairs, rejected, rejects_file = read_input(data, db, strict)  # llm_chat.db -> llm_chat.rejects.jsonl
     result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, progress=len(pairs) > 2000)
     logger.info("table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, rejected)
     return {**asdict(result), "rejects": rejects_file, "rejected_lines": rejected}

@@ -32,11 +32,24 @@ SCHEMA = pa.schema(
 )
 
 
+DATA_SUFFIXES = (".jsonl", ".parquet", ".db")
+
+
+def sibling(path: str | Path, suffix: str) -> Path:
+    """``path`` with its data suffix (.jsonl, .parquet, .db) replaced by ``suffix``; other dots in the
+    name stay (``Path.with_suffix`` would turn ``conversation_data.sample`` into ``conversation_data``)."""
+    path = Path(path)
+    name = path.name
+    for known in DATA_SUFFIXES:
+        if name.endswith(known):
+            name = name[: -len(known)]
+            break
+    return path.with_name(name + suffix)
+
+
 def rejects_path(output: str | Path) -> Path:
     """The rejects file that sits beside an output: ``data.jsonl`` -> ``data.rejects.jsonl``."""
-    output = Path(output)
-    stem = output.name[: -len(output.suffix)] if output.suffix else output.name
-    return output.with_name(f"{stem}.rejects.jsonl")
+    return sibling(output, ".rejects.jsonl")
 
 
 def iter_parquet(path: str | Path, batch_size: int = 8192) -> Iterator[Pair]:
@@ -94,9 +107,7 @@ def write_dataset(pairs: list[Pair], output: str | Path) -> dict[str, str]:
 
     Returns ``{"jsonl": path, "parquet": path}``; the Parquet file is what later stages read.
     """
-    output = Path(output)
-    base = output.with_suffix("") if output.suffix in (".jsonl", ".parquet") else output
-    jsonl, parquet = base.with_suffix(".jsonl"), base.with_suffix(".parquet")
+    jsonl, parquet = sibling(output, ".jsonl"), sibling(output, ".parquet")
     with atomic_path(parquet) as tmp:
         pq.write_table(pairs_table(pairs), tmp)
     write_jsonl(jsonl, (p.to_record() for p in pairs))

@@ -12,6 +12,16 @@ def test_rejects_file_sits_beside_output(tmp_path):
     assert rejects_path(tmp_path / "llm_chat.db") == tmp_path / "llm_chat.rejects.jsonl"
 
 
+def test_dotted_names_keep_their_dots(tmp_path):
+    from tasks.dataset import sibling
+
+    assert sibling(tmp_path / "conversation_data.sample-ab12.parquet", ".jsonl") == tmp_path / "conversation_data.sample-ab12.jsonl"
+    assert rejects_path(tmp_path / "conversation_data.sample.jsonl") == tmp_path / "conversation_data.sample.rejects.jsonl"
+    out = write_dataset([Pair("q", "a")], tmp_path / "conversation_data.sample.jsonl")
+    assert out == {"jsonl": str(tmp_path / "conversation_data.sample.jsonl"), "parquet": str(tmp_path / "conversation_data.sample.parquet")}
+    assert (tmp_path / "conversation_data.sample.parquet").is_file()
+
+
 def test_normalise_ignores_case_space_and_unicode_form():
     assert normalise("  Hello\u00a0  WORLD ") == normalise("hello world") == "hello world"
 
