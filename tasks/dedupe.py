@@ -5,7 +5,7 @@ Every dropped pair is kept in the rejects file with its reason; ``DropReport`` c
 - quality: too short or too long, mostly non-text, assistant equal to user, control characters,
   broken encoding (U+FFFD or UTF-8 read as Latin-1, e.g. "Ã©")
 - exact duplicates: equal context, user and assistant after ``normalise``
-- near duplicates: both sides near-identical — character edit similarity (Indel ratio, via rapidfuzz) at least
+- near duplicates: the same conversation context and both sides near-identical — character edit similarity (Indel ratio, via rapidfuzz) at least
   ``--near_dup_threshold`` (default 0.9) on the user side *and* the assistant side. Candidates come
   from MinHash LSH (datasketch) over the user side's character 3-grams at a loose Jaccard (0.5), then
   each is verified by edit similarity on both sides. (Indexing the answer too made every row sharing a
@@ -190,15 +190,16 @@ def filter_and_dedupe(pairs, cfg: QualityConfig | None = None, on_drop: Callable
     # expanded data but returned ~540 candidates per row and cost 40 % more time.
     lsh = MinHashLSH(threshold=cfg.candidate_jaccard, num_perm=cfg.num_perm) if near else None
     signer = Signer(cfg.num_perm, cfg.shingle)
-    kept_norm: list[tuple[str, str]] = []  # normalised (user, assistant) of each kept pair
+    kept_norm: list[tuple[str, str, tuple]] = []  # normalised (user, assistant, context) of each kept pair
 
     def drop(p: Pair, kind: str, reason: str) -> None:
         report.dropped[kind] += 1
         if on_drop:
             on_drop(_reject(p, reason))
 
-    def first_near(user: str, answer: str, candidates: list[int]) -> int | None:
-        """The earliest kept pair among ``candidates`` that is near on both sides, or None.
+    def first_near(user: str, answer: str, context: tuple, candidates: list[int]) -> int | None:
+        """The earliest kept pair among ``candidates`` with the same context that is near on both
+        sides, or None. (A turn of a conversation is never a duplicate of a pair without it.)
 
         The user side is scored for all candidates in one C call (rapidfuzz.process), which matters
         when LSH returns hundreds of candidates: the variants of one parent share most 3-grams.
@@ -210,7 +211,7 @@ def filter_and_dedupe(pairs, cfg: QualityConfig | None = None, on_drop: Callable
         hits = process.extract(user, [kept_norm[j][0] for j in candidates], scorer=fuzz.ratio, score_cutoff=cutoff, limit=None)
         for _, _, k in sorted(hits, key=lambda h: h[2]):
             j = candidates[k]
-            if similarity(answer, kept_norm[j][1], cfg.near_dup_threshold):
+            if kept_norm[j][2] == context and similarity(answer, kept_norm[j][1], cfg.near_dup_threshold):
                 return j
         return None
 
@@ -233,12 +234,12 @@ def filter_and_dedupe(pairs, cfg: QualityConfig | None = None, on_drop: Callable
         user_sigs = signer.sign([p.user for p, _ in fresh], side=1)
         for (p, key), user_sig in zip(fresh, user_sigs):
             sig = LeanMinHash(seed=1, hashvalues=user_sig, scheme="affine32")
-            match = first_near(key[1], key[2], lsh.query(sig))
+            match = first_near(key[1], key[2], key[0], lsh.query(sig))
             if match is not None:
                 drop(p, "near duplicate", f"near duplicate of {kept[match].id}")
                 continue
             lsh.insert(len(kept), sig, check_duplication=False)
             kept.append(p)
-            kept_norm.append((key[1], key[2]))
+            kept_norm.append((key[1], key[2], key[0]))
     report.kept = len(kept)
     return kept, report

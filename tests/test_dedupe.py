@@ -131,3 +131,12 @@ def test_exact_duplicates_ignore_case_and_space_but_not_context():
     assert kept == [a, c]
     assert [(r.line, r.reason) for r in drops] == [(2, "exact duplicate of s:1:0")]
     assert report.to_dict() == {"kept": 2, "dropped": {"exact duplicate": 1}, "dropped_total": 1}
+
+
+def test_a_conversation_turn_is_not_a_near_duplicate_of_a_pair_without_its_context():
+    flat = Pair("How do I reset my password?", "Use Settings > Security.")
+    turn = Pair("how do I reset my password", "Use Settings > Security.", context=(("user", "hi"), ("assistant", "hello")))
+    typo_flat = Pair("How do I reset my pasword", "Use Settings > Security.")
+    kept, report = filter_and_dedupe([flat, turn, typo_flat])
+    assert kept == [flat, turn]
+    assert dict(report.dropped) == {"near duplicate": 1}
