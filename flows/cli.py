@@ -38,8 +38,8 @@ def _expansion_args(p: argparse.ArgumentParser, target_required: bool) -> None:
     _arg(p, "--strict", action="store_true", help="stop at the first malformed line instead of writing it to the rejects file")
 
 
-def _near_dup_arg(p: argparse.ArgumentParser) -> None:
-    _arg(p, "--near_dup_threshold", type=float, default=0.9, help="drop a pair whose user and assistant text are both at least this similar (character edit similarity, 0-1) to a kept pair; 1 keeps near duplicates (default 0.9)")
+def _near_dup_arg(p: argparse.ArgumentParser, action: str = "drop a pair") -> None:
+    _arg(p, "--near_dup_threshold", type=float, default=0.9, help=f"{action} whose user and assistant text are both at least this similar (character edit similarity, 0-1) to an earlier pair with the same context (default 0.9)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(p, "--num_buckets", type=int, default=10, help="response buckets (default 10)")
     _arg(p, "--seed", type=int, default=42, help="seed (default 42)")
     _arg(p, "--strict", action="store_true", help="stop at the first malformed line")
-    _near_dup_arg(p)
+    _near_dup_arg(p, action="keep a pair in its twin's family (never split across train/validation)")
     _train_args(p)
     return parser
 
@@ -237,7 +237,7 @@ def cmd_pipeline(a) -> None:
     d = r["dataset"]
     if d["rejected_lines"]:
         print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)
-    print(f"dataset: {d['records']} pairs ({d['duplicates']} duplicates, {d['low_quality']} low-quality dropped) -> {d['parquet']}")
+    print(f"dataset: {d['records']} pairs ({d['duplicates']} duplicates and {d['low_quality']} low-quality dropped, {d.get('near_duplicates_linked', 0)} near duplicates kept with their twin) -> {d['parquet']}")
     print(f"table: {r['build']['db']} version {r['build']['version']} ({r['build']['rows']} rows, {r['build']['embedded']} newly embedded)")
     _report(r)
     print(f"workdir: {r['workdir']}")

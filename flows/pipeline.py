@@ -23,7 +23,9 @@ def pipeline_flow(data: list[str], workdir: str | None = None, target: int | Non
     train = {"seed": seed, **(train or {})}
     final = str(work / "dataset.jsonl")
     merged = str(work / "merged.jsonl") if target else final  # each stage its own artifact
-    dataset = prepare_flow(data, merged, strict, near_dup_threshold)
+    # Training keeps near duplicates (real phrasings) but links them to their twin's family, so the
+    # validation split never sees a twin of a training row; build-super drops them instead.
+    dataset = prepare_flow(data, merged, strict, near_dup_threshold, near_duplicates="link")
     if target and target > dataset["records"]:
         grown = expand_dataset.with_options(refresh_cache=outputs_missing(final))(dataset["parquet"], final, target, creative_prob, blend_prob, seed)
         dataset = {**dataset, **{k: v for k, v in grown.items() if v is not None}}

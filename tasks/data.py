@@ -32,7 +32,7 @@ def validate_source(path: str, staging: str, strict: bool = False) -> dict:
 
 
 @task(**CACHED)
-def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0.9) -> dict:
+def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0.9, near_duplicates: str = "drop") -> dict:
     """Stream the shards, in source order, through quality filters and exact/near dedupe; write the
     dataset, one rejects file (malformed lines + every dropped pair, with reasons) and
     ``<output>.report.json`` with counts per reason. Memory holds only the kept pairs."""
@@ -44,7 +44,7 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
         def reject(r: Reject) -> None:
             rejects_file.write(json.dumps(r.to_record(), ensure_ascii=False) + "\n")
 
-        kept, report = filter_and_dedupe((p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject)
+        kept, report = filter_and_dedupe((p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject, near_duplicates=near_duplicates)
     malformed = sum(s["malformed"] for s in shards)
     summary = {"sources": {s["source"]: {"pairs": s["pairs"], "malformed": s["malformed"]} for s in shards}, **report.to_dict(), "malformed_lines": malformed, "near_dup_threshold": near_dup_threshold}
     report_path = sibling(output, ".report.json")
@@ -52,7 +52,7 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
     dups = report.dropped["exact duplicate"] + report.dropped["near duplicate"]
     return {
         **write_dataset(kept, output), "rejects": str(rejects_path(output)), "report": str(report_path), "records": len(kept),
-        "rejected_lines": malformed, "duplicates": dups, "low_quality": report.to_dict()["dropped_total"] - dups, "dropped": dict(report.dropped),
+        "rejected_lines": malformed, "duplicates": dups, "low_quality": report.to_dict()["dropped_total"] - dups, "dropped": dict(report.dropped), "near_duplicates_linked": report.linked,
     }
 
 

@@ -140,3 +140,12 @@ def test_a_conversation_turn_is_not_a_near_duplicate_of_a_pair_without_its_conte
     kept, report = filter_and_dedupe([flat, turn, typo_flat])
     assert kept == [flat, turn]
     assert dict(report.dropped) == {"near duplicate": 1}
+
+
+def test_link_mode_keeps_near_duplicates_in_their_twins_family():
+    a = Pair("How do I reset my password?", "Use Settings.", source="s", line=1)
+    b = Pair("How do I reset my pasword", "Use Settings.", source="s", line=2)
+    kept, report = filter_and_dedupe([a, b], near_duplicates="link")
+    assert [p.user for p in kept] == [a.user, b.user]
+    assert kept[1].parent_id == "s:1:0" and kept[1].id == "s:2:0"
+    assert report.linked == 1 and report.to_dict()["near_duplicates_linked"] == 1
