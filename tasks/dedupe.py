@@ -5,14 +5,15 @@ Every dropped pair is kept in the rejects file with its reason; ``DropReport`` c
 - quality: too short or too long, mostly non-text, assistant equal to user, control characters,
   broken encoding (U+FFFD or UTF-8 read as Latin-1, e.g. "Ã©")
 - exact duplicates: equal context, user and assistant after ``normalise``
-- near duplicates: the same conversation context and both sides near-identical — character edit similarity (Indel ratio, via rapidfuzz) at least
-  ``--near_dup_threshold`` (default 0.9) on the user side *and* the assistant side. Candidates come
-  from MinHash LSH (datasketch) over the user side's character 3-grams at a loose Jaccard (0.5), then
-  each is verified by edit similarity on both sides. (Indexing the answer too made every row sharing a
-  long answer a candidate: ~150 verifications per row on BANKING77.) Why not Jaccard alone: on short questions one typo costs as many
-  shingles as a rephrasing, so any Jaccard threshold that catches typo copies also deletes genuine
-  paraphrases (measured on BANKING77 train: 15 % of rows at 0.65); edit similarity separates them.
-  Requiring both sides keeps different questions that share one answer.
+- near duplicates: the same conversation context and both sides near-identical: character edit
+  similarity (Indel ratio, via rapidfuzz) at least ``--near_dup_threshold`` (default 0.9) on the user
+  side *and* the assistant side. Candidates come from MinHash LSH (datasketch) over the user side's
+  character 3-grams at a loose Jaccard (0.5); each is then verified by edit similarity. Indexing the
+  answer too made every row sharing a long answer a candidate (~150 per row on BANKING77). Why not
+  Jaccard alone: on short questions one typo costs as many shingles as a rephrasing, so a Jaccard
+  threshold that catches typo copies also deletes genuine paraphrases (15 % of BANKING77 train at
+  0.65); edit similarity separates them. Requiring both sides keeps different questions that share
+  one answer.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import functools
 import json
 import re
 from collections import Counter
-from typing import Callable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from rapidfuzz import fuzz, process
@@ -91,32 +92,21 @@ def quality_problem(p: Pair, cfg: QualityConfig) -> str | None:
     return problem
 
 
-def shingles(text: str, n: int) -> set[str]:
-    """Character n-grams of the normalised text with punctuation folded to spaces."""
-    t = " " + _NON_WORD.sub(" ", normalise(text)).strip() + " "
-    return {t[i : i + n] for i in range(max(1, len(t) - n + 1))}
-
-
 def similarity(a: str, b: str, at_least: float) -> bool:
     """Whether the edit similarity of two normalised texts reaches ``at_least`` (rapidfuzz's ratio:
     the same Indel measure as difflib's, in C and with an early exit below the cutoff)."""
     return a == b or fuzz.ratio(a, b, score_cutoff=at_least * 100) > 0
 
 
-def jaccard(a: set, b: set) -> float:
-    if a is b:
-        return 1.0
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
 _SHIFT = np.uint64(32)
 
 
 class Signer:
-    """MinHash signatures of character shingles, computed for a whole batch of texts in numpy.
+    """MinHash signatures of character n-grams (of the normalised text, punctuation folded to spaces),
+    computed for a whole batch of texts in numpy.
 
     datasketch hashes one token per Python call (SHA-1), which dominated the run time; here a chunk's
-    shingles are hashed with one vectorised rolling hash and reduced per text with ``minimum.reduceat``.
+    n-grams are hashed with one vectorised rolling hash and reduced per text with ``minimum.reduceat``.
     Permutations are multiply-shift hashes, ((a*h + b) mod 2**64) >> 32 with odd a: universal enough
     for MinHash and free of the uint64 modulo that made the classic (a*h + b) mod p slow in numpy. ``side`` salts the token hash, so a user
     shingle and an assistant shingle never collide; a pair's signature is then the elementwise min of
@@ -129,7 +119,7 @@ class Signer:
         self.a = rng.integers(0, 2**63, size=(num_perm, 1), dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
         self.b = rng.integers(0, 2**63, size=(num_perm, 1), dtype=np.uint64)
 
-    def _token_hashes(self, texts: list[str], side: int) -> tuple[np.ndarray, np.ndarray]:
+    def _token_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """32-bit hash of every n-gram of every text, and where each text's n-grams start."""
         padded = [" " + _NON_WORD.sub(" ", normalise(t)).strip() + " " for t in texts]
         padded = [t if len(t) >= self.n else t.ljust(self.n) for t in padded]
@@ -140,7 +130,6 @@ class Signer:
         h = np.zeros(len(codes) - self.n + 1, dtype=np.uint64)
         for k in range(self.n):  # polynomial rolling hash over n code points, mixed below
             h = h * np.uint64(1000003) + codes[k : len(codes) - self.n + 1 + k]
-        h ^= np.uint64((side * 0x9E3779B97F4A7C15) % 2**64)
         h ^= h >> np.uint64(31)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(29)
@@ -150,11 +139,11 @@ class Signer:
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
         return h[valid], offsets
 
-    def sign(self, texts: list[str], side: int) -> np.ndarray:
+    def sign(self, texts: list[str]) -> np.ndarray:
         """(len(texts), num_perm) uint64 signatures."""
         if not texts:
             return np.zeros((0, len(self.a)), dtype=np.uint64)
-        hv, offsets = self._token_hashes(texts, side)
+        hv, offsets = self._token_hashes(texts)
         with np.errstate(over="ignore"):  # wrap-around mod 2**64 is the point
             permuted = (self.a * hv[None, :] + self.b) >> _SHIFT  # (num_perm, tokens)
         return np.minimum.reduceat(permuted, offsets, axis=1).T
@@ -241,7 +230,7 @@ def filter_and_dedupe(pairs, cfg: QualityConfig | None = None, on_drop: Callable
         if not near:
             kept += [p for p, _ in fresh]
             continue
-        user_sigs = signer.sign([p.user for p, _ in fresh], side=1)
+        user_sigs = signer.sign([p.user for p, _ in fresh])
         for (p, key), user_sig in zip(fresh, user_sigs):
             sig = LeanMinHash(seed=1, hashvalues=user_sig, scheme="affine32")
             match = first_near(key[1], key[2], key[0], lsh.query(sig))
