@@ -10,10 +10,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.build_db import build_db_flow
+from flows.build_super import build_super_flow
 from flows.finetune import finetune_flow
-from tasks.caching import outputs_missing
-from flows.prepare import prepare_flow
-from tasks.data import expand_dataset
 from tasks.settings import TABLE_NAME, default_workdir
 
 
@@ -21,14 +19,9 @@ from tasks.settings import TABLE_NAME, default_workdir
 def pipeline_flow(data: list[str], workdir: str | None = None, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, num_buckets: int = 10, seed: int = 42, train: dict | None = None, head: dict | None = None, strict: bool = False, near_dup_threshold: float = 0.9) -> dict:
     work = Path(workdir or default_workdir()).resolve()
     train = {"seed": seed, **(train or {})}
-    final = str(work / "dataset.jsonl")
-    merged = str(work / "merged.jsonl") if target else final  # each stage its own artifact
     # Training keeps near duplicates (real phrasings) but links them to their twin's family, so the
-    # validation split never sees a twin of a training row; build-super drops them instead.
-    dataset = prepare_flow(data, merged, strict, near_dup_threshold, near_duplicates="link")
-    if target and target > dataset["records"]:
-        grown = expand_dataset.with_options(refresh_cache=outputs_missing(final))(dataset["parquet"], final, target, creative_prob, blend_prob, seed)
-        dataset = {**dataset, **{k: v for k, v in grown.items() if v is not None}}
+    # validation split never sees a twin of a training row; build-super on its own drops them.
+    dataset = build_super_flow(data, str(work / "dataset.jsonl"), target, creative_prob, blend_prob, seed, strict, near_dup_threshold, near_duplicates="link")
     db = str(work / "llm_chat.db")
     built = build_db_flow(dataset["parquet"], db, TABLE_NAME, num_buckets, seed, train.get("device", "cpu"))
     tuned = finetune_flow(db, table=TABLE_NAME, table_version=built["version"], train=train, head=head, output=str(work / "champion_model_chat_ft.pth"), meta=str(work / "chat_model_meta.json"))

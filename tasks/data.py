@@ -3,16 +3,15 @@ counts: nothing large or live passes between tasks."""
 
 from __future__ import annotations
 
-from prefect import task
-
-from tasks import run_logger
-from tasks.caching import CACHED
-from tasks.augment import expand
 import json
 from pathlib import Path
 
+from prefect import task
+
 from models.atomic import atomic_path, write_text
-from tasks.caching import file_digest
+from tasks import run_logger
+from tasks.augment import expand
+from tasks.caching import CACHED, file_digest
 from tasks.dataset import iter_parquet, read_input, read_pairs, rejects_path, sibling, write_dataset, write_rejects
 from tasks.dedupe import QualityConfig, filter_and_dedupe
 from tasks.records import Reject
