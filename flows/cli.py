@@ -42,33 +42,66 @@ def _near_dup_arg(p: argparse.ArgumentParser, action: str = "drop a pair") -> No
     _arg(p, "--near_dup_threshold", type=float, default=0.9, help=f"{action} whose user and assistant text are both at least this similar (character edit similarity, 0-1) to an earlier pair with the same context (default 0.9)")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    _arg(g, "--model_size", default="base", help="head size (default base)")
-    _arg(g, "--epochs", type=int, default=40, help="maximum epochs (default 40; early stopping usually ends sooner)")
-    _arg(g, "--batch_size", type=int, default=64, help="examples per step (default 64)")
-    _arg(g, "--lr", type=float, default=1e-3, help="AdamW learning rate (default 0.001)")
-    _arg(g, "--weight_decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
-    _arg(g, "--val_split", type=float, default=0.1, help="fraction held out for validation and calibration (default 0.1)")
-    _arg(g, "--split_mode", choices=["stratified", "random"], default="stratified", help="validation split: per response (stratified, default) or per row")
-    _arg(g, "--label_smoothing", type=float, default=0.0, help="bucket cross-entropy label smoothing (default 0)")
-    _arg(g, "--lr_schedule", choices=["cosine", "linear", "constant"], default="cosine", help="learning-rate schedule (default cosine)")
-    _arg(g, "--warmup_steps", type=int, default=0, help="linear warmup steps (default 0)")
-    _arg(g, "--early_stop_patience", type=int, default=6, help="epochs without validation improvement before stopping; 0 = off (default 6)")
-    _arg(g, "--balanced_sampler", action="store_true", help="sample batches so every bucket is equally likely (for skewed buckets)")
-    _arg(g, "--max_candidates_per_bucket", type=int, default=256, help="responses the head learns per bucket; the rest stay reachable by retrieval (default 256)")
-    _arg(g, "--hidden_dim", type=int, default=1024, help="hidden width of the head (default 1024)")
-    _arg(g, "--dropout", type=float, default=0.5, help="dropout in the head (default 0.5)")
+def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """Every training flag of the seed, defaults from ``TrainConfig``/``HeadConfig`` (one source)."""
+    from models.heads import SIZES
+    from models.train import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("model")
+    if not sweep:
+        _arg(g, "--model_size", choices=SIZES, default="base", help="head size: base (MLP), large (+1 adapter branch), xlarge (+2, learned router), xxlarge (+3) (default base)")
+    _arg(g, "--expansion_dim", type=int, help="width of the first adapter branch (large and up; default 768, xlarge 896, xxlarge 1024)")
+    _arg(g, "--extra_expansion_dim", type=int, help="width of the second branch (xlarge and up; default 1536, xxlarge 2048)")
+    _arg(g, "--third_expansion_dim", type=int, help="width of the third branch (xxlarge; default 3072)")
+    _arg(g, "--hidden_dim", type=int, help="hidden width of the head (default 1024, or the --weights checkpoint's)")
+    _arg(g, "--dropout", type=float, help="dropout in the head (default 0.5, or the --weights checkpoint's)")
+    _arg(g, "--weights", help="warm start: a local checkpoint or a models:/NAME/VERSION (models:/bucketchat@champion) URI; tensors are matched by name and shape (candidates by response text) and a report says which matched")
+    _arg(g, "--train_all", action="store_true", help="fine-tune the sentence encoder too (minutes per epoch on CPU); the table then gets a new version embedded by the fine-tuned encoder, which the model pins")
+    _arg(g, "--encoder_lr", type=float, default=d.encoder_lr, help=f"learning rate of the encoder with --train_all (default {d.encoder_lr})")
+    g = p.add_argument_group("optimisation")
+    _arg(g, "--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs}; early stopping usually ends sooner)")
+    _arg(g, "--batch_size", type=int, default=d.batch_size, help=f"examples per micro-batch (default {d.batch_size})")
+    _arg(g, "--grad_accum_steps", type=int, default=d.grad_accum_steps, help="micro-batches per optimizer step: effective batch = batch_size x this (default 1)")
+    _arg(g, "--lr", type=float, default=d.lr, help=f"AdamW learning rate of the head (default {d.lr})")
+    _arg(g, "--weight_decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
+    _arg(g, "--lr_schedule", choices=["cosine", "linear", "constant"], default=d.lr_schedule, help=f"learning-rate schedule after warm-up (default {d.lr_schedule})")
+    _arg(g, "--warmup_steps", type=int, default=d.warmup_steps, help="optimizer steps of linear learning-rate warm-up (default 0)")
+    _arg(g, "--label_smoothing", type=float, default=d.label_smoothing, help=f"bucket cross-entropy label smoothing (default {d.label_smoothing})")
+    _arg(g, "--ema_decay", type=float, default=d.ema_decay, help="keep an EMA shadow of the weights with this decay (e.g. 0.999); the best checkpoint is then picked and kept on the EMA weights (default 0 = off)")
+    _arg(g, "--no_ema_select", dest="ema_select", action="store_false", help="with --ema_decay, pick the best checkpoint on the live weights instead of the EMA ones")
+    _arg(g, "--early_stop_patience", type=int, default=d.early_stop_patience, help=f"epochs without a better validation score before stopping; the best checkpoint is kept; 0 = off (default {d.early_stop_patience})")
+    _arg(g, "--balanced_sampler", action="store_true", help="draw batches so every bucket is equally likely (for skewed buckets)")
+    _arg(g, "--split_mode", choices=["stratified", "random"], default=d.split_mode, help="validation split: per response (stratified, default) or per family at random")
+    _arg(g, "--val_split", type=float, default=d.val_split, help=f"fraction held out for validation, checkpoint choice and fallback calibration (default {d.val_split})")
+    _arg(g, "--max_candidates_per_bucket", type=int, default=d.max_candidates_per_bucket, help=f"responses the head learns per bucket; the rest stay reachable by retrieval (default {d.max_candidates_per_bucket})")
     _arg(g, "--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
+    _arg(g, "--resume", action="store_true", help="continue a killed run from its last epoch (state saved beside --output); same flags required")
+    g = p.add_argument_group("preference loss (off unless --pref_weight > 0)")
+    _arg(g, "--pref_weight", type=float, default=d.pref_weight, help="weight w of the preference term: loss = CE + w * pref (default 0)")
+    _arg(g, "--pref_beta", type=float, default=d.pref_beta, help=f"beta: scale of the logit gap z_gold - z_negative (default {d.pref_beta})")
+    _arg(g, "--pref_objective", choices=["sigmoid", "repo_relu"], default=d.pref_objective, help="sigmoid: -log sigmoid(beta * gap) (DPO-style); repo_relu: max(0, margin - beta * gap) (RePO) (default sigmoid)")
+    _arg(g, "--pref_margin", type=float, default=d.pref_margin, help=f"margin of repo_relu (default {d.pref_margin})")
+    _arg(g, "--pref_group_size", type=int, default=d.pref_group_size, help="negatives sampled per example (default 1)")
+    _arg(g, "--pref_group_estimator", choices=["mean", "epo"], default=d.pref_group_estimator, help="mean: average the pairwise losses; epo: compare with the group's expected logit under the model's softmax (default mean)")
+    _arg(g, "--hard_negative_ratio", type=float, default=d.hard_negative_ratio, help=f"probability an example's negatives are its highest-scoring wrong classes rather than random ones (default {d.hard_negative_ratio})")
+    _arg(g, "--adaptive_pref_weighting", action="store_true", help="weight each example's preference term by 1 - p(gold) (mean 1): separated examples stop pulling")
+    _arg(g, "--pref_warmup_epochs", type=float, default=d.pref_warmup_epochs, help="ramp the preference weight linearly from 0 over this many epochs (default 0)")
+
+
+TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device")
+HEAD_KEYS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim")
 
 
 def _train_dicts(a: argparse.Namespace, seed: int) -> tuple[dict, dict]:
-    train = {k: getattr(a, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "device")}
-    head = {"model_size": a.model_size, "hidden_dim": a.hidden_dim, "dropout": a.dropout, "num_buckets": a.num_buckets}
+    train = {k: getattr(a, k) for k in TRAIN_KEYS}
+    head = {k: getattr(a, k, None) for k in HEAD_KEYS} | {"num_buckets": a.num_buckets}
     # Validate here, once, so a bad flag fails before Prefect starts.
+    from models.heads import HeadConfig
     from models.train import TrainConfig
 
     TrainConfig(**train, seed=seed)
+    HeadConfig(num_candidates=1, **({"model_size": "xxlarge"} | {k: v for k, v in head.items() if v is not None}))  # a sweep has no size: check the widths against the largest
     return {**train, "seed": seed}, head
 
 
@@ -111,6 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(p, "--meta", default="chat_model_meta.json", help="local meta JSON (default chat_model_meta.json)")
     _arg(p, "--strict", action="store_true", help="stop at the first malformed line")
     _train_args(p)
+
+    p = sub.add_parser("size-sweep", help="train every head size on one table, for side-by-side comparison in MLflow", description="Train base, large, xlarge and xxlarge heads on the same table version (one MLflow run and registered version each, tagged model_size). The champion moves to whichever beats it on validation.")
+    _arg(p, "--data", help="conversation data; (re)builds --db from it first")
+    _arg(p, "--db", default="llm_chat.db", help="LanceDB folder (default llm_chat.db)")
+    _arg(p, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
+    _arg(p, "--table_version", type=int, help="table version to train on (default: the latest)")
+    _arg(p, "--sizes", nargs="+", default=None, help="sizes to train (default: all four)")
+    _arg(p, "--num_buckets", type=int, default=10, help="response buckets when building (default 10)")
+    _arg(p, "--seed", type=int, default=42, help="seed (default 42)")
+    _train_args(p, sweep=True)
+
+    p = sub.add_parser("registry", help="list registered model versions, or roll the champion back")
+    rsub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    r = rsub.add_parser("list", help="versions with their validation scores, sizes and aliases")
+    _arg(r, "--json", action="store_true", help="print JSON")
+    r = rsub.add_parser("rollback", help="point the champion alias at an earlier version")
+    _arg(r, "--version", type=int, help="version to make champion (default: the newest one older than the current champion)")
 
     p = sub.add_parser("chat", help="answer messages with the champion (or given weights)", description="Interactive on a terminal (`exit` quits). With piped input, answers each line as its own conversation.")
     _arg(p, "--model", default=DEFAULT_MODEL_URI, help=f"MLflow model URI (default {DEFAULT_MODEL_URI})")
@@ -210,14 +260,55 @@ def cmd_db(a) -> None:
         print(f"  {i['name']}: {i['type']} on {', '.join(i['columns'])}, {i['indexed_rows']} indexed, {i['unindexed_rows']} unindexed")
 
 
+def _check_weights(spec: str | None) -> None:
+    if spec and not spec.startswith(("models:/", "runs:/")) and not Path(spec).is_file():
+        raise FileNotFoundError(f"--weights {spec!r} does not exist; pass a checkpoint written by `bucketchat finetune` or a models:/bucketchat/N URI")
+
+
 def cmd_finetune(a) -> None:
     from flows.finetune import finetune_flow
 
     train, head = _train_dicts(a, a.seed)
+    _check_weights(a.weights)
     _preflight([a.data] if a.data else [], a.strict)
-    r = finetune_flow(str(Path(a.db)), a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict)
+    r = finetune_flow(str(Path(a.db)), a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty())
     _report(r)
     print(f"local checkpoint: {a.output} + {a.meta}")
+
+
+def cmd_size_sweep(a) -> None:
+    from flows.size_sweep import size_sweep_flow
+
+    train, head = _train_dicts(a, a.seed)
+    _preflight([a.data] if a.data else [], False)
+    r = size_sweep_flow(str(Path(a.db)), a.data, a.table, a.table_version, a.sizes, train, head, a.num_buckets)
+    print(f"table {r['table']['name']} v{r['table']['version']}:")
+    print(f"  {'size':<8} {'val response acc':>16} {'examples/s':>11}  registered")
+    for size, v in r["sizes"].items():
+        reg = v["registry"]
+        acc = f"{v['val_response_acc']:.4f}" if v["val_response_acc"] is not None else "n/a"
+        print(f"  {size:<8} {acc:>16} {v['examples_per_second']:>11.0f}  v{reg['version']}{' (champion)' if reg['promoted'] else ''}")
+    print("compare the runs in the MLflow UI: see README, 'Comparing model sizes'")
+
+
+def cmd_registry(a) -> None:
+    from tasks import registry
+
+    if a.registry_command == "rollback":
+        before, after = registry.rollback(a.version)
+        print(f"champion: v{before} -> v{after}")
+        return
+    versions = registry.list_versions()
+    if a.json:
+        print(json.dumps(versions, indent=2))
+        return
+    if not versions:
+        print(f"no versions of {registry.MODEL_NAME!r} registered yet; run `bucketchat pipeline --data FILE`")
+        return
+    print(f"{'version':>7}  {'aliases':<10} {'size':<8} {'val acc':>8} {'bucket acc':>10} {'table':>6}  run")
+    for v in versions:
+        acc = lambda x: f"{x:.4f}" if x is not None else "n/a"
+        print(f"{v['version']:>7}  {','.join(v['aliases']) or '-':<10} {v['model_size'] or '?':<8} {acc(v['val_response_acc']):>8} {acc(v['val_bucket_acc']):>10} {('v' + v['table_version']) if v['table_version'] else '?':>6}  {v['run_id']}")
 
 
 def _report(r: dict) -> None:
@@ -233,7 +324,8 @@ def cmd_pipeline(a) -> None:
 
     train, head = _train_dicts(a, a.seed)
     _preflight(a.data, a.strict)
-    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold)
+    _check_weights(a.weights)
+    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume)
     d = r["dataset"]
     if d["rejected_lines"]:
         print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)
@@ -283,7 +375,7 @@ def cmd_chat(a) -> None:
             print(f"you> {message}\nbot> {ans.response}\n" if a.echo else ans.response, flush=True)
 
 
-COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "chat": cmd_chat, "pipeline": cmd_pipeline}
+COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "pipeline": cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

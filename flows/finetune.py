@@ -8,9 +8,10 @@ from tasks.training import register_and_promote, train_head
 
 
 @flow(name="finetune")
-def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, train: dict | None = None, head: dict | None = None, output: str | None = None, meta: str | None = None, num_buckets: int = 10, strict: bool = False) -> dict:
+def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, train: dict | None = None, head: dict | None = None, output: str | None = None, meta: str | None = None, num_buckets: int = 10, strict: bool = False, weights: str | None = None, resume: bool = False, progress: bool = False) -> dict:
     """With ``data``, (re)build the table first (cached embeddings make that cheap); otherwise train on
-    ``table_version`` of an existing table (default: its latest)."""
+    ``table_version`` of an existing table (default: its latest). ``weights`` warm-starts from a local
+    checkpoint or a ``models:/`` URI; ``resume`` continues a killed run of the same settings."""
     train, head = train or {}, head or {}
     built = None
     if data:
@@ -20,6 +21,8 @@ def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, tab
         from retrieval.store import open_table
 
         table_version = int(open_table(db, table).version)
-    trained = train_head(db, table, table_version, train, head, output, meta)
-    promotion = register_and_promote(trained["run_id"], db, table, table_version, trained["val_ids"], trained["val_response_acc"])
-    return {"table": {"db": db, "name": table, "version": table_version}, "build": built, "train": {k: v for k, v in trained.items() if k != "val_ids"}, "registry": promotion}
+    trained = train_head(db, table, table_version, train, head, output, meta, weights, resume, progress)
+    # With --train_all the model pins a new version (vectors from its fine-tuned encoder).
+    pinned = trained["table_version"]
+    promotion = register_and_promote(trained["run_id"], db, table, pinned, trained["val_ids"], trained["val_response_acc"])
+    return {"table": {"db": db, "name": table, "version": pinned}, "build": built, "train": {k: v for k, v in trained.items() if k != "val_ids"}, "registry": promotion}

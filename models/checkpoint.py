@@ -1,5 +1,10 @@
 """Checkpoints: safetensors weights + a JSON meta that explains them (configs, encoder, the table
-version the model pins, its candidates and calibration). Loading never unpickles untrusted data."""
+version the model pins, its candidates and calibration). Loading never unpickles untrusted data.
+
+The meta is also stored inside the safetensors header, so ``--weights FILE`` alone is enough to warm
+start from. A head trained with ``--train_all`` comes with its fine-tuned encoder: a folder beside
+the weights (``<weights stem>.encoder``), named in the meta relative to the meta file.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +15,33 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.atomic import atomic_path, write_text
+import os
+
+from models.atomic import atomic_dir, atomic_path, write_text
 from models.heads import BucketHead, HeadConfig
 
 META_FORMAT = "bucketchat-meta/1"
 
 
-def save(head: BucketHead, meta: dict[str, Any], weights: str | Path, meta_path: str | Path) -> None:
-    """Write weights then meta, each atomically: a reader never sees a half-written file."""
+def encoder_dir_for(weights: str | Path) -> Path:
+    return Path(weights).with_suffix(".encoder")
+
+
+def save(head: BucketHead, meta: dict[str, Any], weights: str | Path, meta_path: str | Path, encoder=None) -> dict[str, Any]:
+    """Write [encoder folder,] weights, then meta, each atomically: a reader never sees a half-written
+    file, and the meta (written last) only ever names files that are complete. Returns the meta."""
+    meta = {"format": META_FORMAT, **{k: v for k, v in meta.items() if k not in ("format", "encoder_path")}, "head_config": head.cfg.to_dict()}
+    if encoder is not None:
+        folder = encoder_dir_for(weights)
+        with atomic_dir(folder) as tmp:
+            meta["encoder"] = encoder.save(tmp)
+        meta["encoder_dir"] = os.path.relpath(folder.resolve(), Path(meta_path).resolve().parent)
+    text = json.dumps(meta, indent=2, ensure_ascii=False)
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": "bucketchat", "model_size": head.cfg.model_size})
-    write_text(meta_path, json.dumps({"format": META_FORMAT, **meta, "head_config": head.cfg.to_dict()}, indent=2, ensure_ascii=False))
+        save_file(state, str(tmp), metadata={"format": "bucketchat", "model_size": head.cfg.model_size, "meta": text})
+    write_text(meta_path, text)
+    return meta
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -48,6 +68,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
+    """The meta JSON, with ``encoder_path`` resolved when the model has a fine-tuned encoder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--meta {str(path)!r} does not exist; pass the meta JSON written beside the weights")
@@ -57,7 +78,24 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--meta {str(path)!r} is not valid JSON ({exc}); pass the meta JSON written by `bucketchat finetune`") from exc
     if meta.get("format") != META_FORMAT:
         raise ValueError(f"--meta {str(path)!r} has format {meta.get('format')!r}, expected {META_FORMAT!r}")
+    if meta.get("encoder_dir"):
+        folder = (path.resolve().parent / meta["encoder_dir"]).resolve()
+        if not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(f"--meta {str(path)!r} needs its fine-tuned encoder at {str(folder)!r}, which is missing; copy it along with the weights")
+        meta["encoder_path"] = str(folder)
     return meta
+
+
+def embedded_meta(weights: str | Path) -> dict[str, Any] | None:
+    """The meta stored in a bucketchat safetensors header (None for legacy .pth or foreign files)."""
+    path = Path(weights)
+    if not path.is_file() or not _is_safetensors(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        text = (fh.metadata() or {}).get("meta")
+    return json.loads(text) if text else None
 
 
 def load(weights: str | Path, meta_path: str | Path, device: str = "cpu") -> tuple[BucketHead, dict[str, Any]]:

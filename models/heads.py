@@ -3,7 +3,17 @@
 score(response r in bucket b) = log p(b | x) + log p(r | b, x)   (DESIGN.md §3)
 
 The bucket logits route; the candidate logits, normalised *within* each bucket, pick the response.
-Larger sizes (adapter branches) arrive with their own config fields; ``base`` is a one-hidden-layer MLP.
+
+Sizes grow the same trunk with residual adapter branches (DESIGN.md §3):
+
+    base      LayerNorm -> Linear(input, hidden) -> GELU -> Dropout            -> h
+    large     h + branch1(h)                                      (--expansion_dim)
+    xlarge    h + 2 * softmax(router(h)) . [branch1(h), branch2(h)]  (+ --extra_expansion_dim)
+    xxlarge   three branches under the router                     (+ --third_expansion_dim)
+
+Every branch's output layer and the router start at zero, so a branch adds nothing until it learns
+something and a router at zero weighs every branch 1: a larger head warm-started from a smaller one
+computes exactly the smaller one's logits before training (``warm_start``).
 """
 
 from __future__ import annotations
@@ -14,7 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-SIZES = ("base",)
+SIZES = ("base", "large", "xlarge", "xxlarge")
+BRANCHES = {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}
+# Default branch widths per size when the flags are not given (the seed's examples use these ranges).
+DEFAULT_EXPANSION = {"large": (768,), "xlarge": (896, 1536), "xxlarge": (1024, 2048, 3072)}
+EXPANSION_FLAGS = ("--expansion_dim", "--extra_expansion_dim", "--third_expansion_dim")
 
 
 @dataclass
@@ -25,6 +39,9 @@ class HeadConfig:
     hidden_dim: int = 1024
     dropout: float = 0.5
     model_size: str = "base"
+    expansion_dim: int | None = None
+    extra_expansion_dim: int | None = None
+    third_expansion_dim: int | None = None
 
     def __post_init__(self):
         if self.model_size not in SIZES:
@@ -34,10 +51,46 @@ class HeadConfig:
         if self.num_candidates < 1:
             raise ValueError("the head needs at least one response candidate; the training data has none")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.hidden_dim < 1:
+            raise ValueError(f"--hidden_dim must be at least 1, got {self.hidden_dim}")
+        n = BRANCHES[self.model_size]
+        given = [self.expansion_dim, self.extra_expansion_dim, self.third_expansion_dim]
+        for i, (flag, value) in enumerate(zip(EXPANSION_FLAGS, given)):
+            if value is None:
+                continue
+            if i >= n:
+                needs = [s for s, k in BRANCHES.items() if k > i]
+                raise ValueError(f"{flag} needs --model_size {' or '.join(needs)} (got --model_size {self.model_size}); drop the flag or pick a larger size")
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        # Fill the widths once, here, so the saved config says exactly what was built.
+        defaults = DEFAULT_EXPANSION.get(self.model_size, ())
+        widths = [g if g is not None else (defaults[i] if i < len(defaults) else None) for i, g in enumerate(given)]
+        self.expansion_dim, self.extra_expansion_dim, self.third_expansion_dim = widths
+
+    @property
+    def branch_dims(self) -> list[int]:
+        return [d for d in (self.expansion_dim, self.extra_expansion_dim, self.third_expansion_dim)[: BRANCHES[self.model_size]]]
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class Branch(nn.Module):
+    """A residual adapter: LayerNorm -> down -> GELU -> up, with ``up`` starting at zero."""
+
+    def __init__(self, dim: int, width: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, width)
+        self.up = nn.Linear(width, dim)
+        self.drop = nn.Dropout(dropout)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.drop(F.gelu(self.down(self.norm(h)))))
 
 
 class BucketHead(nn.Module):
@@ -48,6 +101,12 @@ class BucketHead(nn.Module):
         # where the default init and one learning rate work for every encoder.
         self.norm = nn.LayerNorm(cfg.input_dim)
         self.trunk = nn.Sequential(nn.Linear(cfg.input_dim, cfg.hidden_dim), nn.GELU(), nn.Dropout(cfg.dropout))
+        self.branches = nn.ModuleList(Branch(cfg.hidden_dim, w, cfg.dropout) for w in cfg.branch_dims)
+        self.router = None
+        if len(self.branches) > 1:
+            self.router = nn.Linear(cfg.hidden_dim, len(self.branches))
+            nn.init.zeros_(self.router.weight)
+            nn.init.zeros_(self.router.bias)
         self.bucket = nn.Linear(cfg.hidden_dim, cfg.num_buckets)
         self.candidate = nn.Linear(cfg.hidden_dim, cfg.num_candidates)
         # (C,) bucket of each candidate; and (K, C) membership, to normalise candidates per bucket.
@@ -57,9 +116,19 @@ class BucketHead(nn.Module):
         self.register_buffer("candidate_learned", learned)
         self.register_buffer("membership", F.one_hot(candidate_bucket.long(), cfg.num_buckets).T.bool(), persistent=False)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(self.norm(x))
+        if self.router is None:
+            for branch in self.branches:
+                h = h + branch(h)
+            return h
+        # A zero router weighs every branch exactly 1 (n * 1/n): warm starts stay exact.
+        gates = len(self.branches) * torch.softmax(self.router(h), dim=-1)  # (B, n)
+        return h + sum(gates[:, i : i + 1] * branch(h) for i, branch in enumerate(self.branches))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, D) -> bucket logits (B, K), candidate logits (B, C)."""
-        h = self.trunk(self.norm(x))
+        h = self.features(x)
         return self.bucket(h), self.candidate(h)
 
     def within_bucket_log_probs(self, cand_logits: torch.Tensor) -> torch.Tensor:
@@ -73,3 +142,43 @@ class BucketHead(nn.Module):
         bucket_logits, cand_logits = self(x)
         log_pb = F.log_softmax(bucket_logits, dim=-1)
         return log_pb, log_pb[:, self.candidate_bucket] + self.within_bucket_log_probs(cand_logits)
+
+
+CANDIDATE_TENSORS = ("candidate.weight", "candidate.bias")
+
+
+def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list[str | None] | None = None, new_texts: list[str | None] | None = None) -> dict[str, list[str]]:
+    """Copy every tensor of ``state`` that fits ``head`` (same name and shape) and report the rest.
+
+    The candidate layer is matched by *response text* when both candidate lists are known, so a head
+    trained on other data still carries over what it learned about the responses both share.
+    Returns ``{"matched": [...], "remapped": [...], "new": [...], "skipped": [...]}`` (tensor names).
+    """
+    own = head.state_dict()
+    report: dict[str, list[str]] = {"matched": [], "remapped": [], "new": [], "skipped": []}
+    update = {}
+    for name, tensor in state.items():
+        if name not in own:
+            report["skipped"].append(f"{name} (not in a {head.cfg.model_size} head)")
+        elif name in ("candidate_bucket", "candidate_learned"):
+            continue  # describe this head's own candidates; never copied
+        elif name in CANDIDATE_TENSORS and old_texts is not None and new_texts is not None and old_texts != new_texts:
+            # Rows of responses both heads know; the rest keep their fresh init.
+            old_row = {t: i for i, t in enumerate(old_texts) if t is not None}
+            rows = [(j, old_row[t]) for j, t in enumerate(new_texts) if t in old_row]
+            if rows and tensor.shape[1:] == own[name].shape[1:]:
+                fresh = own[name].clone()
+                dst, src = zip(*rows)
+                fresh[list(dst)] = tensor[list(src)].to(fresh.dtype)
+                update[name] = fresh
+                report["remapped"].append(f"{name} ({len(rows)}/{len(new_texts)} responses)")
+            else:
+                report["skipped"].append(f"{name} (no shared responses)")
+        elif tensor.shape != own[name].shape:
+            report["skipped"].append(f"{name} (shape {tuple(tensor.shape)} vs {tuple(own[name].shape)})")
+        else:
+            update[name] = tensor
+            report["matched"].append(name)
+    report["new"] = [n for n in own if n not in state and n not in ("candidate_bucket", "candidate_learned")]
+    head.load_state_dict({**own, **update}, strict=True)
+    return report

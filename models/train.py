@@ -1,20 +1,30 @@
-"""The training loop: plain torch over precomputed sentence embeddings. No tracking in here; the
-caller gets per-epoch metrics through ``on_epoch`` and logs them where it likes."""
+"""The training loop: plain torch over precomputed sentence embeddings (or, with ``train_all``, over
+texts through the encoder being fine-tuned). No tracking in here: the caller gets metrics through
+``on_step`` / ``on_epoch`` and logs them where it likes.
+
+Each epoch can write a resume state (model, optimizer, scheduler, EMA shadow, sampler and dropout
+RNG, history, best-so-far); ``resume=True`` continues from it to the same result an uninterrupted
+run reaches.
+"""
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
+from models.atomic import atomic_path
 from models.heads import BucketHead
+from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, preference_loss, pref_weight_at, sample_negatives
 
 SCHEDULES = ("cosine", "linear", "constant")
 SPLIT_MODES = ("stratified", "random")
@@ -22,18 +32,35 @@ SPLIT_MODES = ("stratified", "random")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 1e-3
+    # Defaults chosen on a split *of BANKING77 train* (never its test file): batch 256 at 2e-3 trains
+    # as well as 64 at 1e-3 and three times faster; label smoothing 0.1 on the bucket CE gave +0.8 to
+    # +1.1 points of held-out response accuracy (full and 10-shot).
+    epochs: int = 60
+    batch_size: int = 256
+    lr: float = 2e-3
     weight_decay: float = 0.05
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     val_split: float = 0.1
     split_mode: str = "stratified"
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0  # 0 = no EMA shadow
+    ema_select: bool = True  # with an EMA shadow, pick and keep the best checkpoint on the EMA weights
     early_stop_patience: int = 6
     balanced_sampler: bool = False
     max_candidates_per_bucket: int = 256
+    pref_weight: float = 0.0
+    pref_beta: float = 2.0
+    pref_objective: str = "sigmoid"
+    pref_margin: float = 1.0
+    pref_group_size: int = 1
+    pref_group_estimator: str = "mean"
+    hard_negative_ratio: float = 0.5
+    adaptive_pref_weighting: bool = False
+    pref_warmup_epochs: float = 0.0
+    train_all: bool = False
+    encoder_lr: float = 2e-5
     seed: int = 42
     device: str = "cpu"
 
@@ -42,19 +69,33 @@ class TrainConfig:
             (self.epochs >= 1, "--epochs", self.epochs, "use 1 or more"),
             (self.batch_size >= 1, "--batch_size", self.batch_size, "use 1 or more"),
             (self.lr > 0, "--lr", self.lr, "use a positive learning rate such as 0.001"),
+            (self.weight_decay >= 0, "--weight_decay", self.weight_decay, "use 0 or more"),
             (0.0 <= self.label_smoothing < 1.0, "--label_smoothing", self.label_smoothing, "use a value in [0, 1)"),
             (0.0 <= self.val_split < 1.0, "--val_split", self.val_split, "use a fraction in [0, 1), e.g. 0.1"),
             (self.split_mode in SPLIT_MODES, "--split_mode", self.split_mode, f"choose {' or '.join(SPLIT_MODES)}"),
             (self.lr_schedule in SCHEDULES, "--lr_schedule", self.lr_schedule, f"choose one of {', '.join(SCHEDULES)}"),
             (self.warmup_steps >= 0, "--warmup_steps", self.warmup_steps, "use 0 or more"),
+            (self.grad_accum_steps >= 1, "--grad_accum_steps", self.grad_accum_steps, "use 1 (no accumulation) or more"),
+            (0.0 <= self.ema_decay < 1.0, "--ema_decay", self.ema_decay, "use 0 (off) or a decay below 1 such as 0.999"),
             (self.early_stop_patience >= 0, "--early_stop_patience", self.early_stop_patience, "use 0 (off) or more"),
             (self.max_candidates_per_bucket >= 1, "--max_candidates_per_bucket", self.max_candidates_per_bucket, "use 1 or more"),
+            (self.pref_weight >= 0, "--pref_weight", self.pref_weight, "use 0 (off) or a positive weight such as 0.2"),
+            (self.pref_beta > 0, "--pref_beta", self.pref_beta, "use a positive beta such as 2.5"),
+            (self.pref_objective in OBJECTIVES, "--pref_objective", self.pref_objective, f"choose {' or '.join(OBJECTIVES)}"),
+            (self.pref_margin >= 0, "--pref_margin", self.pref_margin, "use 0 or more"),
+            (self.pref_group_size >= 1, "--pref_group_size", self.pref_group_size, "use 1 or more"),
+            (self.pref_group_estimator in ESTIMATORS, "--pref_group_estimator", self.pref_group_estimator, f"choose {' or '.join(ESTIMATORS)}"),
+            (0.0 <= self.hard_negative_ratio <= 1.0, "--hard_negative_ratio", self.hard_negative_ratio, "use a probability in [0, 1]"),
+            (self.pref_warmup_epochs >= 0, "--pref_warmup_epochs", self.pref_warmup_epochs, "use 0 (no ramp) or more"),
+            (self.encoder_lr > 0, "--encoder_lr", self.encoder_lr, "use a small positive rate such as 2e-5"),
         ]
         for ok, flag, value, fix in checks:
             if not ok:
                 raise ValueError(f"{flag}={value!r} is invalid: {fix}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        if self.device not in ("cpu", "mps") and not self.device.startswith("cuda"):
+            raise ValueError(f"--device {self.device!r} is not a torch device; use cpu or cuda")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +191,7 @@ def split_indices(keys: list[str], ids: list[str], val_split: float, mode: str, 
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base rate at optimizer step ``step``: linear warm-up, then the schedule."""
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -163,29 +205,117 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def loss_fn(head: BucketHead, x: torch.Tensor, y_bucket: torch.Tensor, y_cand: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Bucket cross-entropy + response NLL within the gold bucket (rows with a learned candidate)."""
-    bucket_logits, cand_logits = head(x)
-    loss = F.cross_entropy(bucket_logits, y_bucket, label_smoothing=label_smoothing)
-    has = y_cand >= 0
-    if has.any():
-        within = head.within_bucket_log_probs(cand_logits[has])  # (B', C)
-        loss = loss - within.gather(1, y_cand[has, None]).mean()
-    return loss
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    shadow <- d * shadow + (1 - d) * param after every optimizer step, with d = min(decay, (1 + n) /
+    (10 + n)) at update n: without that warm-up a 0.999 shadow of a short run would still be mostly
+    the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    def rate(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.rate()
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+    def swap_in(self, model: nn.Module) -> dict:
+        """Load the shadow into ``model``; returns the live weights to restore with ``load_state_dict``."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict({**live, **self.shadow})
+        return live
+
+
+@dataclass
+class TrainData:
+    """What the loop trains on: embeddings ``x`` (N, D) for a frozen encoder, or ``texts`` with
+    ``train_all``; bucket and candidate targets (N,) int64 (candidate -1: none learned)."""
+
+    y_bucket: np.ndarray
+    y_cand: np.ndarray
+    x: np.ndarray | None = None
+    texts: list[str] | None = None
+
+
+class Trainable(nn.Module):
+    """The head, and with ``train_all`` the encoder in front of it (texts in, logits out)."""
+
+    def __init__(self, head: BucketHead, encoder: nn.Module | None = None):
+        super().__init__()
+        self.head = head
+        self.encoder = encoder
+
+    def inputs(self, data: TrainData, idx: torch.Tensor, cache: dict) -> torch.Tensor:
+        if self.encoder is None:
+            return cache["X"][idx]
+        return self.encoder([data.texts[i] for i in idx.tolist()])
+
+
+def batch_loss(head: BucketHead, out: tuple[torch.Tensor, torch.Tensor], yb: torch.Tensor, yc: torch.Tensor, cfg: TrainConfig, pref_w: float, gen: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bucket cross-entropy + response NLL within the gold bucket (+ w(t) * preference loss).
+
+    The preference loss (models/losses.py) compares the gold bucket with sampled wrong buckets, and
+    the gold response's score log p(b) + log p(r|b) with sampled wrong learned responses: the latter
+    is what the user sees, so confusable *responses* are pushed apart too."""
+    bucket_logits, cand_logits = out
+    ce = F.cross_entropy(bucket_logits, yb, label_smoothing=cfg.label_smoothing)
+    has = yc >= 0
+    within = head.within_bucket_log_probs(cand_logits)
+    resp = -within[has].gather(1, yc[has, None]).mean() if has.any() else ce * 0.0
+    parts = {"ce": float(ce.detach()), "response_nll": float(resp.detach())}
+    loss = ce + resp
+    if pref_w > 0:
+        w = adaptive_weights(bucket_logits, yb) if cfg.adaptive_pref_weighting else None
+        neg, real = sample_negatives(bucket_logits, yb, cfg.pref_group_size, cfg.hard_negative_ratio, gen)
+        pref = preference_loss(bucket_logits, yb, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, w, real)
+        if has.any():
+            scores = F.log_softmax(bucket_logits[has], dim=-1)[:, head.candidate_bucket] + within[has]
+            valid = head.candidate_learned[None].expand_as(scores)
+            wr = adaptive_weights(scores, yc[has]) if cfg.adaptive_pref_weighting else None
+            neg, real = sample_negatives(scores, yc[has], cfg.pref_group_size, cfg.hard_negative_ratio, gen, valid=valid)
+            pref = pref + preference_loss(scores, yc[has], neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, wr, real)
+        parts["pref"] = float(pref.detach())
+        loss = loss + pref_w * pref
+    return loss, parts
 
 
 @torch.no_grad()
-def evaluate(head: BucketHead, x: torch.Tensor, y_bucket: torch.Tensor, y_cand: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, float]:
+def evaluate(model: Trainable, data: TrainData, idx: torch.Tensor, cache: dict, cfg: TrainConfig, chunk: int = 2048) -> dict[str, float]:
     """Validation loss, bucket accuracy and response accuracy: the argmax is the row's own learned
     response (an "other" slot names no response, so it never counts as right)."""
-    head.eval()
-    log_pb, log_pr = head.response_log_probs(x)
-    pred = log_pr.argmax(1)
-    return {
-        "loss": float(loss_fn(head, x, y_bucket, y_cand, label_smoothing)),
-        "bucket_acc": float((log_pb.argmax(1) == y_bucket).float().mean()),
-        "response_acc": float(((pred == y_cand) & head.candidate_learned[pred]).float().mean()),
-    }
+    model.eval()
+    head = model.head
+    losses, bucket_ok, resp_ok = [], 0, 0
+    for i in range(0, len(idx), chunk):
+        b = idx[i : i + chunk]
+        out = head(model.inputs(data, b, cache))
+        yb, yc = cache["YB"][b], cache["YC"][b]
+        loss, _ = batch_loss(head, out, yb, yc, cfg, 0.0, None)
+        losses.append(float(loss) * len(b))
+        log_pb = F.log_softmax(out[0], dim=-1)
+        log_pr = log_pb[:, head.candidate_bucket] + head.within_bucket_log_probs(out[1])
+        pred = log_pr.argmax(1)
+        bucket_ok += int((log_pb.argmax(1) == yb).sum())
+        resp_ok += int(((pred == yc) & head.candidate_learned[pred]).sum())
+    n = max(1, len(idx))
+    return {"loss": sum(losses) / n, "bucket_acc": bucket_ok / n, "response_acc": resp_ok / n}
 
 
 @dataclass
@@ -194,59 +324,160 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, float]]
     stopped_early: bool
+    resumed_from_epoch: int = 0
+    examples_per_second: float = 0.0
 
 
-def train(head: BucketHead, x: np.ndarray, y_bucket: np.ndarray, y_cand: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``head`` and return the best state (highest validation response accuracy, then lowest
-    validation loss; the last one without a validation set). ``x`` (N, D) float32 embeddings; ``y_bucket``, ``y_cand`` (N,) int64 targets."""
-    torch.manual_seed(cfg.seed)
+def fingerprint(cfg: TrainConfig, train_idx: np.ndarray, data: TrainData) -> str:
+    """What a resume state must match: the config and the exact training rows and targets."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for arr in (train_idx, data.y_bucket, data.y_cand):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        # Tensors, numbers, strings and containers only: a tampered state cannot run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"resume state {str(path)!r} is unreadable ({exc.__class__.__name__}); delete it to start over") from exc
+
+
+def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket: np.ndarray | None = None, y_cand: np.ndarray | None = None, train_idx: np.ndarray | None = None, val_idx: np.ndarray | None = None, cfg: TrainConfig | None = None, on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[dict], None] | None = None, state_path: str | Path | None = None, resume: bool = False, stop_after_epoch: int | None = None, progress: bool = False) -> TrainResult:
+    """Train and return the best state (highest validation response accuracy, then lowest validation
+    loss; the last epoch without a validation set).
+
+    ``model`` is a ``Trainable`` (or a bare head with ``data`` an (N, D) embedding array and the targets
+    given separately). ``state_path``: write a resume state there after every epoch; ``resume``:
+    continue from it. ``stop_after_epoch`` ends the run early as a kill would (tests).
+    """
+    if isinstance(model, BucketHead):
+        model = Trainable(model)
+    if not isinstance(data, TrainData):
+        data = TrainData(y_bucket=y_bucket, y_cand=y_cand, x=data)
+    cfg = cfg or TrainConfig()
     dev = torch.device(cfg.device)
-    head.to(dev)
-    X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-    YB = torch.from_numpy(y_bucket.astype(np.int64)).to(dev)
-    YC = torch.from_numpy(y_cand.astype(np.int64)).to(dev)
-    tr = torch.from_numpy(train_idx).to(dev)
-    va = torch.from_numpy(val_idx).to(dev)
-    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.to(dev)
+    head = model.head
+    cache = {"YB": torch.from_numpy(data.y_bucket.astype(np.int64)).to(dev), "YC": torch.from_numpy(data.y_cand.astype(np.int64)).to(dev)}
+    if data.x is not None:
+        cache["X"] = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)).to(dev)
+    tr = torch.from_numpy(np.asarray(train_idx, dtype=np.int64))
+    va = torch.from_numpy(np.asarray(val_idx, dtype=np.int64))
+    group = cfg.batch_size * cfg.grad_accum_steps  # examples per optimizer step
+    steps_per_epoch = math.ceil(len(tr) / group)
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if model.encoder is not None:
+        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.encoder_lr, "weight_decay": 0.01})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, steps_per_epoch * cfg.epochs))
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     if cfg.balanced_sampler:
-        counts = torch.bincount(YB[tr], minlength=head.cfg.num_buckets).float()
-        weights = (1.0 / counts[YB[tr]]).cpu()
-    best, best_score, best_epoch, bad, history, stopped = None, (math.inf, math.inf), 0, 0, [], False
-    for epoch in range(1, cfg.epochs + 1):
-        head.train()
+        # Every bucket equally likely per draw; rows within a bucket equally likely.
+        counts = torch.bincount(cache["YB"][tr.to(dev)].cpu(), minlength=head.cfg.num_buckets).float()
+        weights = 1.0 / counts[cache["YB"][tr.to(dev)].cpu()]
+    best, best_score, best_epoch, bad, history, step, start_epoch = None, (math.inf, math.inf), 0, 0, [], 0, 1
+    fp = fingerprint(cfg, np.asarray(train_idx), data)
+    state_path = Path(state_path) if state_path else None
+    if resume:
+        if state_path is None or not state_path.is_file():
+            raise FileNotFoundError(f"--resume: no resume state at {str(state_path)!r}; start the run without --resume")
+        st = _load_state(state_path)
+        if st["fingerprint"] != fp:
+            raise ValueError(f"--resume: the state at {str(state_path)!r} was written for other data or settings; rerun with the original flags, or without --resume")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
+        gen.set_state(st["sampler_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        best, best_epoch, bad, step = st["best"], int(st["best_epoch"]), int(st["bad"]), int(st["step"])
+        best_score = tuple(float(v) for v in st["best_score"].tolist())
+        history = json.loads(st["history"])
+        start_epoch = int(st["epoch"]) + 1
+    resumed_from = start_epoch - 1
+    stopped = bool(history) and cfg.early_stop_patience > 0 and bad >= cfg.early_stop_patience
+    seen, seconds = 0, 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    import time
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped:
+            break
+        model.train()
+        t0 = time.perf_counter()
         if cfg.balanced_sampler:
-            order = tr[torch.multinomial(weights, len(tr), replacement=True, generator=gen).to(dev)]
+            order = tr[torch.multinomial(weights, len(tr), replacement=True, generator=gen)]
         else:
-            order = tr[torch.randperm(len(tr), generator=gen).to(dev)]
-        total = 0.0
-        for i in range(0, len(order), cfg.batch_size):
-            b = order[i : i + cfg.batch_size]
-            loss = loss_fn(head, X[b], YB[b], YC[b], cfg.label_smoothing)
+            order = tr[torch.randperm(len(tr), generator=gen)]
+        order = order.to(dev)
+        total, parts_sum = 0.0, Counter()
+        for i in range(0, len(order), group):
+            chunk = order[i : i + group]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            pref_w = pref_weight_at(step, steps_per_epoch, cfg.pref_weight, cfg.pref_warmup_epochs)
+            for j in range(0, len(chunk), cfg.batch_size):
+                b = chunk[j : j + cfg.batch_size]
+                out = head(model.inputs(data, b, cache))
+                loss, parts = batch_loss(head, out, cache["YB"][b], cache["YC"][b], cfg, pref_w, gen)
+                # Weighted by size, the micro-batch losses add up to the whole group's mean loss.
+                (loss * (len(b) / len(chunk))).backward()
+                total += loss.item() * len(b)
+                parts_sum.update({k: v * len(b) for k, v in parts.items()})
             opt.step()
             sched.step()
-            total += loss.item() * len(b)
-        row = {"epoch": epoch, "train_loss": total / max(1, len(order)), "lr": sched.get_last_lr()[0]}
+            step += 1
+            if ema is not None:
+                ema.update(model)
+            if on_step:
+                on_step({"step": step, "loss": total / max(1, i + len(chunk)), "lr": sched.get_last_lr()[0], "pref_weight": pref_w})
+            if bar is not None:
+                bar.update(1)
+        seconds += time.perf_counter() - t0
+        seen += len(order)
+        row = {"epoch": epoch, "train_loss": total / max(1, len(order)), "lr": sched.get_last_lr()[0], **{f"train_{k}": v / max(1, len(order)) for k, v in parts_sum.items()}}
+        live = ema.swap_in(model) if ema is not None and cfg.ema_select else None
         if len(va):
-            row.update({f"val_{k}": v for k, v in evaluate(head, X[va], YB[va], YC[va], cfg.label_smoothing).items()})
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
+            row.update({f"val_{k}": v for k, v in evaluate(model, data, va.to(dev), cache, cfg).items()})
         # Pick on what users see (response accuracy); loss only breaks ties. Without validation: latest.
         score = (-row["val_response_acc"], row["val_loss"]) if len(va) else (-epoch, 0.0)
         if score < best_score:
-            best, best_score, best_epoch, bad = copy.deepcopy(head.state_dict()), score, epoch, 0
+            best, best_score, best_epoch, bad = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, score, epoch, 0
         else:
             bad += 1
-            if cfg.early_stop_patience and bad >= cfg.early_stop_patience:
-                stopped = True
-                break
-    head.load_state_dict(best)
-    return TrainResult({k: v.detach().cpu() for k, v in best.items()}, best_epoch, history, stopped)
+            stopped = cfg.early_stop_patience > 0 and bad >= cfg.early_stop_patience
+        if live is not None:
+            model.load_state_dict(live)
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if state_path is not None:
+            _save_state(state_path, {
+                "fingerprint": fp, "epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema else {}, "sampler_rng": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "best": best, "best_score": torch.tensor(best_score, dtype=torch.float64),
+                "best_epoch": best_epoch, "bad": bad, "history": json.dumps(history),
+            })
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    if bar is not None:
+        bar.close()
+    model.load_state_dict(best)
+    model.eval()
+    return TrainResult({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, best_epoch, history, stopped, resumed_from, seen / seconds if seconds else 0.0)
 
 
 def calibrate_min_confidence(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: torch.Tensor, keep: float = 0.99) -> float:

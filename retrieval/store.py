@@ -23,7 +23,7 @@ VECTOR_INDEX_MIN_ROWS = 20_000
 CACHE_DIR = "_embedding_cache"
 
 
-def schema() -> pa.Schema:
+def schema(encoder_id: str = ENCODER_ID) -> pa.Schema:
     return pa.schema(
         [
             ("id", pa.string()),
@@ -38,7 +38,7 @@ def schema() -> pa.Schema:
             ("op", pa.string()),
             ("vector", pa.list_(pa.float32(), DIM)),
         ],
-        metadata={"encoder": ENCODER_ID},
+        metadata={"encoder": encoder_id},
     )
 
 
@@ -67,6 +67,35 @@ def open_table(db: str | Path, table: str, version: int | None = None):
     if version is not None:
         tbl.checkout(version)
     return tbl
+
+
+def table_encoder(tbl) -> str:
+    """The encoder whose vectors the table (at its checked-out version) holds."""
+    meta = tbl.schema.metadata or {}
+    return (meta.get(b"encoder") or ENCODER_ID.encode()).decode()
+
+
+def reembed_table(db: str | Path, table: str, version: int, encoder_path: str, encoder_id: str, device: str = "cpu", progress: bool = False) -> int:
+    """Write ``table@version``'s rows as a new version whose vectors come from another encoder (a
+    fine-tuned one): a model and the table it pins must use the same encoder. Returns the version."""
+    data = open_table(db, table, version).to_arrow()
+    cache = EmbeddingCache(Path(db) / CACHE_DIR, encoder_id, encoder_path)
+    vecs, _ = cache.embed(data["user"].to_pylist(), device=device, progress=progress)
+    data = data.set_column(data.schema.get_field_index("vector"), "vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM))
+    return _write(db, table, data.cast(schema(encoder_id)))
+
+
+def _write(db: str | Path, table: str, data: pa.Table) -> int:
+    conn = connect(db)
+    # Each step below commits a version; models pin the final one returned here, never "latest", so
+    # a crash part-way leaves every pinned version as it was.
+    tbl = conn.create_table(table, data=data, mode="overwrite")
+    tbl.create_fts_index("user", replace=True)
+    tbl.create_scalar_index("bucket", index_type="BITMAP", replace=True)
+    if len(data) >= VECTOR_INDEX_MIN_ROWS:
+        # IVF_RQ with 8 bits: recall@10 ~0.99 where IVF_PQ defaults gave ~0.6 (DESIGN.md §5).
+        tbl.create_index(metric="cosine", index_type="IVF_RQ", num_bits=8, replace=True)
+    return int(tbl.version)
 
 
 def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", progress: bool = False) -> BuildResult:
@@ -105,17 +134,9 @@ def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int 
         },
         schema=schema(),
     )
-    conn = connect(db)
-    # Each step below commits a version; models pin the final one returned here, never "latest", so
-    # a crash part-way leaves every pinned version as it was.
-    tbl = conn.create_table(table, data=data, mode="overwrite")
-    tbl.create_fts_index("user", replace=True)
-    tbl.create_scalar_index("bucket", index_type="BITMAP", replace=True)
-    if len(pairs) >= VECTOR_INDEX_MIN_ROWS:
-        # IVF_RQ with 8 bits: recall@10 ~0.99 where IVF_PQ defaults gave ~0.6 (DESIGN.md §5).
-        tbl.create_index(metric="cosine", index_type="IVF_RQ", num_bits=8, replace=True)
+    version = _write(db, table, data)
     counts = Counter(int(b) for b in buckets)
-    return BuildResult(str(db), table, int(tbl.version), len(pairs), new_users + new_resp, dict(sorted(counts.items())))
+    return BuildResult(str(db), table, version, len(pairs), new_users + new_resp, dict(sorted(counts.items())))
 
 
 def hybrid_search(tbl, vector: np.ndarray, text: str, k: int, buckets: list[int] | None = None) -> list[dict]:

@@ -87,3 +87,58 @@ def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]
     if not weights.is_file() or not meta.is_file():
         raise ValueError(f"--model {uri!r} has no {WEIGHTS_FILE} and {META_FILE}; it was not written by `bucketchat finetune`")
     return weights, meta
+
+
+def tag_version(version: int, tags: dict[str, str]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(MODEL_NAME, str(version), k, v)
+
+
+def list_versions() -> list[dict]:
+    """Every registered version, newest first, with its run's scores, size, aliases and tags."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in c.get_registered_model(MODEL_NAME).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    except MlflowException:
+        return []
+    out = []
+    for mv in c.search_model_versions(f"name='{MODEL_NAME}'"):
+        run = c.get_run(mv.run_id) if mv.run_id else None
+        metrics = run.data.metrics if run else {}
+        out.append({
+            "version": int(mv.version),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "val_response_acc": metrics.get("best_val_response_acc"),
+            "val_bucket_acc": metrics.get("best_val_bucket_acc"),
+            "model_size": run.data.tags.get("model_size") if run else None,
+            "table_version": mv.tags.get("table_version"),
+            "data_version": run.data.tags.get("data_version") if run else None,
+            "run_id": mv.run_id,
+            "created": mv.creation_timestamp,
+            "promotion": mv.tags.get("promotion"),
+        })
+    return sorted(out, key=lambda v: -v["version"])
+
+
+def rollback(version: int | None = None) -> tuple[int | None, int]:
+    """Point ``champion`` at ``version`` (default: the newest version older than the current
+    champion). Returns (previous champion, new champion)."""
+    versions = [v["version"] for v in list_versions()]
+    if not versions:
+        raise ValueError(f"no versions of {MODEL_NAME!r} are registered in {mlflow_tracking_uri()!r}; train one first")
+    current = champion_version()
+    if version is None:
+        older = [v for v in versions if current is not None and v < current]
+        if not older:
+            raise ValueError(f"champion v{current} has no older version to roll back to; pass --version N (registered: {', '.join(map(str, sorted(versions)))})")
+        version = max(older)
+    if version not in versions:
+        raise ValueError(f"--version {version} is not registered; registered versions: {', '.join(map(str, sorted(versions)))}")
+    set_champion(version)
+    tag_version(version, {"promotion": f"rolled back to by `bucketchat registry rollback` (was v{current})"})
+    return current, version

@@ -4,7 +4,11 @@ champion alias only when the new version is at least as good on the same validat
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,108 +16,322 @@ import torch
 from prefect import task
 
 from models import checkpoint
-from models.heads import BucketHead, HeadConfig
-from models.train import Candidates, TrainConfig, calibrate_min_confidence, split_indices, train
-from retrieval.encoder import ENCODER_ID
-from retrieval.store import open_table
+from models.heads import BucketHead, HeadConfig, warm_start
+from models.train import Candidates, TrainConfig, TrainData, Trainable, calibrate_min_confidence, split_indices, train
+from retrieval.encoder import ENCODER_ID, embed
+from retrieval.store import open_table, reembed_table, table_encoder
 from tasks import registry, run_logger
+
+ENCODERS_DIR = "_encoders"  # fine-tuned encoders a table version was embedded with, by id hash
 
 
 def table_rows(db: str, table: str, version: int) -> dict:
     """The columns training needs from one table version: vectors (N, 384) and plain lists."""
-    data = open_table(db, table, version).to_arrow().select(["id", "parent_id", "assistant", "group", "bucket", "vector"])
+    tbl = open_table(db, table, version)
+    data = tbl.to_arrow().select(["id", "parent_id", "user", "assistant", "group", "bucket", "vector"])
     return {
         "ids": data["id"].to_pylist(),
         "parents": data["parent_id"].to_pylist(),
+        "users": data["user"].to_pylist(),
         "responses": data["assistant"].to_pylist(),
         "groups": data["group"].to_pylist(),
         "buckets": np.asarray(data["bucket"].to_numpy(), dtype=np.int64),
         "vectors": data["vector"].combine_chunks().flatten().to_numpy().reshape(len(data), -1).astype(np.float32),
+        "encoder": table_encoder(tbl),
     }
 
 
-def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dict, on_epoch=None) -> tuple[BucketHead, dict, dict]:
-    """Train a head on ``table@version``; returns (head, meta, validation ids and accuracy)."""
+def data_version(rows: dict) -> str:
+    """A short content hash of the rows trained on (ids, responses, buckets): the MLflow data tag."""
+    h = hashlib.sha256()
+    for i, r, b in zip(rows["ids"], rows["responses"], rows["buckets"].tolist()):
+        h.update(f"{i}\0{r}\0{b}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def encoder_folder(db: str, encoder_id: str) -> Path | None:
+    """Where a fine-tuned encoder used by a table version is kept (None for the stock encoder)."""
+    if encoder_id == ENCODER_ID:
+        return None
+    return Path(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1]
+
+
+class EncoderFolder:
+    """A saved encoder folder that ``checkpoint.save`` can copy next to a head."""
+
+    def __init__(self, path: Path, encoder_id: str):
+        self.path, self.encoder_id = Path(path), encoder_id
+
+    def save(self, folder: Path) -> str:
+        shutil.copytree(self.path, folder, dirs_exist_ok=True)
+        return self.encoder_id
+
+
+@dataclass
+class Source:
+    """A checkpoint to warm-start from: ``--weights FILE`` or a ``models:/…`` / ``runs:/…`` URI."""
+
+    spec: str
+    state: dict
+    meta: dict | None
+    encoder_path: str | None
+    tmp: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(cls, spec: str) -> "Source":
+        if spec.startswith(("models:/", "runs:/")):
+            tmp = tempfile.mkdtemp(prefix="bucketchat-weights-")
+            weights, meta_path = registry.download_model(spec, tmp)
+            meta = checkpoint.load_meta(meta_path)
+            return cls(spec, checkpoint.load_state(weights), meta, meta.get("encoder_path"), tmp)
+        state = checkpoint.load_state(spec)  # names the file and the fix when it is missing or unsafe
+        meta = checkpoint.embedded_meta(spec)
+        enc = checkpoint.encoder_dir_for(spec)
+        return cls(spec, state, meta, str(enc) if meta and meta.get("encoder_dir") and enc.is_dir() else None)
+
+    def cleanup(self) -> None:
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def head_config(head_cfg: dict, source: Source | None, num_candidates: int, input_dim: int) -> HeadConfig:
+    """Flags win; what they leave unset (None) comes from the warm-start checkpoint, then defaults."""
+    given = {k: v for k, v in head_cfg.items() if v is not None}
+    inherited = {}
+    if source is not None and source.meta:
+        old = source.meta.get("head_config", {})
+        inherited = {k: old[k] for k in ("hidden_dim", "dropout", "num_buckets") if k in old}
+        # Branch widths carry over to a size that has those branches (large -> xlarge keeps branch 1).
+        size = given.get("model_size", "base")
+        from models.heads import BRANCHES
+
+        for i, k in enumerate(("expansion_dim", "extra_expansion_dim", "third_expansion_dim")):
+            if old.get(k) is not None and i < BRANCHES.get(size, 0):
+                inherited[k] = old[k]
+    return HeadConfig(num_candidates=num_candidates, input_dim=input_dim, **{**inherited, **given})
+
+
+def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dict, on_epoch=None, on_step=None, weights: str | None = None, state_path: str | None = None, resume: bool = False, progress: bool = False, logger=None) -> tuple[BucketHead, dict, dict]:
+    """Train a head on ``table@version``; returns (head, meta, extras: validation ids and accuracy,
+    the warm-start report, the table version the model pins, the fine-tuned encoder if any)."""
     rows = table_rows(db, table, version)
-    cands = Candidates.select(rows["responses"], rows["buckets"].tolist(), train_cfg.max_candidates_per_bucket)
-    y_cand = cands.targets(rows["responses"], rows["buckets"].tolist())
-    tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed, rows["parents"])
-    cfg = HeadConfig(num_candidates=len(cands.texts), input_dim=rows["vectors"].shape[1], **head_cfg)
-    torch.manual_seed(train_cfg.seed)  # the initial weights too: the same data and seed give the same model
-    head = BucketHead(cfg, torch.tensor(cands.buckets), torch.tensor(cands.learned))
-    result = train(head, rows["vectors"], rows["buckets"], y_cand, tr, va, train_cfg, on_epoch=on_epoch)
+    source = Source.resolve(weights) if weights else None
+    try:
+        cands = Candidates.select(rows["responses"], rows["buckets"].tolist(), train_cfg.max_candidates_per_bucket)
+        y_cand = cands.targets(rows["responses"], rows["buckets"].tolist())
+        tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed, rows["parents"])
+        cfg = head_config(head_cfg, source, len(cands.texts), rows["vectors"].shape[1])
+        torch.manual_seed(train_cfg.seed)  # the initial weights too: the same data and seed give the same model
+        head = BucketHead(cfg, torch.tensor(cands.buckets), torch.tensor(cands.learned))
+        report = None
+        if source is not None:
+            old_texts = (source.meta or {}).get("candidates", {}).get("texts")
+            report = warm_start(head, source.state, old_texts, cands.texts)
+            report["source"] = source.spec
+            if logger:
+                logger.info("warm start from %s: %d tensors matched, %d remapped by response, %d new, %d skipped%s", source.spec, len(report["matched"]), len(report["remapped"]), len(report["new"]), len(report["skipped"]), "".join(f"\n  skipped {s}" for s in report["skipped"]))
+        encoder = None
+        if train_cfg.train_all:
+            from models.encoder import TrainableEncoder
+
+            # Start from the checkpoint's fine-tuned encoder when it has one, else from the table's.
+            start = source.encoder_path if source and source.encoder_path else _table_encoder_path(db, rows["encoder"])
+            encoder = TrainableEncoder(start, device=train_cfg.device)
+        elif source is not None and source.meta and source.meta.get("encoder", ENCODER_ID) != rows["encoder"] and logger:
+            logger.warning("--weights %s was trained on vectors of encoder %s, this table holds %s: its tensors load, but expect it to need more training", source.spec, source.meta.get("encoder"), rows["encoder"])
+        data = TrainData(rows["buckets"], y_cand, x=None if encoder else rows["vectors"], texts=rows["users"] if encoder else None)
+        result = train(Trainable(head, encoder), data, train_idx=tr, val_idx=va, cfg=train_cfg, on_epoch=on_epoch, on_step=on_step, state_path=state_path, resume=resume, progress=progress)
+    finally:
+        if source is not None:
+            source.cleanup()
     head.cpu().eval()
+    pinned, encoder_id, saved_encoder = int(version), rows["encoder"], None
+    vectors = rows["vectors"]
+    if encoder is not None:
+        # The table the model pins must hold vectors from the model's own encoder: write them as a
+        # new table version, and keep the encoder beside the table for later builds and heads.
+        encoder.cpu().eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            encoder_id = encoder.save(tmp)
+            folder = encoder_folder(db, encoder_id)
+            if not folder.is_dir():
+                from models.atomic import atomic_dir
+
+                with atomic_dir(folder) as dst:
+                    shutil.copytree(tmp, dst, dirs_exist_ok=True)
+        pinned = reembed_table(db, table, version, str(folder), encoder_id, progress=progress)
+        vectors = table_rows(db, table, pinned)["vectors"]
+        saved_encoder = EncoderFolder(folder, encoder_id)
+    elif encoder_id != ENCODER_ID:
+        saved_encoder = EncoderFolder(_table_encoder_path(db, encoder_id), encoder_id)
     with torch.no_grad():
-        _, log_pr = head.response_log_probs(torch.from_numpy(rows["vectors"][va]))
+        _, log_pr = head.response_log_probs(torch.from_numpy(vectors[va]))
     y_va = torch.from_numpy(y_cand[va])
     best = result.history[result.best_epoch - 1]
     meta = {
-        "encoder": ENCODER_ID,
-        "table": {"db": str(Path(db).resolve()), "name": table, "version": int(version)},
+        "encoder": encoder_id,
+        "table": {"db": str(Path(db).resolve()), "name": table, "version": pinned, "trained_on_version": int(version), "data_version": data_version(rows)},
         "candidates": {"texts": cands.texts, "buckets": cands.buckets, "counts": cands.counts},
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
         "all_responses_learned": not cands.other,
         "calibration": {"min_confidence": calibrate_min_confidence(log_pr, y_va, head.candidate_learned) if len(va) else 0.0, "val_rows": int(len(va))},
-        "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history)},
+        "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second},
         "train_config": train_cfg.to_dict(),
+        "warm_start": report,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    val = {"ids": [rows["ids"][i] for i in va], "accuracy": best.get("val_response_acc")}
-    return head, meta, val
+    extras = {"ids": [rows["ids"][i] for i in va], "accuracy": best.get("val_response_acc"), "encoder": saved_encoder, "log_pr": log_pr, "y_val": y_va, "buckets_val": rows["buckets"][va], "resumed_from_epoch": result.resumed_from_epoch}
+    return head, meta, extras
+
+
+def _table_encoder_path(db: str, encoder_id: str) -> str | None:
+    folder = encoder_folder(db, encoder_id)
+    if folder is None:
+        return None
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the table in {db!r} was embedded by fine-tuned encoder {encoder_id}, whose folder {str(folder)!r} is missing; rebuild the table with `bucketchat db build`")
+    return str(folder)
 
 
 def response_accuracy(weights: str, meta_path: str, db: str, table: str, version: int, val_ids: list[str]) -> float | None:
     """Response accuracy of any checkpoint on the given rows of ``table@version`` (its argmax
-    candidate's text equals the row's response). None when there is nothing to compare on."""
+    candidate's text equals the row's response). The rows are embedded by the checkpoint's own
+    encoder when it differs from the table's, so a fine-tuned model and a stock one compare fairly.
+    None when there is nothing to compare on."""
     if not val_ids:
         return None
     rows = table_rows(db, table, version)
     where = {i: n for n, i in enumerate(rows["ids"])}
     idx = [where[i] for i in val_ids if i in where]
     head, meta = checkpoint.load(weights, meta_path)
-    if meta.get("encoder") != ENCODER_ID or head.cfg.input_dim != rows["vectors"].shape[1]:
-        return None  # a head for another encoder cannot be scored on these vectors
+    if meta.get("encoder", ENCODER_ID) == rows["encoder"]:
+        x = rows["vectors"][idx]
+    elif meta.get("encoder") == ENCODER_ID or meta.get("encoder_path"):
+        x = embed([rows["users"][i] for i in idx], path=meta.get("encoder_path"))
+    else:
+        return None
+    if head.cfg.input_dim != x.shape[1]:
+        return None
     with torch.no_grad():
-        _, log_pr = head.response_log_probs(torch.from_numpy(rows["vectors"][idx]))
+        _, log_pr = head.response_log_probs(torch.from_numpy(x))
     texts = meta["candidates"]["texts"]  # None for an "other" slot: never equal to a response
     predicted = [texts[j] for j in log_pr.argmax(1).tolist()]
     return float(np.mean([p == rows["responses"][i] for p, i in zip(predicted, idx)]))
 
 
+class MetricBuffer:
+    """Collects metrics and sends them to MLflow in batches (``log_batch``, ≤ 1000 per call), not one
+    request per value: per-step logging of a long run would otherwise dominate its wall time."""
+
+    def __init__(self, run_id: str, every: int = 500):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.every, self.items = MlflowClient(), run_id, every, []
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(dt.datetime.now().timestamp() * 1000)
+        self.items += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if len(self.items) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.items:
+            batch, self.items = self.items[:1000], self.items[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+
+def bucket_report(log_pr: torch.Tensor, y_val: torch.Tensor, buckets_val: np.ndarray, cand_bucket: list[int], learned: torch.Tensor, num_buckets: int, folder: Path) -> dict:
+    """Per-bucket validation accuracy (JSON) and a bucket confusion matrix (PNG) for the run."""
+    pred = log_pr.argmax(1)
+    right = ((pred == y_val) & learned[pred]).numpy()
+    pred_bucket = np.asarray(cand_bucket)[pred.numpy()]
+    conf = np.zeros((num_buckets, num_buckets), dtype=np.int64)
+    np.add.at(conf, (buckets_val, pred_bucket), 1)
+    per_bucket = {int(b): {"rows": int((buckets_val == b).sum()), "response_acc": float(right[buckets_val == b].mean()) if (buckets_val == b).any() else None} for b in range(num_buckets)}
+    (folder / "per_bucket_accuracy.json").write_text(json.dumps(per_bucket, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    im = ax.imshow(conf, cmap="Blues")
+    ax.set(xlabel="predicted bucket", ylabel="true bucket", title="validation: bucket confusion", xticks=range(num_buckets), yticks=range(num_buckets))
+    for (i, j), n in np.ndenumerate(conf):
+        if n:
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > conf.max() / 2 else "black")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(folder / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+    return per_bucket
+
+
 @task
-def train_head(db: str, table: str, version: int, train: dict, head: dict, output: str | None = None, meta: str | None = None) -> dict:
-    """Fit, log params/metrics/checkpoint to MLflow, and write the local ``--output``/``--meta``."""
+def train_head(db: str, table: str, version: int, train: dict, head: dict, output: str | None = None, meta: str | None = None, weights: str | None = None, resume: bool = False, progress: bool = False) -> dict:
+    """Fit, log params/metrics/checkpoint/plots to MLflow, and write the local ``--output``/``--meta``.
+
+    A resume state is written after every epoch beside ``output`` (``<output>.state``, or under the
+    db folder); ``resume`` continues a killed run from it, in the same MLflow run.
+    """
     import mlflow
 
     logger = run_logger()
     train_cfg = TrainConfig(**train)
     registry.configure()
-    size = head.get("model_size", "base")
-    with mlflow.start_run(run_name=f"{size}-{table}-v{version}") as run:
-        mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": str(Path(db).resolve()), "encoder": ENCODER_ID})
-        mlflow.log_params({**train, **{f"head.{k}": v for k, v in head.items()}, "table_version": version})
+    size = head.get("model_size") or "base"
+    state_path = Path(f"{output}.state") if output else Path(db) / f"_train_{table}_v{version}.state"
+    run_id = None
+    if resume and state_path.with_suffix(".run").is_file():
+        run_id = state_path.with_suffix(".run").read_text().strip() or None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{size}-{table}-v{version}") as run:
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.with_suffix(".run").write_text(run.info.run_id)
+        if not run_id:
+            mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": str(Path(db).resolve()), "encoder": ENCODER_ID, "train_all": str(train_cfg.train_all), "warm_start": weights or ""})
+            mlflow.log_params({**train, **{f"head.{k}": v for k, v in head.items()}, "table_version": version, "weights": weights or ""})
+        buffer = MetricBuffer(run.info.run_id)
+
+        def on_step(row: dict) -> None:
+            buffer.add({f"step_{k}": v for k, v in row.items() if k != "step"}, row["step"])
 
         def on_epoch(row: dict) -> None:
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            buffer.add({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+            buffer.flush()
             logger.info("epoch %d: %s", row["epoch"], ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
 
-        model, meta_dict, val = fit(db, table, version, train_cfg, head, on_epoch=on_epoch)
+        model, meta_dict, extras = fit(db, table, version, train_cfg, head, on_epoch=on_epoch, on_step=on_step, weights=weights, state_path=str(state_path), resume=resume, progress=progress, logger=logger)
+        buffer.flush()
         meta_dict["mlflow_run_id"] = run.info.run_id
+        pinned = meta_dict["table"]["version"]
+        mlflow.set_tags({"size": size, "model_size": size, "data_version": meta_dict["table"]["data_version"], "pinned_table_version": str(pinned), "encoder": meta_dict["encoder"]})
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / registry.MODEL_ARTIFACT
-            checkpoint.save(model, meta_dict, folder / registry.WEIGHTS_FILE, folder / registry.META_FILE)
+            checkpoint.save(model, meta_dict, folder / registry.WEIGHTS_FILE, folder / registry.META_FILE, encoder=extras["encoder"])
             mlflow.log_metrics({f"best_{k}": float(v) for k, v in meta_dict["metrics"].items()})
             mlflow.log_metric("min_confidence", meta_dict["calibration"]["min_confidence"])
             mlflow.log_artifacts(str(folder), registry.MODEL_ARTIFACT)
+            plots = Path(tmp) / "evaluation"
+            plots.mkdir()
+            if len(extras["ids"]):
+                bucket_report(extras["log_pr"], extras["y_val"], extras["buckets_val"], meta_dict["candidates"]["buckets"], model.candidate_learned, model.cfg.num_buckets, plots)
+            if meta_dict["warm_start"]:
+                (plots / "warm_start.json").write_text(json.dumps(meta_dict["warm_start"], indent=2))
+            mlflow.log_artifacts(str(plots), "evaluation")
         if output or meta:
-            checkpoint.save(model, meta_dict, output or "champion_model_chat_ft.pth", meta or "chat_model_meta.json")
-    return {"run_id": run.info.run_id, "val_ids": val["ids"], "val_response_acc": val["accuracy"], "metrics": meta_dict["metrics"], "candidates": len(meta_dict["candidates"]["texts"])}
+            checkpoint.save(model, meta_dict, output or "champion_model_chat_ft.pth", meta or "chat_model_meta.json", encoder=extras["encoder"])
+    # Finished: nothing left to resume.
+    state_path.unlink(missing_ok=True)
+    state_path.with_suffix(".run").unlink(missing_ok=True)
+    return {"run_id": run.info.run_id, "table_version": pinned, "val_ids": extras["ids"], "val_response_acc": extras["accuracy"], "metrics": meta_dict["metrics"], "candidates": len(meta_dict["candidates"]["texts"]), "model_size": size, "warm_start": meta_dict["warm_start"], "resumed_from_epoch": extras["resumed_from_epoch"]}
 
 
 @task(retries=2, retry_delay_seconds=1)  # registry writes are I/O against the tracking store
 def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None) -> dict:
-    """Register the run's model; move ``champion`` to it unless the current champion scores higher on
-    this run's validation rows. Returns the new version, whether it was promoted, and why."""
+    """Register the run's model; move ``champion`` to it only if it beats the current champion on this
+    run's validation rows (the champion is scored there with its own encoder). Returns the new version, whether it was promoted, and why."""
     logger = run_logger()
     tags = {"val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a", "table_version": str(version)}
     new_version = registry.register(run_id, tags)
@@ -127,10 +345,12 @@ def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids
         promoted, reason = True, "no champion yet"
     elif champion_acc is None or val_response_acc is None:
         promoted, reason = True, "the champion cannot be scored on this validation set"
-    elif val_response_acc >= champion_acc:
-        promoted, reason = True, f"validation response accuracy {val_response_acc:.4f} >= champion v{current}'s {champion_acc:.4f}"
+    elif val_response_acc > champion_acc:
+        promoted, reason = True, f"validation response accuracy {val_response_acc:.4f} > champion v{current}'s {champion_acc:.4f}"
     else:
-        promoted, reason = False, f"validation response accuracy {val_response_acc:.4f} < champion v{current}'s {champion_acc:.4f}; champion kept"
+        # Only a better score moves the alias: an equal one is noise, and churn has a cost (caches, audits).
+        promoted, reason = False, f"validation response accuracy {val_response_acc:.4f} is not above champion v{current}'s {champion_acc:.4f}; champion kept"
+    registry.tag_version(new_version, {"champion_val_acc_at_registration": f"{champion_acc:.6f}" if champion_acc is not None else "n/a", "promotion": reason})
     if promoted:
         registry.set_champion(new_version)
     logger.info("model version %d: %s", new_version, reason)

@@ -38,25 +38,32 @@ def test_same_data_and_seed_give_the_same_model(table):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_champion_moves_only_when_not_worse(table, mlflow_store, prefect_harness):
+def test_champion_moves_only_on_a_better_validation_score(table, mlflow_store, prefect_harness):
     db, name, version = table
-    good = train_head.fn(db, name, version, {"epochs": 30, "lr": 5e-3, "val_split": 0.2}, {"hidden_dim": 64, "dropout": 0.0})
-    first = register_and_promote.fn(good["run_id"], db, name, version, good["val_ids"], good["val_response_acc"])
+    # One epoch at a tiny learning rate cannot separate four intents: a weak first champion.
+    weak = train_head.fn(db, name, version, {"epochs": 1, "lr": 1e-6, "val_split": 0.2, "early_stop_patience": 0}, {"hidden_dim": 64})
+    first = register_and_promote.fn(weak["run_id"], db, name, version, weak["val_ids"], weak["val_response_acc"])
     assert (first["version"], first["promoted"], first["reason"]) == (1, True, "no champion yet")
-    assert registry.champion_version() == 1
 
-    # One epoch at a tiny learning rate cannot separate four intents: a worse model.
-    bad = train_head.fn(db, name, version, {"epochs": 1, "lr": 1e-6, "val_split": 0.2, "early_stop_patience": 0}, {"hidden_dim": 64})
-    assert bad["val_ids"] == good["val_ids"]  # the same validation rows on every run
-    second = register_and_promote.fn(bad["run_id"], db, name, version, bad["val_ids"], bad["val_response_acc"])
-    assert second["version"] == 2 and second["promoted"] is False
-    assert "champion kept" in second["reason"]
-    assert registry.champion_version() == 1
+    good = train_head.fn(db, name, version, {"epochs": 30, "lr": 5e-3, "val_split": 0.2}, {"hidden_dim": 64, "dropout": 0.0})
+    assert good["val_ids"] == weak["val_ids"]  # the same validation rows on every run
+    assert good["val_response_acc"] > weak["val_response_acc"]
+    second = register_and_promote.fn(good["run_id"], db, name, version, good["val_ids"], good["val_response_acc"])
+    assert second["promoted"] is True and registry.champion_version() == 2
 
-    # Equal is good enough: retraining the same recipe moves the alias to the newer version.
-    again = train_head.fn(db, name, version, {"epochs": 30, "lr": 5e-3, "val_split": 0.2}, {"hidden_dim": 64, "dropout": 0.0})
-    third = register_and_promote.fn(again["run_id"], db, name, version, again["val_ids"], again["val_response_acc"])
-    assert third["promoted"] is True and registry.champion_version() == 3
+    # Worse, then merely equal: registered, but the alias stays where it is.
+    for run, expected in ((weak, 3), (good, 4)):
+        again = train_head.fn(db, name, version, {"epochs": 30 if run is good else 1, "lr": 5e-3 if run is good else 1e-6, "val_split": 0.2, "early_stop_patience": 0 if run is weak else 6}, {"hidden_dim": 64, "dropout": 0.0 if run is good else 0.5})
+        result = register_and_promote.fn(again["run_id"], db, name, version, again["val_ids"], again["val_response_acc"])
+        assert result["version"] == expected and result["promoted"] is False
+        assert "champion kept" in result["reason"]
+    assert registry.champion_version() == 2
+    listed = registry.list_versions()
+    assert [v["version"] for v in listed] == [4, 3, 2, 1] and listed[2]["aliases"] == ["champion"]
+    assert listed[2]["val_response_acc"] == pytest.approx(good["val_response_acc"])
+    assert registry.rollback() == (2, 1) and registry.champion_version() == 1
+    with pytest.raises(ValueError, match="--version 9 is not registered"):
+        registry.rollback(9)
 
 
 def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefect_harness, tmp_path):
@@ -69,6 +76,12 @@ def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefe
     assert [m.step for m in client.get_metric_history(out["run_id"], "train_loss")] == [1, 2, 3, 4, 5]
     files = {f.path for f in client.list_artifacts(out["run_id"], "model")}
     assert files == {"model/head.safetensors", "model/meta.json"}
+    evaluation = {f.path for f in client.list_artifacts(out["run_id"], "evaluation")}
+    assert evaluation == {"evaluation/confusion_matrix.png", "evaluation/per_bucket_accuracy.json"}
+    # Per-step metrics (batched), one point per optimizer step.
+    steps = client.get_metric_history(out["run_id"], "step_loss")
+    assert len(steps) == out["metrics"]["epochs_run"] * 1 and steps[0].step == 1
+    assert run.data.tags["data_version"] and run.data.tags["size"] == "base"
     assert (tmp_path / "w.pth").is_file() and (tmp_path / "m.json").is_file()
     # Artifacts live beside the SQLite store, not in the current directory.
     assert mlflow.get_experiment_by_name("bucketchat").artifact_location.startswith((tmp_path / "mlruns").as_uri())

@@ -1,0 +1,37 @@
+"""Flow: train every head size on one table version, so the MLflow UI can compare them side by side.
+
+Each size is its own MLflow run (tagged ``model_size``) and registered version; the champion moves to
+whichever beats it on validation. Sizes run one after another: on a 2-core machine parallel training
+only slows each down.
+"""
+
+from prefect import flow
+
+from models.heads import BRANCHES, SIZES
+from tasks.database import build_database
+from tasks.settings import TABLE_NAME
+from tasks.training import register_and_promote, train_head
+
+
+@flow(name="size-sweep")
+def size_sweep_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, sizes: list[str] | None = None, train: dict | None = None, head: dict | None = None, num_buckets: int = 10) -> dict:
+    train, head = train or {}, head or {}
+    sizes = list(sizes or SIZES)
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        raise ValueError(f"--sizes {', '.join(unknown)} unknown; choose from {', '.join(SIZES)}")
+    if data:
+        table_version = build_database(data, db, table, num_buckets, train.get("seed", 0), train.get("device", "cpu"))["version"]
+    elif table_version is None:
+        from retrieval.store import open_table
+
+        table_version = int(open_table(db, table).version)
+    results = {}
+    widths = ("expansion_dim", "extra_expansion_dim", "third_expansion_dim")
+    for size in sizes:
+        # Branch widths apply to the sizes that have those branches (xlarge has two, base none).
+        own = {k: v for k, v in head.items() if k not in widths or widths.index(k) < BRANCHES[size]}
+        trained = train_head.with_options(task_run_name=f"train-{size}")(db, table, table_version, train, {**own, "model_size": size})
+        promotion = register_and_promote(trained["run_id"], db, table, trained["table_version"], trained["val_ids"], trained["val_response_acc"])
+        results[size] = {"run_id": trained["run_id"], "val_response_acc": trained["val_response_acc"], "examples_per_second": trained["metrics"]["examples_per_second"], "registry": promotion}
+    return {"table": {"db": db, "name": table, "version": table_version}, "sizes": results}
