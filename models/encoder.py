@@ -23,7 +23,7 @@ class TrainableEncoder(nn.Module):
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         device = next(self.parameters()).device
-        features = {k: v.to(device) for k, v in self.st.preprocess(texts).items()}
+        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.st.preprocess(texts).items()}
         return F.normalize(self.st(features)["sentence_embedding"], dim=-1)
 
     def save(self, folder: str | Path) -> str:

@@ -8,12 +8,14 @@ Sizes grow the same trunk with residual adapter branches (DESIGN.md §3):
 
     base      LayerNorm -> Linear(input, hidden) -> GELU -> Dropout            -> h
     large     h + branch1(h)                                      (--expansion_dim)
-    xlarge    h + 2 * softmax(router(h)) . [branch1(h), branch2(h)]  (+ --extra_expansion_dim)
+    xlarge    h + sum_i 2 * sigmoid(router(h))_i * branch_i(h)       (+ --extra_expansion_dim)
     xxlarge   three branches under the router                     (+ --third_expansion_dim)
 
 Every branch's output layer and the router start at zero, so a branch adds nothing until it learns
 something and a router at zero weighs every branch 1: a larger head warm-started from a smaller one
-computes exactly the smaller one's logits before training (``warm_start``).
+computes exactly the smaller one's logits before training (``warm_start``). The gates are
+independent sigmoids rather than a softmax on purpose: a softmax over three branches cannot
+reproduce a trained two-branch mixture, so xlarge -> xxlarge would not be exact.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ class BucketHead(nn.Module):
             for branch in self.branches:
                 h = h + branch(h)
             return h
-        # A zero router weighs every branch exactly 1 (n * 1/n): warm starts stay exact.
-        gates = len(self.branches) * torch.softmax(self.router(h), dim=-1)  # (B, n)
+        # A zero router row weighs its branch exactly 1 (2 * sigmoid(0)): warm starts stay exact.
+        gates = 2 * torch.sigmoid(self.router(h))  # (B, n)
         return h + sum(gates[:, i : i + 1] * branch(h) for i, branch in enumerate(self.branches))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +176,12 @@ def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list
                 report["remapped"].append(f"{name} ({len(rows)}/{len(new_texts)} responses)")
             else:
                 report["skipped"].append(f"{name} (no shared responses)")
+        elif name.startswith("router.") and tensor.shape[1:] == own[name].shape[1:] and tensor.shape[0] < own[name].shape[0]:
+            # A router with fewer branches: its rows gate the same branches here; new rows stay 0.
+            fresh = own[name].clone()
+            fresh[: tensor.shape[0]] = tensor
+            update[name] = fresh
+            report["matched"].append(f"{name} (first {tensor.shape[0]} of {own[name].shape[0]} branches)")
         elif tensor.shape != own[name].shape:
             report["skipped"].append(f"{name} (shape {tuple(tensor.shape)} vs {tuple(own[name].shape)})")
         else:

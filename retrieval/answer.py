@@ -19,7 +19,7 @@ import torch
 
 from models import checkpoint
 from retrieval.encoder import embed
-from retrieval.store import hybrid_search, open_table
+from retrieval.store import hybrid_search, open_table, table_encoder
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
 # Softmax temperature turning cosine similarities of retrieved rows into a distribution.
@@ -83,8 +83,13 @@ class ChatEngine:
         self.other_slot = {int(b): j for j, (t, b) in enumerate(zip(self.texts, self.cand_bucket)) if t is None}
         threshold = self.opts.min_confidence
         self.min_confidence = float(self.meta["calibration"]["min_confidence"] if threshold is None else threshold)
+        # A head trained with --train_all brings its own fine-tuned encoder (None: the shipped one).
+        self.encoder_path = self.meta.get("encoder_path")
         self.table = self._open_table()
-        embed(["warm-up"], device=self.opts.device)  # load the encoder now, not inside the first turn
+        if self.table is not None and table_encoder(self.table) != self.meta.get("encoder", table_encoder(self.table)):
+            # Vectors from another encoder would make every similarity meaningless: refuse, loudly.
+            raise ValueError(f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it")
+        embed(["warm-up"], device=self.opts.device, path=self.encoder_path)  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
 
     def _open_table(self):
@@ -111,7 +116,7 @@ class ChatEngine:
         start = time.perf_counter()
         if not message.strip():
             raise ValueError("the message is empty; type a question")
-        vec = embed([message], device=self.opts.device)[0]  # (384,)
+        vec = embed([message], device=self.opts.device, path=self.encoder_path)[0]  # (384,)
         log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device))
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
         allowed = np.argsort(-log_pb)[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))

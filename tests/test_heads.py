@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.heads import BucketHead, HeadConfig
+from models.heads import BucketHead, HeadConfig, warm_start
 
 
 def _head(buckets=(0, 0, 1, 2)):
@@ -34,3 +34,55 @@ def test_config_errors_name_the_flag():
         HeadConfig(num_candidates=1, model_size="huge")
     with pytest.raises(ValueError, match="--num_buckets"):
         HeadConfig(num_candidates=1, num_buckets=1)
+
+
+def _sized(size, seed=0, **widths):
+    if widths.pop("small", False):  # width 8 for every branch the size has
+        names = ("expansion_dim", "extra_expansion_dim", "third_expansion_dim")[: {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}[size]]
+        widths = dict.fromkeys(names, 8)
+    torch.manual_seed(seed)
+    return BucketHead(HeadConfig(num_candidates=4, input_dim=8, num_buckets=3, hidden_dim=16, model_size=size, **widths), torch.tensor([0, 0, 1, 2]))
+
+
+def test_each_size_adds_a_branch_and_the_widths_default_per_size():
+    assert [len(_sized(s).branches) for s in ("base", "large", "xlarge", "xxlarge")] == [0, 1, 2, 3]
+    assert _sized("base").router is None and _sized("large").router is None and _sized("xlarge").router is not None
+    assert HeadConfig(num_candidates=1, model_size="xxlarge").branch_dims == [1024, 2048, 3072]
+    assert HeadConfig(num_candidates=1, model_size="xlarge", expansion_dim=896, extra_expansion_dim=1536).branch_dims == [896, 1536]
+    with pytest.raises(ValueError, match="--extra_expansion_dim needs --model_size xlarge or xxlarge"):
+        HeadConfig(num_candidates=1, model_size="large", extra_expansion_dim=64)
+
+
+@pytest.mark.parametrize("small, large", [("base", "large"), ("large", "xlarge"), ("xlarge", "xxlarge"), ("base", "xxlarge")])
+def test_a_larger_head_warm_started_from_a_smaller_one_gives_identical_logits(small, large):
+    src = _sized(small, seed=1, small=True)
+    # Train the source a little so its weights (and branch outputs) are not at their init values.
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    x, yb, yc = torch.randn(32, 8), torch.randint(0, 3, (32,)), torch.randint(0, 4, (32,))
+    for _ in range(5):
+        bl, cl = src(x)
+        loss = torch.nn.functional.cross_entropy(bl, yb) + torch.nn.functional.cross_entropy(cl, yc)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dst = _sized(large, seed=2, small=True)
+    report = warm_start(dst, src.state_dict())
+    src.eval(), dst.eval()
+    for a, b in zip(src(x), dst(x)):
+        assert torch.equal(a, b)
+    assert "trunk.0.weight" in report["matched"] and "candidate.weight" in report["matched"]
+    assert report["skipped"] == [] and all(n.startswith(("branches.", "router.")) for n in report["new"])
+    assert report["new"] and all(n.split(".")[1] not in [str(i) for i in range(len(src.branches))] for n in report["new"] if n.startswith("branches."))
+
+
+def test_warm_start_reports_skipped_tensors_and_remaps_candidates_by_text():
+    src = _sized("base")
+    torch.manual_seed(3)
+    dst = BucketHead(HeadConfig(num_candidates=3, input_dim=8, num_buckets=3, hidden_dim=16), torch.tensor([0, 1, 2]))
+    report = warm_start(dst, src.state_dict(), old_texts=["a", "b", "c", "d"], new_texts=["d", "x", "b"])
+    assert dst.candidate.weight[0].tolist() == src.candidate.weight[3].tolist()
+    assert dst.candidate.weight[2].tolist() == src.candidate.weight[1].tolist()
+    assert report["remapped"] == ["candidate.weight (2/3 responses)", "candidate.bias (2/3 responses)"]
+    wide = BucketHead(HeadConfig(num_candidates=4, input_dim=8, num_buckets=3, hidden_dim=32), torch.tensor([0, 0, 1, 2]))
+    report = warm_start(wide, src.state_dict())
+    assert "trunk.0.weight (shape (16, 8) vs (32, 8))" in report["skipped"] and "norm.weight" in report["matched"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.heads import BucketHead, HeadConfig
-from models.train import Candidates, TrainConfig, calibrate_min_confidence, lr_lambda, split_indices, train
+from models.train import EMA, Candidates, TrainConfig, calibrate_min_confidence, lr_lambda, split_indices, train
 
 
 def test_candidates_keep_the_most_frequent_per_bucket_plus_an_other_slot():
@@ -71,3 +71,97 @@ def test_calibration_bounds_the_in_scope_loss():
 def test_train_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         TrainConfig(**kwargs)
+
+
+def _toy(n_per=30, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, dim)).astype(np.float32)
+    y = np.repeat(np.arange(4), n_per)
+    x = centers[y] + 0.3 * rng.normal(size=(len(y), dim)).astype(np.float32)
+    return x, y // 2, y
+
+
+def _toy_head(seed=0, size="base"):
+    torch.manual_seed(seed)
+    cfg = HeadConfig(num_candidates=4, input_dim=16, num_buckets=10, hidden_dim=32, dropout=0.0, model_size=size, expansion_dim=8 if size != "base" else None)
+    return BucketHead(cfg, torch.tensor([0, 0, 1, 1]))
+
+
+def test_ema_arithmetic_with_its_warm_up():
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.0)
+    ema = EMA(lin, decay=0.9)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema.update(lin)  # d = min(0.9, 1/10) = 0.1: shadow = 0.1*0 + 0.9*1
+    assert ema.shadow["weight"].item() == pytest.approx(0.9)
+    ema.update(lin)  # d = min(0.9, 2/11)
+    assert ema.shadow["weight"].item() == pytest.approx(0.9 * 2 / 11 + (1 - 2 / 11))
+    for _ in range(100):
+        ema.update(lin)
+    assert ema.rate() == 0.9
+    live = ema.swap_in(lin)
+    assert lin.weight.item() == pytest.approx(ema.shadow["weight"].item()) and live["weight"].item() == 1.0
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    x, yb, yc = _toy()
+    tr, va = np.arange(120), np.array([], dtype=np.int64)
+    a, b = _toy_head(), _toy_head()
+    common = dict(epochs=2, lr=1e-2, early_stop_patience=0, seed=3)
+    ra = train(a, x, yb, yc, tr, va, TrainConfig(batch_size=40, grad_accum_steps=1, **common))
+    rb = train(b, x, yb, yc, tr, va, TrainConfig(batch_size=10, grad_accum_steps=4, **common))
+    for k in ra.state:
+        assert torch.allclose(ra.state[k], rb.state[k], atol=1e-5), k
+
+
+def test_balanced_sampler_draws_buckets_equally_often(monkeypatch):
+    x, yb, yc = _toy()
+    keep = np.concatenate([np.arange(0, 60), np.arange(60, 66)])  # bucket 0: 60 rows, bucket 1: 6 rows
+    drawn = []
+    real = torch.multinomial
+
+    def spy(weights, n, **kw):
+        idx = real(weights, n, **kw)
+        drawn.append(idx)
+        return idx
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    train(_toy_head(), x, yb, yc, keep, np.array([], dtype=np.int64), TrainConfig(epochs=20, batch_size=66, balanced_sampler=True, early_stop_patience=0))
+    buckets = yb[keep][torch.cat(drawn).numpy()]
+    assert abs((buckets == 1).mean() - 0.5) < 0.05  # 9 % of the rows, half of the draws
+
+
+def test_warmup_steps_ramp_the_learning_rate():
+    x, yb, yc = _toy()
+    steps = []
+    train(_toy_head(), x, yb, yc, np.arange(120), np.array([], dtype=np.int64), TrainConfig(epochs=1, batch_size=10, lr=0.1, warmup_steps=4, lr_schedule="constant"), on_step=steps.append)
+    assert [round(s["lr"], 4) for s in steps[:5]] == [0.05, 0.075, 0.1, 0.1, 0.1]  # (step+1)/4 after each step
+    assert [s["step"] for s in steps] == list(range(1, 13))
+
+
+@pytest.mark.parametrize("options", [{}, {"ema_decay": 0.9, "pref_weight": 0.3, "pref_group_size": 2, "balanced_sampler": True, "grad_accum_steps": 2}])
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, options):
+    x, yb, yc = _toy()
+    tr, va = split_indices([str(i) for i in yc], [str(i) for i in range(120)], 0.25, "stratified", 0)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=5e-3, early_stop_patience=0, **options)
+    full = train(_toy_head(size="large"), x, yb, yc, tr, va, cfg)
+    state = tmp_path / "run.state"
+    part = train(_toy_head(size="large"), x, yb, yc, tr, va, cfg, state_path=state, stop_after_epoch=3)
+    assert len(part.history) == 3 and state.is_file()
+    resumed = train(_toy_head(seed=99, size="large"), x, yb, yc, tr, va, cfg, state_path=state, resume=True)
+    assert resumed.resumed_from_epoch == 3 and resumed.history == full.history
+    for k in full.state:
+        assert torch.equal(full.state[k], resumed.state[k]), k
+    with pytest.raises(ValueError, match="other data or settings"):
+        train(_toy_head(), x, yb, yc, tr, va, TrainConfig(epochs=7, batch_size=16), state_path=state, resume=True)
+
+
+def test_preference_loss_and_ema_train_and_select_on_the_shadow():
+    x, yb, yc = _toy()
+    tr, va = split_indices([str(i) for i in yc], [str(i) for i in range(120)], 0.25, "stratified", 0)
+    cfg = TrainConfig(epochs=8, batch_size=16, lr=5e-3, ema_decay=0.9, pref_weight=0.5, pref_objective="repo_relu", pref_group_size=2, pref_group_estimator="epo", hard_negative_ratio=0.8, adaptive_pref_weighting=True, pref_warmup_epochs=1.0)
+    res = train(_toy_head(), x, yb, yc, tr, va, cfg)
+    assert res.history[-1]["val_response_acc"] == 1.0
+    assert res.history[0]["train_pref"] > 0 and "train_ce" in res.history[0]

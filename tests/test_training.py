@@ -1,5 +1,7 @@
 """Fit on a real table, log to a real MLflow store, register, and promote only when better."""
 
+import json
+
 import mlflow
 import pytest
 import torch
@@ -92,3 +94,42 @@ def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefe
 def test_missing_model_names_the_store_and_the_fix(mlflow_store):
     with pytest.raises(ValueError, match="Train one first"):
         registry.download_model("models:/bucketchat@champion")
+
+
+def test_warm_start_from_a_registry_uri_reports_what_matched(table, mlflow_store, prefect_harness, tmp_path):
+    db, name, version = table
+    base = train_head.fn(db, name, version, {"epochs": 20, "lr": 5e-3, "val_split": 0.2}, {"hidden_dim": 32, "dropout": 0.0})
+    register_and_promote.fn(base["run_id"], db, name, version, base["val_ids"], base["val_response_acc"])
+    # One epoch at lr ~0 keeps the warm-started weights: a larger head starts where the smaller one was.
+    big = train_head.fn(db, name, version, {"epochs": 1, "lr": 1e-12, "val_split": 0.2, "early_stop_patience": 0}, {"model_size": "large", "expansion_dim": 16}, weights="models:/bucketchat@champion")
+    ws = big["warm_start"]
+    assert ws["source"] == "models:/bucketchat@champion" and ws["skipped"] == []
+    assert "trunk.0.weight" in ws["matched"] and any(n.startswith("branches.0.") for n in ws["new"])
+    assert big["val_response_acc"] == base["val_response_acc"]  # hidden_dim 32 inherited from the checkpoint
+    files = {f.path for f in registry.client().list_artifacts(big["run_id"], "evaluation")}
+    assert "evaluation/warm_start.json" in files
+
+
+def test_train_all_pins_a_table_version_embedded_by_the_fine_tuned_encoder(table, mlflow_store, prefect_harness, tmp_path):
+    from retrieval.answer import ChatEngine
+    from retrieval.store import open_table, table_encoder
+
+    db, name, version = table
+    out = train_head.fn(db, name, version, {"epochs": 1, "lr": 5e-3, "val_split": 0.2, "train_all": True, "batch_size": 16, "encoder_lr": 1e-4}, {"hidden_dim": 32}, str(tmp_path / "w.pth"), str(tmp_path / "m.json"))
+    pinned = out["table_version"]
+    assert pinned > version
+    tbl = open_table(db, name, pinned)
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["encoder"].startswith("sentence-transformers/all-MiniLM-L6-v2+ft:") and table_encoder(tbl) == meta["encoder"]
+    assert table_encoder(open_table(db, name, version)) == "sentence-transformers/all-MiniLM-L6-v2"  # the old version is untouched
+    assert (tmp_path / "w.encoder" / "model.safetensors").is_file() and meta["encoder_dir"] == "w.encoder"
+    files = {f.path for f in registry.client().list_artifacts(out["run_id"], "model")}
+    assert "model/head.encoder" in files
+    engine = ChatEngine(str(tmp_path / "w.pth"), str(tmp_path / "m.json"))
+    assert engine.encoder_path == str((tmp_path / "w.encoder").resolve())
+    assert engine.answer("how do I reset my password").response
+    # A model must not be paired with vectors of another encoder.
+    meta["table"]["version"] = version
+    (tmp_path / "m2.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="vectors come from encoder"):
+        ChatEngine(str(tmp_path / "w.pth"), str(tmp_path / "m2.json"))
