@@ -182,6 +182,17 @@ def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list
             fresh[: tensor.shape[0]] = tensor
             update[name] = fresh
             report["matched"].append(f"{name} (first {tensor.shape[0]} of {own[name].shape[0]} branches)")
+        elif name.startswith("branches.") and _widens(name, tensor.shape, own[name].shape):
+            # A narrower branch inside a wider one: copy it into the first units; the extra units'
+            # output weights are zero, so the branch still computes exactly what it did.
+            fresh = own[name].clone()
+            if ".up.weight" in name:
+                fresh.zero_()
+                fresh[:, : tensor.shape[1]] = tensor
+            else:
+                fresh[: tensor.shape[0]] = tensor
+            update[name] = fresh
+            report["matched"].append(f"{name} (widened {tuple(tensor.shape)} -> {tuple(own[name].shape)})")
         elif tensor.shape != own[name].shape:
             report["skipped"].append(f"{name} (shape {tuple(tensor.shape)} vs {tuple(own[name].shape)})")
         else:
@@ -190,3 +201,14 @@ def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list
     report["new"] = [n for n in own if n not in state and n not in ("candidate_bucket", "candidate_learned")]
     head.load_state_dict({**own, **update}, strict=True)
     return report
+
+
+def _widens(name: str, old: torch.Size, new: torch.Size) -> bool:
+    """Whether ``old`` fits in ``new`` along the branch width (down: rows; up.weight: columns)."""
+    if len(old) != len(new) or old == new:
+        return False
+    if ".up.weight" in name:
+        return old[0] == new[0] and old[1] < new[1]
+    if ".down." in name:
+        return old[0] < new[0] and old[1:] == new[1:]
+    return False

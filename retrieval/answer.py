@@ -98,7 +98,9 @@ class ChatEngine:
         if not db:
             return None
         # The pinned version when it is the model's own table; the latest version of any other --llm_db.
-        same = self.opts.llm_db is None or str(self.opts.llm_db) == pinned.get("db")
+        from pathlib import Path
+
+        same = self.opts.llm_db is None or (pinned.get("db") is not None and Path(self.opts.llm_db).resolve() == Path(pinned["db"]).resolve())
         try:
             return open_table(db, pinned.get("name", "conversations"), pinned.get("version") if same else None)
         except (ValueError, OSError) as exc:

@@ -14,7 +14,16 @@ from retrieval.store import build_table
 from tasks.records import load_records
 from tasks.training import fit
 
-COMMANDS = [["expand"], ["build-super"], ["db", "build"], ["db", "stats"], ["finetune"], ["chat"], ["pipeline"]]
+COMMANDS = [["expand"], ["build-super"], ["db", "build"], ["db", "stats"], ["finetune"], ["size-sweep"], ["registry", "list"], ["registry", "rollback"], ["chat"], ["pipeline"]]
+
+# SEED.md's finetune lines, verbatim but for `python finetune_chat.py` -> `bucketchat finetune`.
+SEED_FINETUNE = [
+    "--data conversation_data.sample.jsonl --device cpu",
+    "--data conversation_data.massive.jsonl --weights champion_model_chat_large_ft_v3.pth --model_size large --train_all --balanced_sampler --split_mode stratified --pref_weight 0.22 --pref_beta 2.5 --pref_warmup_epochs 1.0 --hard_negative_ratio 0.7 --label_smoothing 0.05 --adaptive_pref_weighting --lr_schedule cosine --warmup_steps 400 --early_stop_patience 2 --epochs 2 --batch_size 128 --device cpu --output champion_model_chat_large_ft_v4.pth --meta chat_model_large_meta_v4.json",
+    "--data conversation_data.massive.jsonl --weights champion_model_chat_large_ft_v4.pth --model_size xlarge --expansion_dim 896 --extra_expansion_dim 1536 --train_all --balanced_sampler --pref_weight 0.24 --pref_beta 2.8 --hard_negative_ratio 0.75 --adaptive_pref_weighting --epochs 2 --batch_size 128 --device cpu --output champion_model_chat_xlarge_ft_v1.pth --meta chat_model_xlarge_meta_v1.json",
+    "--data conversation_data.super_v7.jsonl --weights champion_model_chat_large_ft_v6.pth --model_size xxlarge --expansion_dim 1024 --extra_expansion_dim 2048 --third_expansion_dim 3072 --train_all --balanced_sampler --split_mode stratified --val_split 0.08 --grad_accum_steps 4 --ema_decay 0.999 --pref_weight 0.24 --pref_beta 2.8 --pref_objective sigmoid --pref_group_size 4 --pref_group_estimator epo --hard_negative_ratio 0.78 --adaptive_pref_weighting --pref_warmup_epochs 1.2 --label_smoothing 0.04 --lr 0.00012 --lr_schedule cosine --warmup_steps 260 --early_stop_patience 2 --epochs 2 --batch_size 128 --device cpu --max_candidates_per_bucket 320 --output champion_model_chat_xxlarge_ft_v1.pth --meta chat_model_xxlarge_meta_v1.json",
+    "--data conversation_data.hybrid_v5_clean.jsonl --weights champion_model_chat_large_ft_v5.pth --model_size large --train_all --balanced_sampler --split_mode stratified --val_split 0.08 --pref_weight 0.22 --pref_beta 2.6 --pref_objective sigmoid --pref_group_size 4 --pref_group_estimator epo --hard_negative_ratio 0.78 --adaptive_pref_weighting --pref_warmup_epochs 1.2 --label_smoothing 0.04 --lr 0.00014 --lr_schedule cosine --warmup_steps 180 --early_stop_patience 2 --epochs 2 --batch_size 128 --device cpu --max_candidates_per_bucket 224 --output champion_model_chat_large_ft_v6.pth --meta chat_model_large_meta_v6.json",
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
@@ -31,6 +40,16 @@ def test_seed_flags_parse_in_snake_and_kebab_case():
     assert (a.creative_prob, a.blend_prob, a.seed) == (0.4, 0.2, 1)
     a = p.parse_args(["chat", "--pool_mode", "all", "--response-temperature", "0.1", "--top_labels", "4", "--llm_db", "x.db", "--db-top-k", "120"])
     assert (a.pool_mode, a.response_temperature, a.top_labels, a.llm_db, a.db_top_k) == ("all", 0.1, 4, "x.db", 120)
+
+
+@pytest.mark.parametrize("line", SEED_FINETUNE, ids=lambda l: l.split("--output ")[-1].split()[0] if "--output" in l else "sample")
+def test_every_seed_finetune_line_parses_and_validates(line):
+    from flows.cli import _train_dicts
+
+    a = build_parser().parse_args(["finetune", *line.split()])
+    train, head = _train_dicts(a, a.seed)
+    TrainConfig(**train)
+    assert train["device"] == "cpu" and head["model_size"] in ("base", "large", "xlarge", "xxlarge")
 
 
 def test_bad_input_exits_2_with_a_message_naming_the_fix(tmp_path, capsys):
@@ -66,3 +85,35 @@ def test_console_script_is_installed():
     # Next to the interpreter: `make test` runs .venv/bin/python without activating the venv.
     out = subprocess.run([str(Path(sys.executable).parent / "bucketchat"), "--help"], capture_output=True, text=True, check=True).stdout
     assert "pipeline" in out and "chat" in out
+
+
+@pytest.mark.slow
+def test_seed_finetune_lines_run_as_written(tmp_path, tiny_records, monkeypatch, mlflow_store, prefect_harness, capsys):
+    """SEED.md's five finetune command lines, in the order their checkpoints feed each other, on
+    tiny stand-ins for the seed's data files; then the chat lines' checkpoints answer."""
+    import shutil
+    from pathlib import Path
+
+    from tests.conftest import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(Path(__file__).resolve().parents[1] / "conversation_data.sample.jsonl", tmp_path)
+    for name in ("conversation_data.massive.jsonl", "conversation_data.super_v7.jsonl", "conversation_data.hybrid_v5_clean.jsonl"):
+        write_jsonl(tmp_path / name, tiny_records)
+    assert main(["finetune", *SEED_FINETUNE[0].split(), "--epochs", "5"]) == 0  # the sample at defaults, shortened
+    # The seed's warm-start inputs v3 and v5 are earlier checkpoints; the sample model stands in.
+    for name in ("champion_model_chat_large_ft_v3.pth", "champion_model_chat_large_ft_v5.pth"):
+        shutil.copy("champion_model_chat_ft.pth", name)
+    for i in (1, 2, 4, 3):  # v4 <- v3, xlarge <- v4, v6 <- v5, xxlarge <- v6
+        assert main(["finetune", *SEED_FINETUNE[i].split()]) == 0, SEED_FINETUNE[i]
+    out = capsys.readouterr().out
+    assert out.count("registered bucketchat v") == 5
+    for weights, meta in (("champion_model_chat_xlarge_ft_v1.pth", "chat_model_xlarge_meta_v1.json"), ("champion_model_chat_xxlarge_ft_v1.pth", "chat_model_xxlarge_meta_v1.json")):
+        saved = json.loads(Path(meta).read_text())
+        assert saved["warm_start"]["skipped"] == []  # large (768) -> xlarge (896): widened, not dropped
+        assert Path(weights).with_suffix(".encoder").is_dir()  # --train_all: the encoder travels with the head
+        monkeypatch.setattr(sys, "stdin", io.StringIO("where is my parcel\n"))
+        capsys.readouterr()
+        assert main(["chat", "--weights", weights, "--meta", meta, "--device", "cpu", "--pool_mode", "all", "--llm_db", "llm_chat.db", "--db_top_k", "160", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["response"]
+    assert json.loads(Path("chat_model_xxlarge_meta_v1.json").read_text())["head_config"]["third_expansion_dim"] == 3072

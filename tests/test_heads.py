@@ -86,3 +86,15 @@ def test_warm_start_reports_skipped_tensors_and_remaps_candidates_by_text():
     wide = BucketHead(HeadConfig(num_candidates=4, input_dim=8, num_buckets=3, hidden_dim=32), torch.tensor([0, 0, 1, 2]))
     report = warm_start(wide, src.state_dict())
     assert "trunk.0.weight (shape (16, 8) vs (32, 8))" in report["skipped"] and "norm.weight" in report["matched"]
+
+
+def test_a_narrower_branch_warm_starts_a_wider_one_exactly():
+    src = _sized("large", seed=1, expansion_dim=6)
+    with torch.no_grad():
+        src.branches[0].up.weight.normal_()  # a trained branch: non-zero output
+    dst = _sized("xlarge", seed=2, expansion_dim=10, extra_expansion_dim=4)
+    report = warm_start(dst, src.state_dict())
+    x = torch.randn(7, 8)
+    src.eval(), dst.eval()
+    assert torch.allclose(src(x)[0], dst(x)[0], atol=1e-6) and torch.allclose(src(x)[1], dst(x)[1], atol=1e-6)
+    assert "branches.0.down.weight (widened (6, 16) -> (10, 16))" in report["matched"] and report["skipped"] == []
