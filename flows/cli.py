@@ -61,9 +61,11 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--encoder_lr", type=float, default=d.encoder_lr, help=f"learning rate of the encoder with --train_all (default {d.encoder_lr})")
     g = p.add_argument_group("optimisation")
     _arg(g, "--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs}; early stopping usually ends sooner)")
-    _arg(g, "--batch_size", type=int, default=d.batch_size, help=f"examples per micro-batch (default {d.batch_size})")
+    _arg(g, "--batch_size", type=int, default=d.batch_size, help="examples per micro-batch (default auto: 64 below 8,192 training rows, else 256)")
     _arg(g, "--grad_accum_steps", type=int, default=d.grad_accum_steps, help="micro-batches per optimizer step: effective batch = batch_size x this (default 1)")
-    _arg(g, "--lr", type=float, default=d.lr, help=f"AdamW learning rate of the head (default {d.lr})")
+    _arg(g, "--lr", type=float, default=d.lr, help="AdamW learning rate of the head (default auto: 0.001 with batches of 64 or less, else 0.002)")
+    _arg(g, "--lexical_lr", type=float, default=d.lexical_lr, help=f"learning rate of the hashed n-gram weights (default {d.lexical_lr})")
+    _arg(g, "--lexical_features", type=int, help="hashed n-gram buckets of the lexical path; 0 turns it off (default: up to 32768, fewer for heads with many candidates)")
     _arg(g, "--weight_decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
     _arg(g, "--lr_schedule", choices=["cosine", "linear", "constant"], default=d.lr_schedule, help=f"learning-rate schedule after warm-up (default {d.lr_schedule})")
     _arg(g, "--warmup_steps", type=int, default=d.warmup_steps, help="optimizer steps of linear learning-rate warm-up (default 0)")
@@ -89,8 +91,8 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--pref_warmup_epochs", type=float, default=d.pref_warmup_epochs, help="ramp the preference weight linearly from 0 over this many epochs (default 0)")
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device")
-HEAD_KEYS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim")
+TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device")
+HEAD_KEYS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim", "lexical_features")
 
 
 def _train_dicts(a: argparse.Namespace, seed: int) -> tuple[dict, dict]:

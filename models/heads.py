@@ -44,6 +44,8 @@ class HeadConfig:
     expansion_dim: int | None = None
     extra_expansion_dim: int | None = None
     third_expansion_dim: int | None = None
+    # Hashed n-gram buckets of the lexical path (models/lexical.py); None: sized from the outputs, 0: off.
+    lexical_features: int | None = None
 
     def __post_init__(self):
         if self.model_size not in SIZES:
@@ -66,6 +68,12 @@ class HeadConfig:
                 raise ValueError(f"{flag} needs --model_size {' or '.join(needs)} (got --model_size {self.model_size}); drop the flag or pick a larger size")
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
+        if self.lexical_features is None:
+            from models.lexical import n_features_for
+
+            self.lexical_features = n_features_for(self.num_buckets + self.num_candidates)
+        if self.lexical_features < 0:
+            raise ValueError(f"--lexical_features must be 0 (off) or positive, got {self.lexical_features}")
         # Fill the widths once, here, so the saved config says exactly what was built.
         defaults = DEFAULT_EXPANSION.get(self.model_size, ())
         widths = [g if g is not None else (defaults[i] if i < len(defaults) else None) for i, g in enumerate(given)]
@@ -111,6 +119,14 @@ class BucketHead(nn.Module):
             nn.init.zeros_(self.router.bias)
         self.bucket = nn.Linear(cfg.hidden_dim, cfg.num_buckets)
         self.candidate = nn.Linear(cfg.hidden_dim, cfg.num_candidates)
+        self.lexical = None
+        if cfg.lexical_features:
+            # n-gram -> [bucket logits, candidate logits]; sparse gradients (only the n-grams in a
+            # batch move), zero start so adding it changes nothing until it learns.
+            self.lexical = nn.EmbeddingBag(cfg.lexical_features, cfg.num_buckets + cfg.num_candidates, mode="sum", sparse=True)
+            nn.init.zeros_(self.lexical.weight)
+            # IDF of the training rows: data, not a learned weight (set by the trainer, saved with it).
+            self.register_buffer("lexical_idf", torch.ones(cfg.lexical_features))
         # (C,) bucket of each candidate; and (K, C) membership, to normalise candidates per bucket.
         self.register_buffer("candidate_bucket", candidate_bucket.long())
         # (C,) False for a bucket's "other" slot (responses left to retrieval), True for a response.
@@ -128,10 +144,33 @@ class BucketHead(nn.Module):
         gates = 2 * torch.sigmoid(self.router(h))  # (B, n)
         return h + sum(gates[:, i : i + 1] * branch(h) for i, branch in enumerate(self.branches))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, D) -> bucket logits (B, K), candidate logits (B, C)."""
+    def forward(self, x: torch.Tensor, lex=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, D) [+ lexical bag of the same rows] -> bucket logits (B, K), candidate logits (B, C)."""
         h = self.features(x)
-        return self.bucket(h), self.candidate(h)
+        bucket_logits, cand_logits = self.bucket(h), self.candidate(h)
+        if self.lexical is not None and lex is not None:
+            z = self.lexical(*lex[:2], per_sample_weights=lex[2])
+            bucket_logits = bucket_logits + z[:, : self.cfg.num_buckets]
+            cand_logits = cand_logits + z[:, self.cfg.num_buckets :]
+        return bucket_logits, cand_logits
+
+    def hasher(self):
+        """The n-gram hasher for this head's lexical path (None without one)."""
+        if self.lexical is None:
+            return None
+        if getattr(self, "_hasher", None) is None:
+            from models.lexical import Hasher
+
+            self._hasher = Hasher(self.cfg.lexical_features)
+        return self._hasher
+
+    def lex(self, texts: list[str]):
+        """The lexical bag of ``texts`` for ``forward`` (None when the head has no lexical path)."""
+        if self.lexical is None:
+            return None
+        from models.lexical import to_bag
+
+        return to_bag(self.hasher().transform(texts, self.lexical_idf.cpu().numpy()), self.lexical_idf.device)
 
     def within_bucket_log_probs(self, cand_logits: torch.Tensor) -> torch.Tensor:
         """log p(r | bucket(r), x) for every candidate r: (B, C)."""
@@ -139,14 +178,15 @@ class BucketHead(nn.Module):
         lse = torch.logsumexp(masked, dim=-1)  # (B, K); -inf for buckets with no candidate
         return cand_logits - lse[:, self.candidate_bucket]
 
-    def response_log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def response_log_probs(self, x: torch.Tensor, lex=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(bucket) (B, K), log p(response) (B, C)); the latter sums to 1 over candidates."""
-        bucket_logits, cand_logits = self(x)
+        bucket_logits, cand_logits = self(x, lex)
         log_pb = F.log_softmax(bucket_logits, dim=-1)
         return log_pb, log_pb[:, self.candidate_bucket] + self.within_bucket_log_probs(cand_logits)
 
 
 CANDIDATE_TENSORS = ("candidate.weight", "candidate.bias")
+DATA_BUFFERS = ("candidate_bucket", "candidate_learned", "lexical_idf")  # describe the data; never copied
 
 
 def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list[str | None] | None = None, new_texts: list[str | None] | None = None) -> dict[str, list[str]]:
@@ -162,8 +202,20 @@ def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list
     for name, tensor in state.items():
         if name not in own:
             report["skipped"].append(f"{name} (not in a {head.cfg.model_size} head)")
-        elif name in ("candidate_bucket", "candidate_learned"):
-            continue  # describe this head's own candidates; never copied
+        elif name in DATA_BUFFERS:
+            continue  # describe this head's own data; never copied
+        elif name == "lexical.weight" and old_texts is not None and new_texts is not None and old_texts != new_texts and tensor.shape[0] == own[name].shape[0]:
+            # Columns: K bucket logits, then one per candidate: remap the candidate columns by text.
+            k = head.cfg.num_buckets
+            old_col = {t: k + i for i, t in enumerate(old_texts) if t is not None}
+            cols = [(k + j, old_col[t]) for j, t in enumerate(new_texts) if t in old_col]
+            fresh = own[name].clone()
+            fresh[:, :k] = tensor[:, :k]
+            if cols:
+                dst, src = zip(*cols)
+                fresh[:, list(dst)] = tensor[:, list(src)]
+            update[name] = fresh
+            report["remapped"].append(f"{name} ({len(cols)}/{len(new_texts)} responses)")
         elif name in CANDIDATE_TENSORS and old_texts is not None and new_texts is not None and old_texts != new_texts:
             # Rows of responses both heads know; the rest keep their fresh init.
             old_row = {t: i for i, t in enumerate(old_texts) if t is not None}
@@ -198,7 +250,7 @@ def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list
         else:
             update[name] = tensor
             report["matched"].append(name)
-    report["new"] = [n for n in own if n not in state and n not in ("candidate_bucket", "candidate_learned")]
+    report["new"] = [n for n in own if n not in state and n not in DATA_BUFFERS]
     head.load_state_dict({**own, **update}, strict=True)
     return report
 

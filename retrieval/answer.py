@@ -119,7 +119,7 @@ class ChatEngine:
         if not message.strip():
             raise ValueError("the message is empty; type a question")
         vec = embed([message], device=self.opts.device, path=self.encoder_path)[0]  # (384,)
-        log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device))
+        log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([message]))
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
         allowed = np.argsort(-log_pb)[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))
         scores: dict[str, tuple[float, int, str]] = {}  # response -> (log score, bucket, where from)

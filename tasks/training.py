@@ -100,7 +100,7 @@ def head_config(head_cfg: dict, source: Source | None, num_candidates: int, inpu
     inherited = {}
     if source is not None and source.meta:
         old = source.meta.get("head_config", {})
-        inherited = {k: old[k] for k in ("hidden_dim", "dropout", "num_buckets") if k in old}
+        inherited = {k: old[k] for k in ("hidden_dim", "dropout", "num_buckets", "lexical_features") if k in old}
         # Branch widths carry over to a size that has those branches (large -> xlarge keeps branch 1).
         size = given.get("model_size", "base")
         from models.heads import BRANCHES
@@ -139,7 +139,13 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
             encoder = TrainableEncoder(start, device=train_cfg.device)
         elif source is not None and source.meta and source.meta.get("encoder", ENCODER_ID) != rows["encoder"] and logger:
             logger.warning("--weights %s was trained on vectors of encoder %s, this table holds %s: its tensors load, but expect it to need more training", source.spec, source.meta.get("encoder"), rows["encoder"])
-        data = TrainData(rows["buckets"], y_cand, x=None if encoder else rows["vectors"], texts=rows["users"] if encoder else None)
+        lex = None
+        if head.lexical is not None:
+            # IDF from the training rows only: validation stays unseen.
+            hasher = head.hasher()
+            head.lexical_idf.copy_(torch.from_numpy(hasher.idf([rows["users"][i] for i in tr])))
+            lex = hasher.transform(rows["users"], head.lexical_idf.numpy())
+        data = TrainData(rows["buckets"], y_cand, x=None if encoder else rows["vectors"], texts=rows["users"] if encoder else None, lex=lex)
         result = train(Trainable(head, encoder), data, train_idx=tr, val_idx=va, cfg=train_cfg, on_epoch=on_epoch, on_step=on_step, state_path=state_path, resume=resume, progress=progress)
     finally:
         if source is not None:
@@ -165,7 +171,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     elif encoder_id != ENCODER_ID:
         saved_encoder = EncoderFolder(_table_encoder_path(db, encoder_id), encoder_id)
     with torch.no_grad():
-        _, log_pr = head.response_log_probs(torch.from_numpy(vectors[va]))
+        _, log_pr = head.response_log_probs(torch.from_numpy(vectors[va]), head.lex([rows["users"][i] for i in va]))
     y_va = torch.from_numpy(y_cand[va])
     best = result.history[result.best_epoch - 1]
     meta = {
@@ -176,7 +182,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         "all_responses_learned": not cands.other,
         "calibration": {"min_confidence": calibrate_min_confidence(log_pr, y_va, head.candidate_learned) if len(va) else 0.0, "val_rows": int(len(va))},
         "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second},
-        "train_config": train_cfg.to_dict(),
+        "train_config": result.config.to_dict(),
         "warm_start": report,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -213,7 +219,7 @@ def response_accuracy(weights: str, meta_path: str, db: str, table: str, version
     if head.cfg.input_dim != x.shape[1]:
         return None
     with torch.no_grad():
-        _, log_pr = head.response_log_probs(torch.from_numpy(x))
+        _, log_pr = head.response_log_probs(torch.from_numpy(x), head.lex([rows["users"][i] for i in idx]))
     texts = meta["candidates"]["texts"]  # None for an "other" slot: never equal to a response
     predicted = [texts[j] for j in log_pr.argmax(1).tolist()]
     return float(np.mean([p == rows["responses"][i] for p, i in zip(predicted, idx)]))

@@ -82,7 +82,7 @@ def test_warm_start_reports_skipped_tensors_and_remaps_candidates_by_text():
     report = warm_start(dst, src.state_dict(), old_texts=["a", "b", "c", "d"], new_texts=["d", "x", "b"])
     assert dst.candidate.weight[0].tolist() == src.candidate.weight[3].tolist()
     assert dst.candidate.weight[2].tolist() == src.candidate.weight[1].tolist()
-    assert report["remapped"] == ["candidate.weight (2/3 responses)", "candidate.bias (2/3 responses)"]
+    assert report["remapped"] == ["candidate.weight (2/3 responses)", "candidate.bias (2/3 responses)", "lexical.weight (2/3 responses)"]
     wide = BucketHead(HeadConfig(num_candidates=4, input_dim=8, num_buckets=3, hidden_dim=32), torch.tensor([0, 0, 1, 2]))
     report = warm_start(wide, src.state_dict())
     assert "trunk.0.weight (shape (16, 8) vs (32, 8))" in report["skipped"] and "norm.weight" in report["matched"]

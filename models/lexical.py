@@ -1,0 +1,64 @@
+"""Lexical evidence for the head: hashed character and word n-grams, TF-IDF weighted.
+
+Sentence embeddings blur exact wording ("top up" vs "top-up limit", a card brand, an error code); a
+sparse n-gram path straight to the logits keeps it. Measured on a held-out split *of BANKING77 train*
+(the test file untouched): +0.5 points of response accuracy with all of train, +0.9 with ten examples
+per intent; a low-rank path through the hidden layer gained nothing.
+
+Hashing (scikit-learn's murmurhash, deterministic across processes) needs no vocabulary, so the head
+carries only the IDF vector (a buffer) and the n-gram weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+LexBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # EmbeddingBag (indices, offsets, weights)
+
+
+def n_features_for(num_outputs: int, budget: int = 4_000_000, most: int = 2**15, least: int = 2**12) -> int:
+    """Hash buckets for a head with ``num_outputs`` logits: a power of two keeping the n-gram
+    weights near ``budget`` parameters (16 MB), between ``least`` and ``most``."""
+    n = most
+    while n > least and n * num_outputs > budget:
+        n //= 2
+    return n
+
+
+class Hasher:
+    """texts -> L2-normalised TF-IDF rows over ``n_features`` hashed n-grams (scipy CSR)."""
+
+    def __init__(self, n_features: int):
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        self.n_features = n_features
+        self.chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5), n_features=n_features, alternate_sign=False, norm="l2")
+        self.words = HashingVectorizer(analyzer="word", ngram_range=(1, 2), n_features=n_features, alternate_sign=False, norm="l2")
+
+    def counts(self, texts: list[str]):
+        if not texts:  # scikit-learn's hasher cannot take an empty batch
+            import scipy.sparse as sp
+
+            return sp.csr_matrix((0, self.n_features), dtype=np.float64)
+        return (self.chars.transform(texts) + self.words.transform(texts)).tocsr()
+
+    def idf(self, texts: list[str]) -> np.ndarray:
+        """Smoothed IDF over ``texts`` (the training rows): log((1 + n) / (1 + df)) + 1."""
+        df = np.bincount(self.counts(texts).indices, minlength=self.n_features)
+        return (np.log((1 + len(texts)) / (1 + df)) + 1).astype(np.float32)
+
+    def transform(self, texts: list[str], idf: np.ndarray):
+        m = self.counts(texts).multiply(idf[None, :]).tocsr()
+        norms = np.sqrt(np.asarray(m.multiply(m).sum(1)).ravel())
+        norms[norms == 0] = 1.0
+        return m.multiply(1.0 / norms[:, None]).tocsr().astype(np.float32)
+
+
+def to_bag(rows, device: torch.device | str = "cpu") -> LexBatch:
+    """CSR rows -> the (indices, offsets, per-sample weights) an EmbeddingBag takes."""
+    return (
+        torch.from_numpy(rows.indices.astype(np.int64)).to(device),
+        torch.from_numpy(rows.indptr[:-1].astype(np.int64)).to(device),
+        torch.from_numpy(rows.data.astype(np.float32)).to(device),
+    )
