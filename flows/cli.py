@@ -72,6 +72,7 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--label_smoothing", type=float, default=d.label_smoothing, help=f"bucket cross-entropy label smoothing (default {d.label_smoothing})")
     _arg(g, "--ema_decay", type=float, default=d.ema_decay, help="keep an EMA shadow of the weights with this decay (e.g. 0.999); the best checkpoint is then picked and kept on the EMA weights (default 0 = off)")
     _arg(g, "--no_ema_select", dest="ema_select", action="store_false", help="with --ema_decay, pick the best checkpoint on the live weights instead of the EMA ones")
+    _arg(g, "--select_metric", choices=["response_acc", "loss", "last"], default=d.select_metric, help="which epoch's weights are kept: best validation response accuracy (default), lowest validation loss, or the last")
     _arg(g, "--early_stop_patience", type=int, default=d.early_stop_patience, help=f"epochs without a better validation score before stopping; the best checkpoint is kept; 0 = off (default {d.early_stop_patience})")
     _arg(g, "--balanced_sampler", action="store_true", help="draw batches so every bucket is equally likely (for skewed buckets)")
     _arg(g, "--split_mode", choices=["stratified", "random"], default=d.split_mode, help="validation split: per response (stratified, default) or per family at random")
@@ -79,19 +80,19 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--max_candidates_per_bucket", type=int, default=d.max_candidates_per_bucket, help=f"responses the head learns per bucket; the rest stay reachable by retrieval (default {d.max_candidates_per_bucket})")
     _arg(g, "--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
     _arg(g, "--resume", action="store_true", help="continue a killed run from its last epoch (state saved beside --output); same flags required")
-    g = p.add_argument_group("preference loss (off unless --pref_weight > 0)")
-    _arg(g, "--pref_weight", type=float, default=d.pref_weight, help="weight w of the preference term: loss = CE + w * pref (default 0)")
+    g = p.add_argument_group("preference loss (--pref_weight 0 turns it off)")
+    _arg(g, "--pref_weight", type=float, default=d.pref_weight, help=f"weight w of the preference term: loss = CE + w * pref (default {d.pref_weight})")
     _arg(g, "--pref_beta", type=float, default=d.pref_beta, help=f"beta: scale of the logit gap z_gold - z_negative (default {d.pref_beta})")
     _arg(g, "--pref_objective", choices=["sigmoid", "repo_relu"], default=d.pref_objective, help="sigmoid: -log sigmoid(beta * gap) (DPO-style); repo_relu: max(0, margin - beta * gap) (RePO) (default sigmoid)")
     _arg(g, "--pref_margin", type=float, default=d.pref_margin, help=f"margin of repo_relu (default {d.pref_margin})")
-    _arg(g, "--pref_group_size", type=int, default=d.pref_group_size, help="negatives sampled per example (default 1)")
+    _arg(g, "--pref_group_size", type=int, default=d.pref_group_size, help=f"negatives sampled per example (default {d.pref_group_size})")
     _arg(g, "--pref_group_estimator", choices=["mean", "epo"], default=d.pref_group_estimator, help="mean: average the pairwise losses; epo: compare with the group's expected logit under the model's softmax (default mean)")
     _arg(g, "--hard_negative_ratio", type=float, default=d.hard_negative_ratio, help=f"probability an example's negatives are its highest-scoring wrong classes rather than random ones (default {d.hard_negative_ratio})")
     _arg(g, "--adaptive_pref_weighting", action="store_true", help="weight each example's preference term by 1 - p(gold) (mean 1): separated examples stop pulling")
     _arg(g, "--pref_warmup_epochs", type=float, default=d.pref_warmup_epochs, help="ramp the preference weight linearly from 0 over this many epochs (default 0)")
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device")
+TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "select_metric", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device")
 HEAD_KEYS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim", "lexical_features")
 
 

@@ -28,6 +28,7 @@ from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, preference_l
 
 SCHEDULES = ("cosine", "linear", "constant")
 SPLIT_MODES = ("stratified", "random")
+SELECT_METRICS = ("response_acc", "loss", "last")
 
 
 @dataclass
@@ -48,16 +49,19 @@ class TrainConfig:
     grad_accum_steps: int = 1
     ema_decay: float = 0.0  # 0 = no EMA shadow
     ema_select: bool = True  # with an EMA shadow, pick and keep the best checkpoint on the EMA weights
+    select_metric: str = "response_acc"  # or "loss" / "last": how the kept checkpoint is chosen
     early_stop_patience: int = 6
     balanced_sampler: bool = False
     max_candidates_per_bucket: int = 256
-    pref_weight: float = 0.0
+    # Preference term on by default: +0.4 (all of train) and +0.5 points (10 per intent) of held-out
+    # response accuracy on the BANKING77-train split, with fewer fallbacks.
+    pref_weight: float = 0.2
     pref_beta: float = 2.0
     pref_objective: str = "sigmoid"
     pref_margin: float = 1.0
-    pref_group_size: int = 1
+    pref_group_size: int = 4
     pref_group_estimator: str = "mean"
-    hard_negative_ratio: float = 0.5
+    hard_negative_ratio: float = 0.7
     adaptive_pref_weighting: bool = False
     pref_warmup_epochs: float = 0.0
     train_all: bool = False
@@ -88,6 +92,7 @@ class TrainConfig:
             (self.pref_group_size >= 1, "--pref_group_size", self.pref_group_size, "use 1 or more"),
             (self.pref_group_estimator in ESTIMATORS, "--pref_group_estimator", self.pref_group_estimator, f"choose {' or '.join(ESTIMATORS)}"),
             (0.0 <= self.hard_negative_ratio <= 1.0, "--hard_negative_ratio", self.hard_negative_ratio, "use a probability in [0, 1]"),
+            (self.select_metric in SELECT_METRICS, "--select_metric", self.select_metric, f"choose one of {', '.join(SELECT_METRICS)}"),
             (self.pref_warmup_epochs >= 0, "--pref_warmup_epochs", self.pref_warmup_epochs, "use 0 (no ramp) or more"),
             (self.encoder_lr > 0, "--encoder_lr", self.encoder_lr, "use a small positive rate such as 2e-5"),
             (self.lexical_lr > 0, "--lexical_lr", self.lexical_lr, "use a positive rate such as 0.01"),
@@ -489,7 +494,12 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
         if len(va):
             row.update({f"val_{k}": v for k, v in evaluate(model, data, va.to(dev), cache, cfg).items()})
         # Pick on what users see (response accuracy); loss only breaks ties. Without validation: latest.
-        score = (-row["val_response_acc"], row["val_loss"]) if len(va) else (-epoch, 0.0)
+        if not len(va) or cfg.select_metric == "last":
+            score = (-epoch, 0.0)
+        elif cfg.select_metric == "loss":
+            score = (row["val_loss"], -row["val_response_acc"])
+        else:
+            score = (-row["val_response_acc"], row["val_loss"])
         if score < best_score:
             best, best_score, best_epoch, bad = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, score, epoch, 0
         else:
