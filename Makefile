@@ -13,7 +13,7 @@ QUESTIONS := "I forgot my password, what do I do?" \
              "which debt should I pay off first?" \
              "who won the football world cup in 1954?"
 
-.PHONY: install demo test test-fast bench-banking77 bench-data bench-sample clean
+.PHONY: install demo test test-fast bench-banking77 bench-data bench-train bench-sample clean
 
 # constraints.txt pins every transitive package to the versions the suite passed with.
 $(STAMP): pyproject.toml constraints.txt
@@ -42,6 +42,9 @@ bench-banking77: $(STAMP)
 
 bench-data: $(STAMP)
 	$(BIN)/python tests/bench/data.py --repeats 3
+
+bench-train: $(STAMP)
+	$(BIN)/python tests/bench/training.py --repeats 3
 
 bench-sample: $(STAMP)
 	$(BIN)/python tests/bench/accuracy.py --repeats 3 --train conversation_data.sample.jsonl --test conversation_data.sample.jsonl

@@ -92,3 +92,22 @@ def test_sources_are_read_by_mapped_tasks_on_a_dask_cluster(tmp_path, tiny_recor
     assert out["records"] == 24 and out["rejected_lines"] == 1
     report = json.load(open(out["report"]))
     assert report["sources"] == {str(a): {"pairs": 12, "malformed": 0}, str(b): {"pairs": 12, "malformed": 1}}
+
+
+def test_size_sweep_trains_every_size_on_one_table_version(tmp_path, tiny_jsonl, prefect_harness, mlflow_store, capsys):
+    from flows.cli import main
+
+    db = str(tmp_path / "db")
+    assert main(["size-sweep", "--data", str(tiny_jsonl), "--db", db, "--epochs", "3", "--hidden_dim", "32", "--expansion_dim", "16"]) == 0
+    out = capsys.readouterr().out
+    for size in ("base", "large", "xlarge", "xxlarge"):
+        assert f"  {size} " in out
+    runs = {v["model_size"]: v for v in registry.list_versions()}
+    assert set(runs) == {"base", "large", "xlarge", "xxlarge"}
+    assert len({v["table_version"] for v in runs.values()}) == 1  # the same table version for every size
+    client = registry.client()
+    params = {s: client.get_run(v["run_id"]).data.params for s, v in runs.items()}
+    assert params["large"]["head.expansion_dim"] == "16" and "head.expansion_dim" not in params["base"]
+    assert main(["registry", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "champion" in listing and "xxlarge" in listing
