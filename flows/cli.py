@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="the whole chain on embedded defaults", description="Prepare (merge, filter, dedupe) -> [expand] -> build the table -> train -> register -> promote. Everything goes under --workdir; runs are tracked in MLFLOW_TRACKING_URI (default: mlflow/ in the project).")
     _arg(p, "--data", nargs="+", required=True, help="conversation JSONL files")
     _arg(p, "--workdir", help="folder for everything the run makes (default .bucketchat/work in the project)")
-    _arg(p, "--target", type=int, help="expand the dataset to this many records first")
+    _arg(p, "--target", type=int, help="expand the dataset to this many records first (default: datasets under 5,000 pairs grow to min(5,000, 8x their size); 0 = never expand)")
     _arg(p, "--creative_prob", type=float, default=0.0, help="see `bucketchat expand`")
     _arg(p, "--blend_prob", type=float, default=0.0, help="see `bucketchat expand`")
     _arg(p, "--num_buckets", type=int, default=10, help="response buckets (default 10)")

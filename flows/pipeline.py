@@ -1,6 +1,6 @@
 """Flow: the whole chain on embedded defaults — the only place that knows the stage order.
 
-data files -> prepare (merge, filter, dedupe) -> [expand to --target] -> build-db -> finetune ->
+data files -> prepare (merge, filter, dedupe) -> [expand: --target, or automatic for small data] -> build-db -> finetune ->
 register -> champion (if better). Everything it makes goes under ``workdir``; the data stages are
 cached on their code, parameters and input bytes, so a rerun on unchanged data skips them.
 """
@@ -21,7 +21,8 @@ def pipeline_flow(data: list[str], workdir: str | None = None, target: int | Non
     train = {"seed": seed, **(train or {})}
     # Training keeps near duplicates (real phrasings) but links them to their twin's family, so the
     # validation split never sees a twin of a training row; build-super on its own drops them.
-    dataset = build_super_flow(data, str(work / "dataset.jsonl"), target, creative_prob, blend_prob, seed, strict, near_dup_threshold, near_duplicates="link")
+    # target None: small data is grown automatically (flows/build_super.py); 0: never expand.
+    dataset = build_super_flow(data, str(work / "dataset.jsonl"), target or None, creative_prob, blend_prob, seed, strict, near_dup_threshold, near_duplicates="link", auto_expand=target is None)
     db = str(work / "llm_chat.db")
     built = build_db_flow(dataset["parquet"], db, TABLE_NAME, num_buckets, seed, train.get("device", "cpu"))
     tuned = finetune_flow(db, table=TABLE_NAME, table_version=built["version"], train=train, head=head, output=str(work / "champion_model_chat_ft.pth"), meta=str(work / "chat_model_meta.json"), weights=weights, resume=resume)

@@ -52,3 +52,19 @@ def test_expand_reports_dropped_variants(tiny_jsonl):
     pairs, _ = load_records(tiny_jsonl)
     _, dropped = expand(pairs, 150, blend_prob=0.5, seed=0)
     assert set(dropped) <= {"drifted from its parent", "nearer another response"}
+
+
+def test_impossible_targets_fail_clearly_unless_best_effort():
+    from tasks.records import Pair
+
+    pairs = [Pair("hi", "hello"), Pair("yo", "hey")]  # two one-word messages cannot become 500
+    with pytest.raises(ValueError, match="lower --target to at most"):
+        expand(pairs, 500, max_tries_per_record=2)
+    grown, _ = expand(pairs, 500, max_tries_per_record=2, best_effort=True)
+    assert 2 <= len(grown) < 500 and grown[:2] == pairs
+
+
+def test_auto_target_grows_only_small_data():
+    from flows.build_super import auto_target
+
+    assert [auto_target(n) for n in (26, 770, 4999, 5000, 10003)] == [208, 5000, 5000, None, None]
