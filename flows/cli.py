@@ -318,6 +318,11 @@ def _report(r: dict) -> None:
     t, reg = r["train"], r["registry"]
     acc = t["val_response_acc"]
     where = f"{r['table']['name']} v{r['table']['version']}"
+    ws = t.get("warm_start")
+    if ws:
+        print(f"warm start from {ws['source']}: {len(ws['matched'])} tensors matched, {len(ws['remapped'])} remapped by response text, {len(ws['new'])} new" + (f", {len(ws['skipped'])} skipped: {'; '.join(ws['skipped'])}" if ws["skipped"] else ", none skipped"))
+    if t.get("resumed_from_epoch"):
+        print(f"resumed after epoch {t['resumed_from_epoch']}")
     print(f"trained on {where}: validation response accuracy {acc:.4f}" if acc is not None else f"trained on {where} (no validation rows)")
     print(f"MLflow run {t['run_id']}; registered bucketchat v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
 

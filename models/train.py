@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -356,10 +357,12 @@ class TrainResult:
     config: TrainConfig | None = None  # with the automatic settings made concrete
 
 
-def fingerprint(cfg: TrainConfig, train_idx: np.ndarray, data: TrainData) -> str:
-    """What a resume state must match: the config and the exact training rows and targets."""
+def fingerprint(cfg: TrainConfig, train_idx: np.ndarray, data: TrainData, head: BucketHead | None = None) -> str:
+    """What a resume state must match: the configs and the exact training rows and targets."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    if head is not None:
+        h.update(json.dumps(head.cfg.to_dict(), sort_keys=True).encode())
     for arr in (train_idx, data.y_bucket, data.y_cand):
         h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
     return h.hexdigest()
@@ -405,7 +408,8 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     groups = [{"params": [p for p in head.parameters() if p.requires_grad and not any(p is q for q in sparse)], "lr": cfg.lr}]
     if model.encoder is not None:
         groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": cfg.encoder_lr, "weight_decay": 0.01})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters instead of a Python loop over tensors.
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=dev.type in ("cpu", "cuda"))
     schedule = lr_lambda(cfg.lr_schedule, cfg.warmup_steps, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     # The n-gram weights get sparse gradients: SparseAdam moves only the rows a batch touched.
@@ -418,7 +422,7 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
         counts = torch.bincount(cache["YB"][tr.to(dev)].cpu(), minlength=head.cfg.num_buckets).float()
         weights = 1.0 / counts[cache["YB"][tr.to(dev)].cpu()]
     best, best_score, best_epoch, bad, history, step, start_epoch = None, (math.inf, math.inf), 0, 0, [], 0, 1
-    fp = fingerprint(cfg, np.asarray(train_idx), data)
+    fp = fingerprint(cfg, np.asarray(train_idx), data, head)
     state_path = Path(state_path) if state_path else None
     if resume:
         if state_path is None or not state_path.is_file():
@@ -448,8 +452,6 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps_per_epoch * cfg.epochs, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    import time
-
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped:
             break
@@ -527,11 +529,18 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
 
 
 def calibrate_min_confidence(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: torch.Tensor, keep: float = 0.99) -> float:
-    """Fallback threshold: the confidence below which only ``1 - keep`` of *correct* validation answers
-    fall. Without out-of-scope examples this is the honest knob: it bounds the in-scope accuracy that
-    falling back may cost (1 % by default) and rejects whatever is less sure than that."""
+    """Fallback threshold with a split-conformal guarantee: a new in-scope message whose answer would
+    be right falls back with probability at most ``1 - keep`` (1 % by default).
+
+    The threshold is the k-th smallest confidence among correct validation answers, k = floor((n + 1)
+    * (1 - keep)). With fewer than 1 / (1 - keep) - 1 correct answers (n < 99 at 1 %) no threshold
+    can promise that, so none is set (0.0). An empirical quantile would: on 77 validation rows it is
+    the single least confident right answer, and it made 10-shot BANKING77 runs fall back on 1-5 %
+    of messages depending on the seed. Out-of-scope rejection proper needs out-of-scope examples.
+    """
     conf, pred = log_pr.exp().max(dim=1)
-    correct = conf[(pred == y_cand) & learned[pred]]
-    if len(correct) == 0:
+    correct = torch.sort(conf[(pred == y_cand) & learned[pred]]).values
+    k = int(math.floor((len(correct) + 1) * (1.0 - keep)))
+    if k < 1:
         return 0.0
-    return float(torch.quantile(correct, 1.0 - keep))
+    return float(correct[k - 1])

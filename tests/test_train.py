@@ -60,11 +60,16 @@ def test_training_separates_toy_clusters_and_picks_best_epoch():
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
 
 
-def test_calibration_bounds_the_in_scope_loss():
-    log_pr = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
-    y = torch.tensor([0, 0, 1, 1])  # last one is wrong
-    thr = calibrate_min_confidence(log_pr, y, torch.tensor([True, True]), keep=1.0)
-    assert thr == pytest.approx(0.6)
+def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
+    conf = torch.linspace(0.5, 0.99, 199)  # 199 correct answers, confidences 0.5 .. 0.99
+    log_pr = torch.log(torch.stack([conf, 1 - conf], 1))
+    y = torch.zeros(199, dtype=torch.long)
+    # k = floor(200 * 0.01) = 2: the second smallest correct confidence.
+    assert calibrate_min_confidence(log_pr, y, torch.tensor([True, True])) == pytest.approx(float(conf[1]))
+    # Wrong answers do not count; with too few correct answers no threshold can keep the promise.
+    few = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
+    assert calibrate_min_confidence(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == 0.0
+    assert calibrate_min_confidence(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.75) == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"epochs": 0}, "--epochs"), ({"val_split": 1.0}, "--val_split"), ({"lr_schedule": "step"}, "--lr_schedule"), ({"split_mode": "x"}, "--split_mode")])
