@@ -349,7 +349,9 @@ def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids
             champion_acc = response_accuracy(str(weights), str(meta), db, table, version, val_ids)
     if current is None:
         promoted, reason = True, "no champion yet"
-    elif champion_acc is None or val_response_acc is None:
+    elif val_response_acc is None:
+        promoted, reason = False, "no validation rows to compare on (raise --val_split); champion kept"
+    elif champion_acc is None:
         promoted, reason = True, "the champion cannot be scored on this validation set"
     elif val_response_acc > champion_acc:
         promoted, reason = True, f"validation response accuracy {val_response_acc:.4f} > champion v{current}'s {champion_acc:.4f}"

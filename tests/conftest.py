@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 
 # Before anything imports prefect (through ``tasks``): keep Prefect's home and every default workdir
-# out of the project and out of ~/.prefect.
-_STATE = tempfile.mkdtemp(prefix="bucketchat-tests-")
-os.environ["BUCKETCHAT_HOME"] = _STATE
-os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
-os.environ.pop("MLFLOW_TRACKING_URI", None)
+# out of the project and out of ~/.prefect. Once per process: a test that imports ``tests.conftest``
+# (a second module object beside pytest's ``conftest``) must not undo what its fixtures set, such as
+# MLFLOW_TRACKING_URI (that sent one test's runs to the project's own store).
+if "BUCKETCHAT_TEST_STATE" not in os.environ:
+    os.environ["BUCKETCHAT_TEST_STATE"] = tempfile.mkdtemp(prefix="bucketchat-tests-")
+    os.environ["BUCKETCHAT_HOME"] = os.environ["BUCKETCHAT_TEST_STATE"]
+    os.environ["PREFECT_HOME"] = os.path.join(os.environ["BUCKETCHAT_TEST_STATE"], "prefect")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+_STATE = os.environ["BUCKETCHAT_TEST_STATE"]
 # Prefect's console handler would log "stopping temporary server" into pytest's already-closed
 # capture stream at session end; tests assert on results, not on Prefect's INFO lines.
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
