@@ -66,9 +66,10 @@ def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
     y = torch.zeros(199, dtype=torch.long)
     # k = floor(200 * 0.01) = 2: the second smallest correct confidence.
     assert calibrate_min_confidence(log_pr, y, torch.tensor([True, True])) == pytest.approx(float(conf[1]))
-    # Wrong answers do not count; with too few correct answers no threshold can keep the promise.
+    # Wrong answers do not count; with too few correct answers no threshold can keep the promise, so
+    # only answers far below the least confident right one (0.6 here, halved) fall back.
     few = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
-    assert calibrate_min_confidence(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == 0.0
+    assert calibrate_min_confidence(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx(0.3)
     assert calibrate_min_confidence(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.75) == pytest.approx(0.6)
 
 

@@ -29,7 +29,8 @@ def test_fit_meta_pins_table_and_explains_the_model(table):
     assert meta["all_responses_learned"] is True
     assert len(val["ids"]) == 4  # round(6 * 0.2) = 1 per intent (the 7-row intents also give 1)
     assert val["accuracy"] == 1.0
-    assert meta["calibration"]["min_confidence"] == 0.0  # 4 validation rows cannot certify a 1 % loss
+    # 4 validation rows cannot certify a 1 % loss: half the least confident right answer.
+    assert 0.0 < meta["calibration"]["min_confidence"] <= 0.5
 
 
 def test_same_data_and_seed_give_the_same_model(table):
