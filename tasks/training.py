@@ -170,8 +170,11 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         saved_encoder = EncoderFolder(folder, encoder_id)
     elif encoder_id != ENCODER_ID:
         saved_encoder = EncoderFolder(_table_encoder_path(db, encoder_id), encoder_id)
+    from models.lexical import to_bag
+
     with torch.no_grad():
-        _, log_pr = head.response_log_probs(torch.from_numpy(vectors[va]), head.lex([rows["users"][i] for i in va]))
+        # The validation rows' n-grams were hashed with the rest before training: reuse them.
+        _, log_pr = head.response_log_probs(torch.from_numpy(vectors[va]), to_bag(lex[va]) if lex is not None else None)
     y_va = torch.from_numpy(y_cand[va])
     best = result.history[result.best_epoch - 1]
     meta = {

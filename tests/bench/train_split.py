@@ -1,0 +1,97 @@
+"""Training choices on held-out splits *of BANKING77 train* — the test file is never read here.
+
+    python tests/bench/train_split.py [--split full|few] [VARIANT ...]
+
+``full``: 90 % of each intent trains, 10 % evaluates. ``few``: 10 rows per intent train, 2,000 other
+train rows evaluate. Both splits are drawn with seed 0, so every run sees the same rows. The table is
+built once per split (under ``--work``); each variant is a ``tasks.training.fit`` with some options
+changed from the defaults, scored on the held-out rows like chat would (argmax response; a fallback
+counts as wrong). This is how the defaults of ``TrainConfig`` were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+TRAIN = ROOT.parent / "shared" / "data" / "banking77" / "train.jsonl"
+
+VARIANTS = {
+    "default": ({}, {}),
+    "no_lexical": ({}, {"lexical_features": 0}),
+    "no_label_smoothing": ({"label_smoothing": 0.0}, {}),
+    "no_pref": ({"pref_weight": 0.0}, {}),
+    "no_pref_no_lexical": ({"pref_weight": 0.0}, {"lexical_features": 0}),
+    "batch256": ({"batch_size": 256, "lr": 2e-3}, {}),
+    "batch64": ({"batch_size": 64, "lr": 1e-3}, {}),
+    "ema": ({"ema_decay": 0.99}, {}),
+    "select_last": ({"select_metric": "last", "early_stop_patience": 0}, {}),
+    "large": ({}, {"model_size": "large"}),
+}
+
+
+def splits(work: Path) -> dict[str, tuple[Path, Path]]:
+    rows = [json.loads(line) for line in TRAIN.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = sorted({r["intent"] for r in rows})
+    y = np.array([labels.index(r["intent"]) for r in rows])
+    rng = np.random.default_rng(0)
+    idx = np.arange(len(rows))
+    held = np.concatenate([rng.permutation(idx[y == c])[: max(1, int(0.1 * (y == c).sum()))] for c in range(len(labels))])
+    few = np.concatenate([rng.permutation(idx[y == c])[:10] for c in range(len(labels))])
+    few_eval = rng.permutation(np.setdiff1d(idx, few))[:2000]
+
+    def write(name: str, ids: np.ndarray) -> Path:
+        path = work / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(rows[i]) + "\n" for i in sorted(ids)), encoding="utf-8")
+        return path
+
+    return {"full": (write("full_train", np.setdiff1d(idx, held)), write("full_eval", held)), "few": (write("few_train", few), write("few_eval", few_eval))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="*", default=["default", "no_lexical", "no_pref", "no_label_smoothing"], help=f"any of: {', '.join(VARIANTS)}")
+    p.add_argument("--split", choices=["full", "few"], default="few")
+    p.add_argument("--work", type=Path, default=ROOT / ".bucketchat" / "bench-train-split")
+    a = p.parse_args()
+    if not TRAIN.is_file():
+        sys.exit(f"{TRAIN} not found; this benchmark needs ../shared/data/banking77 beside the checkout")
+    import torch
+
+    from models.train import TrainConfig
+    from retrieval.encoder import embed
+    from retrieval.store import build_table, open_table
+    from tasks.records import load_records
+    from tasks.training import fit
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    train_file, eval_file = splits(a.work)[a.split]
+    db = a.work / f"db_{a.split}"
+    if not db.exists():
+        build_table(load_records(train_file)[0], db, "conversations")
+    version = int(open_table(db, "conversations").version)
+    held = [json.loads(line) for line in eval_file.read_text(encoding="utf-8").splitlines()]
+    vectors = embed([r["user"] for r in held])
+    print(f"{a.split}: {train_file.name} -> {len(held)} held-out rows of BANKING77 train")
+    for name in a.variants:
+        train_opts, head_opts = VARIANTS[name]
+        t0 = time.perf_counter()
+        head, meta, extras = fit(str(db), "conversations", version, TrainConfig(**train_opts), head_opts)
+        with torch.no_grad():
+            _, log_pr = head.response_log_probs(torch.from_numpy(vectors), head.lex([r["user"] for r in held]))
+        conf, pred = log_pr.exp().max(1)
+        texts = meta["candidates"]["texts"]
+        right = np.array([texts[j] == r["assistant"] for j, r in zip(pred.tolist(), held)])
+        fallback = (conf < meta["calibration"]["min_confidence"]).numpy()
+        print(f"  {name:<20} accuracy {np.mean(right & ~fallback):.4f}  ranking alone {right.mean():.4f}  fallback {fallback.mean():.4f}  best epoch {meta['metrics']['best_epoch']}/{meta['metrics']['epochs_run']}  {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
