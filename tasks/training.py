@@ -313,6 +313,9 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
 
         model, meta_dict, extras = fit(db, table, version, train_cfg, head, on_epoch=on_epoch, on_step=on_step, weights=weights, state_path=str(state_path), resume=resume, progress=progress, logger=logger)
         buffer.flush()
+        # The automatic settings as they were resolved for this data (the params above say "None").
+        resolved = meta_dict["train_config"]
+        mlflow.log_params({"resolved.batch_size": resolved["batch_size"], "resolved.lr": resolved["lr"]})
         meta_dict["mlflow_run_id"] = run.info.run_id
         pinned = meta_dict["table"]["version"]
         mlflow.set_tags({"size": size, "model_size": size, "data_version": meta_dict["table"]["data_version"], "pinned_table_version": str(pinned), "encoder": meta_dict["encoder"]})
