@@ -44,13 +44,17 @@ class Hasher:
             return sp.csr_matrix((0, self.n_features), dtype=np.float64)
         return (self.chars.transform(texts) + self.words.transform(texts)).tocsr()
 
-    def idf(self, texts: list[str]) -> np.ndarray:
-        """Smoothed IDF over ``texts`` (the training rows): log((1 + n) / (1 + df)) + 1."""
-        df = np.bincount(self.counts(texts).indices, minlength=self.n_features)
-        return (np.log((1 + len(texts)) / (1 + df)) + 1).astype(np.float32)
+    def idf(self, counts) -> np.ndarray:
+        """Smoothed IDF over the rows of ``counts`` (the training rows): log((1 + n) / (1 + df)) + 1."""
+        df = np.bincount(counts.indices, minlength=self.n_features)
+        return (np.log((1 + counts.shape[0]) / (1 + df)) + 1).astype(np.float32)
 
     def transform(self, texts: list[str], idf: np.ndarray):
-        m = self.counts(texts).multiply(idf[None, :]).tocsr()
+        return self.weigh(self.counts(texts), idf)
+
+    def weigh(self, counts, idf: np.ndarray):
+        """``counts`` rows -> L2-normalised TF-IDF rows."""
+        m = counts.multiply(idf[None, :]).tocsr()
         norms = np.sqrt(np.asarray(m.multiply(m).sum(1)).ravel())
         norms[norms == 0] = 1.0
         return m.multiply(1.0 / norms[:, None]).tocsr().astype(np.float32)

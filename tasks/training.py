@@ -141,10 +141,11 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
             logger.warning("--weights %s was trained on vectors of encoder %s, this table holds %s: its tensors load, but expect it to need more training", source.spec, source.meta.get("encoder"), rows["encoder"])
         lex = None
         if head.lexical is not None:
-            # IDF from the training rows only: validation stays unseen.
+            # Hash every row once; IDF from the training rows only: validation stays unseen.
             hasher = head.hasher()
-            head.lexical_idf.copy_(torch.from_numpy(hasher.idf([rows["users"][i] for i in tr])))
-            lex = hasher.transform(rows["users"], head.lexical_idf.numpy())
+            counts = hasher.counts(rows["users"])
+            head.lexical_idf.copy_(torch.from_numpy(hasher.idf(counts[tr])))
+            lex = hasher.weigh(counts, head.lexical_idf.numpy())
         data = TrainData(rows["buckets"], y_cand, x=None if encoder else rows["vectors"], texts=rows["users"] if encoder else None, lex=lex)
         result = train(Trainable(head, encoder), data, train_idx=tr, val_idx=va, cfg=train_cfg, on_epoch=on_epoch, on_step=on_step, state_path=state_path, resume=resume, progress=progress)
     finally:
@@ -299,7 +300,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state_path.with_suffix(".run").write_text(run.info.run_id)
         if not run_id:
-            mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": str(Path(db).resolve()), "encoder": ENCODER_ID, "train_all": str(train_cfg.train_all), "warm_start": weights or ""})
+            mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": str(Path(db).resolve()), "train_all": str(train_cfg.train_all), "warm_start": weights or ""})
             mlflow.log_params({**train, **{f"head.{k}": v for k, v in head.items()}, "table_version": version, "weights": weights or ""})
         buffer = MetricBuffer(run.info.run_id)
 
