@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.fast import Dropout
+
 SIZES = ("base", "large", "xlarge", "xxlarge")
 BRANCHES = {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}
 # Default branch widths per size when the flags are not given (the seed's examples use these ranges).
@@ -95,7 +97,7 @@ class Branch(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.down = nn.Linear(dim, width)
         self.up = nn.Linear(width, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -110,7 +112,7 @@ class BucketHead(nn.Module):
         # Unit-length sentence embeddings have entries ~1/sqrt(384); LayerNorm puts them on a scale
         # where the default init and one learning rate work for every encoder.
         self.norm = nn.LayerNorm(cfg.input_dim)
-        self.trunk = nn.Sequential(nn.Linear(cfg.input_dim, cfg.hidden_dim), nn.GELU(), nn.Dropout(cfg.dropout))
+        self.trunk = nn.Sequential(nn.Linear(cfg.input_dim, cfg.hidden_dim), nn.GELU(), Dropout(cfg.dropout))
         self.branches = nn.ModuleList(Branch(cfg.hidden_dim, w, cfg.dropout) for w in cfg.branch_dims)
         self.router = None
         if len(self.branches) > 1:
@@ -145,11 +147,13 @@ class BucketHead(nn.Module):
         return h + sum(gates[:, i : i + 1] * branch(h) for i, branch in enumerate(self.branches))
 
     def forward(self, x: torch.Tensor, lex=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, D) [+ lexical bag of the same rows] -> bucket logits (B, K), candidate logits (B, C)."""
+        """x (B, D) [+ lexical bag of the same rows, or a training ``RowsBag``] -> bucket logits (B, K), candidate logits (B, C)."""
         h = self.features(x)
         bucket_logits, cand_logits = self.bucket(h), self.candidate(h)
         if self.lexical is not None and lex is not None:
-            z = self.lexical(*lex[:2], per_sample_weights=lex[2])
+            from models.lexical import RowsBag, bag_logits
+
+            z = bag_logits(self.lexical.weight, lex) if isinstance(lex, RowsBag) else self.lexical(*lex[:2], per_sample_weights=lex[2])
             bucket_logits = bucket_logits + z[:, : self.cfg.num_buckets]
             cand_logits = cand_logits + z[:, self.cfg.num_buckets :]
         return bucket_logits, cand_logits

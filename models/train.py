@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models.atomic import atomic_path
+from models.fast import LazyAdam
 from models.heads import BucketHead
 from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, preference_loss, pref_weight_at, sample_negatives
 
@@ -67,7 +68,7 @@ class TrainConfig:
     pref_warmup_epochs: float = 0.0
     train_all: bool = False
     encoder_lr: float = 2e-5
-    lexical_lr: float = 0.01  # SparseAdam rate of the n-gram weights (models/lexical.py)
+    lexical_lr: float = 0.01  # lazy Adam rate of the n-gram weights (models/lexical.py)
     seed: int = 42
     device: str = "cpu"
 
@@ -288,9 +289,9 @@ class Trainable(nn.Module):
         """(embeddings, lexical bag or None) of rows ``idx``: the arguments of ``head(...)``."""
         lex = None
         if data.lex is not None and self.head.lexical is not None:
-            from models.lexical import to_bag
+            from models.lexical import to_rows_bag
 
-            lex = to_bag(data.lex[idx.cpu().numpy()], idx.device)
+            lex = to_rows_bag(data.lex[idx.cpu().numpy()], idx.device)
         if self.encoder is None:
             return cache["X"][idx], lex
         return self.encoder([data.texts[i] for i in idx.tolist()]), lex
@@ -412,8 +413,8 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=dev.type in ("cpu", "cuda"))
     schedule = lr_lambda(cfg.lr_schedule, cfg.warmup_steps, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    # The n-gram weights get sparse gradients: SparseAdam moves only the rows a batch touched.
-    opt_lex = torch.optim.SparseAdam(sparse, lr=cfg.lexical_lr) if sparse else None
+    # The n-gram weights get sparse gradients: lazy Adam moves only the rows a batch touched.
+    opt_lex = LazyAdam(sparse, lr=cfg.lexical_lr) if sparse else None
     sched_lex = torch.optim.lr_scheduler.LambdaLR(opt_lex, schedule) if opt_lex else None
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
