@@ -13,7 +13,7 @@ QUESTIONS := "I forgot my password, what do I do?" \
              "which debt should I pay off first?" \
              "who won the football world cup in 1954?"
 
-.PHONY: install demo test test-fast bench-banking77 bench-data bench-train bench-sample clean
+.PHONY: install browser demo test test-fast bench-banking77 bench-data bench-train bench-sample clean
 
 # constraints.txt pins every transitive package to the versions the suite passed with.
 $(STAMP): pyproject.toml constraints.txt
@@ -28,7 +28,14 @@ demo: $(STAMP)
 	$(BIN)/bucketchat pipeline --data conversation_data.sample.jsonl
 	@printf '%s\n' $(QUESTIONS) | $(BIN)/bucketchat chat --echo
 
-test: $(STAMP)
+# The chat page test drives Debian's Chromium with Playwright (no browser download); install it if
+# it is missing and we may (root with apt-get), else the test says it is skipped and why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  echo "note: chromium not installed; the browser test will be skipped (apt-get install chromium)"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

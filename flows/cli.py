@@ -108,6 +108,28 @@ def _train_dicts(a: argparse.Namespace, seed: int) -> tuple[dict, dict]:
     return {**train, "seed": seed}, head
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    """The chat engine's flags (chat, eval, serve): the seed's chat_app.py flags plus thresholds."""
+    from models.heads import SIZES
+    from retrieval.styles import STYLES
+
+    _arg(p, "--model", default=DEFAULT_MODEL_URI, help=f"MLflow model URI (default {DEFAULT_MODEL_URI})")
+    _arg(p, "--weights", help="local weights file (with --meta) instead of --model")
+    _arg(p, "--meta", help="local meta JSON (with --weights)")
+    _arg(p, "--device", default="cpu", help="cpu or cuda (default cpu)")
+    _arg(p, "--model_size", choices=["auto", *SIZES], default="auto", help="auto reads the size from the checkpoint (default); a size refuses a checkpoint of another size")
+    _arg(p, "--pool_mode", choices=["all", "top"], default="all", help="all: every bucket, weighted by its probability (default); top: only the --top_labels likeliest")
+    _arg(p, "--top_labels", type=int, default=3, help="buckets searched with --pool_mode top (default 3)")
+    _arg(p, "--response_temperature", type=float, default=0.0, help="0 = always the best response (default); higher samples among the best, seeded by --seed")
+    _arg(p, "--llm_db", help="LanceDB folder to retrieve from (default: the table version the model pins)")
+    _arg(p, "--db_top_k", type=int, default=20, help="rows retrieved per message (default 20)")
+    _arg(p, "--style_mode", choices=list(STYLES), default="balanced", help="balanced: the stored response verbatim (default); concise: its first sentence; analyst: laid out as short answer + points; creative: with an opener/closer; auto: picked from cues in the message")
+    _arg(p, "--creativity", type=float, default=0.35, help="with the creative style, the chance (0-1) of an opener and of a closer (default 0.35)")
+    _arg(p, "--min_confidence", type=float, help="fall back below this confidence (default: calibrated at training)")
+    _arg(p, "--min_margin", type=float, help="fall back when the answer leads the runner-up by less than this probability (default: calibrated at training)")
+    _arg(p, "--seed", type=int, default=0, help="seed for sampling and the creative style (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bucketchat", description="Train a retrieval-style chatbot on your conversation logs and chat with it.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -165,20 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("rollback", help="point the champion alias at an earlier version")
     _arg(r, "--version", type=int, help="version to make champion (default: the newest one older than the current champion)")
 
-    p = sub.add_parser("chat", help="answer messages with the champion (or given weights)", description="Interactive on a terminal (`exit` quits). With piped input, answers each line as its own conversation.")
-    _arg(p, "--model", default=DEFAULT_MODEL_URI, help=f"MLflow model URI (default {DEFAULT_MODEL_URI})")
-    _arg(p, "--weights", help="local weights file (with --meta) instead of --model")
-    _arg(p, "--meta", help="local meta JSON (with --weights)")
-    _arg(p, "--device", default="cpu", help="cpu or cuda (default cpu)")
-    _arg(p, "--pool_mode", choices=["all", "top"], default="all", help="all: every bucket, weighted by its probability (default); top: only the --top_labels likeliest")
-    _arg(p, "--top_labels", type=int, default=3, help="buckets searched with --pool_mode top (default 3)")
-    _arg(p, "--response_temperature", type=float, default=0.0, help="0 = always the best response (default); higher samples among the best")
-    _arg(p, "--llm_db", help="LanceDB folder to retrieve from (default: the table version the model pins)")
-    _arg(p, "--db_top_k", type=int, default=20, help="rows retrieved per message (default 20)")
-    _arg(p, "--min_confidence", type=float, help="fall back below this confidence (default: calibrated at training)")
-    _arg(p, "--seed", type=int, default=0, help="sampling seed (default 0)")
+    p = sub.add_parser("chat", help="answer messages with the champion (or given weights)", description="Interactive on a terminal: the conversation keeps its history, so short follow-ups are read with the turn before; /why explains the last answer, /reset starts over, /help lists commands, `exit` quits. With piped input, answers each line as its own conversation.")
+    _engine_args(p)
     _arg(p, "--json", action="store_true", help="print one JSON object per answer")
     _arg(p, "--echo", action="store_true", help="with piped input, print each message before its answer")
+
+    p = sub.add_parser("eval", help="score a model on labelled test data (and out-of-scope messages)", description="Ask every line of --data through the chat engine and report response accuracy (a fallback counts as wrong), bucket accuracy, fallback rate, latency percentiles and, with --oos, the share of out-of-scope messages that fall back.")
+    _arg(p, "--data", required=True, help="test JSONL: each line's assistant text is the expected response")
+    _arg(p, "--oos", help="JSONL (or plain text, one message per line) of messages the bot should not answer")
+    _engine_args(p)
+    _arg(p, "--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("serve", help="HTTP server: OpenAI-compatible chat completions and a chat page", description="Serve the chat engine over HTTP: POST /v1/chat/completions (OpenAI-compatible, stream too), GET /v1/models, GET /healthz, and a chat page at /. The model and table load once.")
+    _engine_args(p)
+    _arg(p, "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    _arg(p, "--port", type=int, default=8000, help="port (default 8000)")
+    _arg(p, "--api_key", help="require `Authorization: Bearer KEY` on /v1 (default: $BUCKETCHAT_API_KEY, else no key)")
+    _arg(p, "--max_concurrency", type=int, default=64, help="answers in flight at once; more get 429 (default 64)")
+    _arg(p, "--workers_threads", type=int, default=2, help="threads answering requests (default 2: one per core here)")
 
     p = sub.add_parser("pipeline", help="the whole chain on embedded defaults", description="Prepare (merge, filter, dedupe) -> [expand] -> build the table -> train -> register -> promote. Everything goes under --workdir; runs are tracked in MLFLOW_TRACKING_URI (default: mlflow/ in the project).")
     _arg(p, "--data", nargs="+", required=True, help="conversation JSONL files")
@@ -350,26 +376,65 @@ def _load_engine(a):
     if bool(a.weights) != bool(a.meta):
         raise ValueError("--weights and --meta go together; pass both, or neither to use --model")
     weights, meta = (a.weights, a.meta) if a.weights else registry.download_model(a.model)
-    opts = ChatOptions(device=a.device, pool_mode=a.pool_mode, top_labels=a.top_labels, response_temperature=a.response_temperature, llm_db=a.llm_db, db_top_k=a.db_top_k, min_confidence=a.min_confidence, seed=a.seed)
+    opts = ChatOptions(device=a.device, model_size=a.model_size, pool_mode=a.pool_mode, top_labels=a.top_labels, response_temperature=a.response_temperature, llm_db=a.llm_db, db_top_k=a.db_top_k, min_confidence=a.min_confidence, min_margin=a.min_margin, style_mode=a.style_mode, creativity=a.creativity, seed=a.seed)
     return ChatEngine(str(weights), str(meta), opts)
 
 
+REPL_HELP = """commands:
+  /why     the buckets, candidates, scores and source records behind the last answer
+  /reset   forget the conversation so far (follow-ups are read with earlier turns)
+  /help    this list
+  exit     quit"""
+
+
+def _print_why(why: dict) -> None:
+    print("  buckets: " + ", ".join(f"{b['bucket']} ({b['probability']:.1%})" for b in why["buckets"]))
+    t = why["thresholds"]
+    print(f"  confidence {why['confidence']:.4f} (falls back below {t['min_confidence']:.4f}), lead over runner-up {why['margin']:.4f} (below {t['min_margin']:.4f})" + (" -> FALLBACK" if why["fallback"] else ""))
+    if why["context"]:
+        print(f"  read as a follow-up of: {why['context']!r}")
+    for i, c in enumerate(why["candidates"], start=1):
+        print(f"  {i}. [{c['from']}, bucket {c['bucket']}, log score {c['score']:.3f}] {c['response'][:100]}")
+        for r in c["records"]:
+            print(f"       from {r['source']}:{r['id']}  \"{(r['user'] or '')[:80]}\"")
+
+
 def cmd_chat(a) -> None:
+    from retrieval.answer import Conversation
+
     engine = _load_engine(a)
     if sys.stdin.isatty():
         pinned = engine.meta.get("table", {})
-        print(f"bucketchat — model from {a.weights or a.model}, table {pinned.get('name')} v{pinned.get('version')}. Type 'exit' to quit.")
+        print(f"bucketchat — model from {a.weights or a.model}, table {pinned.get('name')} v{pinned.get('version')}. /help for commands, 'exit' to quit.")
+        convo = Conversation(engine)
         while True:
             try:
                 message = input("you> ").strip()
             except (EOFError, KeyboardInterrupt):
                 print()
                 return
-            if message.lower() in ("exit", "quit"):
+            if message.lower() in ("exit", "quit", "/exit", "/quit"):
                 return
             if not message:
                 continue
-            ans = engine.answer(message)
+            if message.startswith("/"):
+                command = message.split()[0].lower()
+                if command == "/help":
+                    print(REPL_HELP)
+                elif command == "/reset":
+                    convo.reset()
+                    print("(conversation reset)")
+                elif command == "/why":
+                    if convo.last is None:
+                        print("(nothing answered yet)")
+                    elif a.json:
+                        print(json.dumps(engine.explain(convo.last), ensure_ascii=False, indent=2))
+                    else:
+                        _print_why(engine.explain(convo.last))
+                else:
+                    print(f"unknown command {command}; /help lists them")
+                continue
+            ans = convo.say(message)
             print(json.dumps({"message": message, **ans.to_dict()}, ensure_ascii=False) if a.json else f"bot> {ans.response}")
         return
     for number, line in enumerate(sys.stdin, start=1):
@@ -383,7 +448,25 @@ def cmd_chat(a) -> None:
             print(f"you> {message}\nbot> {ans.response}\n" if a.echo else ans.response, flush=True)
 
 
-COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "pipeline": cmd_pipeline}
+def cmd_eval(a) -> None:
+    from retrieval.evaluate import evaluate, format_report
+
+    engine = _load_engine(a)
+    report = evaluate(engine, a.data, a.oos)
+    print(json.dumps(report, indent=2) if a.json else format_report(report))
+
+
+def cmd_serve(a) -> None:
+    import os
+
+    from retrieval.server import ServerConfig, serve
+
+    cfg = ServerConfig(host=a.host, port=a.port, api_key=a.api_key or os.environ.get("BUCKETCHAT_API_KEY") or None, max_concurrency=a.max_concurrency, threads=a.workers_threads, model_name=a.weights or a.model)
+    engine = _load_engine(a)
+    serve(engine, cfg)
+
+
+COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "eval": cmd_eval, "serve": cmd_serve, "pipeline": cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

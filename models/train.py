@@ -529,27 +529,38 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     return TrainResult({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, best_epoch, history, stopped, resumed_from, seen / seconds if seconds else 0.0, cfg)
 
 
-def calibrate_min_confidence(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: torch.Tensor, keep: float = 0.99) -> float:
-    """Fallback threshold with a split-conformal guarantee: a new in-scope message whose answer would
-    be right falls back with probability at most ``1 - keep`` (1 % by default).
+def calibrate_thresholds(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: torch.Tensor, keep: float = 0.99) -> dict[str, float]:
+    """Fallback thresholds on confidence and on margin (confidence minus the runner-up's
+    probability), with a split-conformal guarantee: a new in-scope message whose answer would be
+    right falls back with probability at most ``1 - keep`` (1 % by default).
 
-    The threshold is the k-th smallest confidence among correct validation answers, k = floor((n + 1)
-    * (1 - keep)). With fewer than 1 / (1 - keep) - 1 correct answers (n < 99 at 1 %) no threshold
-    can promise that. The empirical quantile used before is then the single least confident right
-    answer, and it made 10-shot BANKING77 runs fall back on 1-5 % of messages depending on the seed;
-    no threshold at all let the bundled sample answer "who won the 1954 world cup?" with a budgeting
-    tip (confidence 0.06 against 0.26 for the least sure right answer). So small validation sets get
-    half the least confident right answer: only what is far less sure than anything right falls
-    back. It bounds nothing statistically; calibrating on out-of-scope examples does (chat's issue).
+    Each threshold takes half of that budget (union bound): it is the k-th smallest value among
+    correct validation answers, k = floor((n + 1) * (1 - keep) / 2). Confidence catches messages the
+    head finds unfamiliar; margin catches those torn between two responses (out-of-scope messages
+    often land between two intents with a middling confidence).
+
+    With too few correct answers for that k (n < 199 at 1 %) nothing can promise it. The empirical
+    quantile is then the single least confident right answer, and it made 10-shot BANKING77 runs fall
+    back on 1-5 % of messages depending on the seed; no threshold at all let the bundled sample
+    answer "who won the 1954 world cup?" with a budgeting tip (confidence 0.06 against 0.26 for the
+    least sure right answer). So small validation sets get half the smallest value among right
+    answers: only what is far less sure than anything right falls back. It bounds nothing
+    statistically; `bucketchat eval --oos` measures what it does.
     """
-    conf, pred = log_pr.exp().max(dim=1)
-    correct = torch.sort(conf[(pred == y_cand) & learned[pred]]).values
-    if len(correct) == 0:
-        return 0.0
-    k = int(math.floor((len(correct) + 1) * (1.0 - keep)))
-    if k < 1:
-        return float(correct[0]) * SMALL_VALIDATION_MARGIN
-    return float(correct[k - 1])
+    probs = log_pr.exp()
+    top2 = probs.topk(min(2, probs.shape[1]), dim=1)
+    conf, pred = top2.values[:, 0], top2.indices[:, 0]
+    margin = conf - (top2.values[:, 1] if probs.shape[1] > 1 else 0.0)
+    right = (pred == y_cand) & learned[pred]
+    out = {}
+    for name, values in (("min_confidence", conf), ("min_margin", margin)):
+        correct = torch.sort(values[right]).values
+        if len(correct) == 0:
+            out[name] = 0.0
+            continue
+        k = int(math.floor((len(correct) + 1) * (1.0 - keep) / 2))
+        out[name] = float(correct[k - 1]) if k >= 1 else float(correct[0]) * SMALL_VALIDATION_MARGIN
+    return out
 
 
-SMALL_VALIDATION_MARGIN = 0.5  # see calibrate_min_confidence
+SMALL_VALIDATION_MARGIN = 0.5  # see calibrate_thresholds

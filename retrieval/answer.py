@@ -4,13 +4,18 @@ p(bucket) and p(response) come from the head over the message embedding; the lea
 scored in memory. The pinned table adds responses the head did not learn (hybrid FTS + vector search):
 those of a bucket share the probability of that bucket's "other" slot, split by similarity among the
 retrieved rows of that bucket (rows of a foreign ``--llm_db`` share their bucket's probability). The best-scoring
-response wins (or one is sampled with ``response_temperature`` > 0); too little confidence gives the
-fallback answer instead of a wrong one.
+response wins (or one is sampled with ``response_temperature`` > 0). Too little confidence, or too
+small a lead over the runner-up, gives the fallback answer instead of a wrong one; both thresholds are
+calibrated on validation data at training time. A style (retrieval/styles.py) is applied last.
+
+A short follow-up ("and how long does that take?") is read together with the previous user turn.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +25,7 @@ import torch
 from models import checkpoint
 from retrieval.encoder import embed
 from retrieval.store import hybrid_search, open_table, table_encoder
+from retrieval.styles import apply_style
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
 # Softmax temperature turning cosine similarities of retrieved rows into a distribution.
@@ -29,16 +35,26 @@ RETRIEVAL_TEMPERATURE = 0.05
 @dataclass
 class ChatOptions:
     device: str = "cpu"
+    model_size: str = "auto"  # auto: whatever the checkpoint is; a size: refuse a checkpoint of another
     pool_mode: str = "all"
     top_labels: int = 3
     response_temperature: float = 0.0
     llm_db: str | None = None
     db_top_k: int = 20
     min_confidence: float | None = None  # None: the calibrated value in the meta
+    min_margin: float | None = None  # None: the calibrated value in the meta (0 for older models)
+    style_mode: str = "balanced"
+    creativity: float = 0.35
+    history_turns: int = 1  # earlier user turns a short follow-up is read with
     seed: int = 0
     fallback_response: str = FALLBACK_RESPONSE
 
     def __post_init__(self):
+        from models.heads import SIZES
+        from retrieval.styles import STYLES
+
+        if self.model_size not in ("auto", *SIZES):
+            raise ValueError(f"--model_size {self.model_size!r} is not available; choose auto (read it from the checkpoint) or one of {', '.join(SIZES)}")
         if self.pool_mode not in ("all", "top"):
             raise ValueError(f"--pool_mode must be 'all' or 'top', got {self.pool_mode!r}")
         if self.top_labels < 1:
@@ -47,6 +63,15 @@ class ChatOptions:
             raise ValueError(f"--response_temperature must be >= 0 (0 = always the best response), got {self.response_temperature}")
         if self.db_top_k < 1:
             raise ValueError(f"--db_top_k must be at least 1, got {self.db_top_k}")
+        if self.style_mode not in STYLES:
+            raise ValueError(f"--style_mode {self.style_mode!r} is not available; choose one of {', '.join(STYLES)}")
+        if not 0.0 <= self.creativity <= 1.0:
+            raise ValueError(f"--creativity must be in [0, 1], got {self.creativity}")
+        for flag, value in (("--min_confidence", self.min_confidence), ("--min_margin", self.min_margin)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{flag} must be a probability in [0, 1], got {value}")
+        if self.history_turns < 0:
+            raise ValueError(f"--history_turns must be 0 (no context) or more, got {self.history_turns}")
 
 
 @dataclass
@@ -57,32 +82,53 @@ class Answer:
     fallback: bool
     candidates: list[dict] = field(default_factory=list)
     latency_ms: float = 0.0
+    margin: float = 0.0  # confidence minus the runner-up's probability
+    style: str = "balanced"
+    buckets: list[dict] = field(default_factory=list)  # the likeliest buckets: [{"bucket", "probability"}]
+    context: str | None = None  # the earlier turn(s) a follow-up was read with, if any
+    chosen: str | None = None  # the stored response behind the answer (also when it fell back)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# A follow-up leans on earlier turns: it opens with a connective, or it is short and points back.
+_FOLLOW_UP_START = re.compile(r"^(and|also|so|then|but|what about|how about|what if|ok(ay)?)\b", re.I)
+_POINTS_BACK = re.compile(r"\b(it|that|this|those|these|them|they|there|same)\b", re.I)
+
+
+def is_follow_up(message: str) -> bool:
+    """Whether ``message`` leans on the turn before it ("and how long does that take?", "what about it?")."""
+    text = message.strip()
+    return bool(_FOLLOW_UP_START.match(text)) or (len(text.split()) <= 6 and bool(_POINTS_BACK.search(text)))
+
+
 class ChatEngine:
-    """Loads a head, its meta and its pinned table once; ``answer`` is then cheap.
+    """Loads a head, its meta and its pinned table once; ``answer`` is then cheap and thread-safe.
 
     Example::
 
         engine = ChatEngine("head.safetensors", "meta.json")
         engine.answer("how do I reset my password?").response
+        engine.answer("and how long does that take?", history=["how do I reset my password?"])
     """
 
     def __init__(self, weights: str, meta: str, options: ChatOptions | None = None):
         self.opts = options or ChatOptions()
-        # One query at a time: a single thread avoids cross-core sync that costs more than it saves.
+        # One query at a time per thread: a single thread avoids cross-core sync that costs more than it saves.
         torch.set_num_threads(1)
         self.head, self.meta = checkpoint.load(weights, meta, device=self.opts.device)
+        size = self.head.cfg.model_size
+        if self.opts.model_size not in ("auto", size):
+            raise ValueError(f"--model_size {self.opts.model_size} was asked for, but the checkpoint is a {size} head; pass --model_size auto or {size}")
         cands = self.meta["candidates"]
         self.texts: list[str | None] = cands["texts"]  # None: the bucket's "other" slot
         self.cand_bucket = np.asarray(cands["buckets"], dtype=np.int64)
         self.known = {t: i for i, t in enumerate(self.texts) if t is not None}
         self.other_slot = {int(b): j for j, (t, b) in enumerate(zip(self.texts, self.cand_bucket)) if t is None}
-        threshold = self.opts.min_confidence
-        self.min_confidence = float(self.meta["calibration"]["min_confidence"] if threshold is None else threshold)
+        calibration = self.meta.get("calibration", {})
+        self.min_confidence = float(calibration.get("min_confidence", 0.0) if self.opts.min_confidence is None else self.opts.min_confidence)
+        self.min_margin = float(calibration.get("min_margin", 0.0) if self.opts.min_margin is None else self.opts.min_margin)
         # A head trained with --train_all brings its own fine-tuned encoder (None: the shipped one).
         self.encoder_path = self.meta.get("encoder_path")
         self.table = self._open_table()
@@ -91,6 +137,7 @@ class ChatEngine:
             raise ValueError(f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it")
         embed(["warm-up"], device=self.opts.device, path=self.encoder_path)  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
+        self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads
 
     def _open_table(self):
         pinned = self.meta.get("table") or {}
@@ -113,22 +160,32 @@ class ChatEngine:
         """Search only where it can add answers: responses the head did not learn, or an explicit --llm_db."""
         return self.table is not None and (bool(self.opts.llm_db) or not self.meta.get("all_responses_learned", False))
 
+    def _query(self, message: str, history: list[str] | None) -> tuple[str, str | None]:
+        """The text to embed and search: a follow-up is read after the last ``history_turns`` user turns."""
+        if history and self.opts.history_turns and is_follow_up(message):
+            context = " ".join(history[-self.opts.history_turns :])
+            return f"{context} {message}", context
+        return message, None
+
     @torch.no_grad()
-    def answer(self, message: str) -> Answer:
+    def answer(self, message: str, history: list[str] | None = None, style_mode: str | None = None, seed: int | None = None) -> Answer:
+        """Answer ``message``; ``history``: the conversation's earlier user messages, oldest first."""
         start = time.perf_counter()
         if not message.strip():
             raise ValueError("the message is empty; type a question")
-        vec = embed([message], device=self.opts.device, path=self.encoder_path)[0]  # (384,)
-        log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([message]))
+        query, context = self._query(message, history)
+        vec = embed([query], device=self.opts.device, path=self.encoder_path)[0]  # (384,)
+        log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([query]))
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
-        allowed = np.argsort(-log_pb)[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))
+        order = np.argsort(-log_pb)
+        allowed = order[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))
         scores: dict[str, tuple[float, int, str]] = {}  # response -> (log score, bucket, where from)
         in_pool = np.isin(self.cand_bucket, allowed)
         for j in np.flatnonzero(in_pool):
             if self.texts[j] is not None:
                 scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
         if self.searches_table:
-            rows = hybrid_search(self.table, vec, message, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
+            rows = hybrid_search(self.table, vec, query, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
             # The head's own score is better calibrated than retrieval's for responses it learned.
             rows = [r for r in rows if r["assistant"] not in self.known]
             by_bucket: dict[int, list[dict]] = {}
@@ -143,21 +200,84 @@ class ChatEngine:
                     if score > scores.get(r["assistant"], (-math.inf,))[0]:
                         scores[r["assistant"]] = (score, b, f"table:{r['id']}")
         ranked = sorted(scores.items(), key=lambda kv: -kv[1][0])
+        top_buckets = [{"bucket": int(b), "probability": round(float(math.exp(log_pb[b])), 4)} for b in order[:3]]
         if not ranked:
-            return Answer(self.opts.fallback_response, int(np.argmax(log_pb)), 0.0, True, [], (time.perf_counter() - start) * 1000)
+            return Answer(self.opts.fallback_response, int(order[0]), 0.0, True, [], (time.perf_counter() - start) * 1000, buckets=top_buckets, context=context)
         pick = 0
         if self.opts.response_temperature > 0:
             top = np.array([s for _, (s, _, _) in ranked[:20]]) / self.opts.response_temperature
-            pick = int(self.rng.choice(len(top), p=np.exp(top - np.logaddexp.reduce(top))))
+            p = np.exp(top - np.logaddexp.reduce(top))
+            if seed is not None:
+                pick = int(np.random.default_rng(seed).choice(len(top), p=p))
+            else:
+                with self._rng_lock:
+                    pick = int(self.rng.choice(len(top), p=p))
         response, (score, bucket, _) = ranked[pick]
         confidence = float(math.exp(score))
-        fallback = confidence < self.min_confidence
-        candidates = [{"response": r, "score": round(s, 4), "bucket": b, "from": src} for r, (s, b, src) in ranked[:5]]
+        runner_up = max((math.exp(s) for i, (_, (s, _, _)) in enumerate(ranked[:2]) if i != pick), default=0.0)
+        margin = confidence - runner_up
+        fallback = confidence < self.min_confidence or margin < self.min_margin
+        if fallback:
+            text, style = self.opts.fallback_response, "balanced"
+        else:
+            text, style = apply_style(response, style_mode or self.opts.style_mode, message, self.opts.creativity, self.opts.seed if seed is None else seed)
         return Answer(
-            response=self.opts.fallback_response if fallback else response,
+            response=text,
             bucket=bucket,
             confidence=round(confidence, 4),
             fallback=fallback,
-            candidates=candidates,
+            candidates=[{"response": r, "score": round(s, 4), "bucket": b, "from": src} for r, (s, b, src) in ranked[:5]],
             latency_ms=round((time.perf_counter() - start) * 1000, 2),
+            margin=round(margin, 4),
+            style=style,
+            buckets=top_buckets,
+            context=context,
+            chosen=response,
         )
+
+    def sources(self, response: str, limit: int = 3) -> list[dict]:
+        """Stored records whose response is ``response`` (id, user message, source): what an answer rests on."""
+        if self.table is None:
+            return []
+        literal = response.replace("'", "''")  # SQL string literal
+        rows = self.table.search().where(f"assistant = '{literal}'").select(["id", "user", "source", "bucket"]).limit(limit).to_list()
+        return [{k: r.get(k) for k in ("id", "user", "source", "bucket")} for r in rows]
+
+    def explain(self, ans: Answer, limit: int = 3) -> dict:
+        """The "why" behind an answer: likeliest buckets, the scored candidates with their source records,
+        and the thresholds it was held to."""
+        return {
+            "buckets": ans.buckets,
+            "candidates": [{**c, "records": self.sources(c["response"], limit)} for c in ans.candidates],
+            "confidence": ans.confidence,
+            "margin": ans.margin,
+            "thresholds": {"min_confidence": round(self.min_confidence, 4), "min_margin": round(self.min_margin, 4)},
+            "fallback": ans.fallback,
+            "context": ans.context,
+            "style": ans.style,
+        }
+
+
+class Conversation:
+    """One user's conversation with an engine: keeps the user turns so follow-ups are read in context.
+
+    Example::
+
+        convo = Conversation(engine)
+        convo.say("where is my parcel?")
+        convo.say("and how long does that take?")   # read with the previous turn
+        convo.reset()
+    """
+
+    def __init__(self, engine: ChatEngine, max_turns: int = 20):
+        self.engine, self.max_turns = engine, max_turns
+        self.history: list[str] = []
+        self.last: Answer | None = None
+
+    def say(self, message: str) -> Answer:
+        self.last = self.engine.answer(message, history=self.history)
+        self.history = (self.history + [message])[-self.max_turns :]
+        return self.last
+
+    def reset(self) -> None:
+        self.history, self.last = [], None

@@ -17,7 +17,7 @@ from prefect import task
 
 from models import checkpoint
 from models.heads import BucketHead, HeadConfig, warm_start
-from models.train import Candidates, TrainConfig, TrainData, Trainable, calibrate_min_confidence, split_indices, train
+from models.train import Candidates, TrainConfig, TrainData, Trainable, calibrate_thresholds, split_indices, train
 from retrieval.encoder import ENCODER_ID, embed
 from retrieval.store import open_table, reembed_table, table_encoder
 from tasks import registry, run_logger
@@ -184,7 +184,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         "candidates": {"texts": cands.texts, "buckets": cands.buckets, "counts": cands.counts},
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
         "all_responses_learned": not cands.other,
-        "calibration": {"min_confidence": calibrate_min_confidence(log_pr, y_va, head.candidate_learned) if len(va) else 0.0, "val_rows": int(len(va))},
+        "calibration": {**(calibrate_thresholds(log_pr, y_va, head.candidate_learned) if len(va) else {"min_confidence": 0.0, "min_margin": 0.0}), "val_rows": int(len(va))},
         "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second},
         "train_config": result.config.to_dict(),
         "warm_start": report,
@@ -324,7 +324,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
             folder = Path(tmp) / registry.MODEL_ARTIFACT
             checkpoint.save(model, meta_dict, folder / registry.WEIGHTS_FILE, folder / registry.META_FILE, encoder=extras["encoder"])
             mlflow.log_metrics({f"best_{k}": float(v) for k, v in meta_dict["metrics"].items()})
-            mlflow.log_metric("min_confidence", meta_dict["calibration"]["min_confidence"])
+            mlflow.log_metrics({k: meta_dict["calibration"][k] for k in ("min_confidence", "min_margin")})
             mlflow.log_artifacts(str(folder), registry.MODEL_ARTIFACT)
             plots = Path(tmp) / "evaluation"
             plots.mkdir()

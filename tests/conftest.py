@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -82,3 +83,55 @@ def prefect_harness():
     with tempfile.TemporaryDirectory() as storage, temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}):
         with prefect_test_harness(server_startup_timeout=120):
             yield
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory) -> tuple[str, str]:
+    """A small trained head over INTENTS (weights, meta), shared by the chat, eval and server tests.
+
+    One unlabelled, rare response is not learned (max 1 candidate per bucket): only retrieval can
+    return it. Validation is off, so the thresholds are 0 unless a test sets them."""
+    from models import checkpoint
+    from models.train import TrainConfig
+    from retrieval.store import build_table
+    from tasks.records import load_records
+    from tasks.training import fit
+
+    tmp = tmp_path_factory.mktemp("chat_model")
+    records = [{"user": u, "assistant": resp, "intent": name} for name, (resp, asks) in INTENTS.items() for u in asks]
+    records.append({"user": "do you sell gift cards", "assistant": "Yes, gift cards from 10 to 200 euros are in the shop.", "intent": "track_order"})
+    pairs, _ = load_records(write_jsonl(tmp / "d.jsonl", records))
+    res = build_table(pairs, tmp / "db", "conversations")
+    head, meta, _ = fit(str(tmp / "db"), "conversations", res.version, TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1), {"hidden_dim": 64, "dropout": 0.0})
+    checkpoint.save(head, meta, tmp / "w.safetensors", tmp / "m.json")
+    return str(tmp / "w.safetensors"), str(tmp / "m.json")
+
+
+@contextlib.contextmanager
+def running_server(engine, cfg=None):
+    """The real server (uvicorn, loopback, a free port) in a background thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from retrieval.server import ServerConfig, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = cfg or ServerConfig()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

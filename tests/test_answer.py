@@ -1,29 +1,12 @@
 import pytest
 
 from retrieval.answer import FALLBACK_RESPONSE, ChatEngine, ChatOptions
-from retrieval.store import build_table
-from tasks.records import load_records
-from tasks.training import fit
-from models import checkpoint
-from models.train import TrainConfig
 from tests.conftest import INTENTS
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("answer")
-    import json
-
-    records = [{"user": u, "assistant": resp, "intent": name} for name, (resp, asks) in INTENTS.items() for u in asks]
-    # One unlabelled, rare response that the head does not learn (max 1 candidate per bucket below):
-    # only retrieval can return it.
-    records.append({"user": "do you sell gift cards", "assistant": "Yes, gift cards from 10 to 200 euros are in the shop.", "intent": "track_order"})
-    (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    pairs, _ = load_records(tmp / "d.jsonl")
-    res = build_table(pairs, tmp / "db", "conversations")
-    head, meta, _ = fit(str(tmp / "db"), "conversations", res.version, TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1), {"hidden_dim": 64, "dropout": 0.0})
-    checkpoint.save(head, meta, tmp / "w.safetensors", tmp / "m.json")
-    return str(tmp / "w.safetensors"), str(tmp / "m.json")
+@pytest.fixture
+def model(chat_model):
+    return chat_model
 
 
 @pytest.mark.parametrize("name", list(INTENTS))
@@ -66,3 +49,63 @@ def test_options_are_validated():
         ChatOptions(pool_mode="some")
     with pytest.raises(ValueError, match="--response_temperature"):
         ChatOptions(response_temperature=-1)
+
+
+def test_a_follow_up_is_read_with_the_previous_turn(model):
+    from retrieval.answer import Conversation, is_follow_up
+
+    assert is_follow_up("and how long does that take?") and is_follow_up("what about it?")
+    assert not is_follow_up("How long do I boil an egg for a runny yolk?")
+    convo = Conversation(ChatEngine(*model))
+    first = convo.say("I forgot my password")
+    follow = convo.say("and what about that?")
+    assert follow.context == "I forgot my password"
+    assert follow.response == first.response == INTENTS["reset_password"][0]
+    # the same words without the conversation are not read in context
+    assert ChatEngine(*model).answer("and what about that?").context is None
+    convo.reset()
+    assert convo.history == [] and convo.say("and what about that?").context is None
+    # a standalone question after a topic is answered on its own
+    convo.say("where is my order?")
+    assert convo.say("How long do I boil an egg?").response == INTENTS["boil_egg"][0]
+
+
+def test_margin_threshold_falls_back_when_two_answers_are_close(model):
+    ans = ChatEngine(*model).answer("I forgot my password")
+    assert 0 < ans.margin <= ans.confidence
+    assert not ans.fallback
+    close = ChatEngine(*model, ChatOptions(min_margin=min(1.0, ans.margin + 1e-3))).answer("I forgot my password")
+    assert close.fallback and close.response == FALLBACK_RESPONSE and close.chosen == INTENTS["reset_password"][0]
+
+
+def test_styles_transform_the_chosen_response_and_never_swap_it(model):
+    base = ChatEngine(*model).answer("How long do I boil an egg?")
+    assert base.style == "balanced" and base.response == INTENTS["boil_egg"][0]
+    for style in ("concise", "analyst", "creative"):
+        a = ChatEngine(*model, ChatOptions(style_mode=style, creativity=1.0)).answer("How long do I boil an egg?")
+        assert a.style == style and a.chosen == base.response
+    creative = ChatEngine(*model, ChatOptions(style_mode="creative", creativity=1.0)).answer("How long do I boil an egg?")
+    assert base.response in creative.response and creative.response != base.response
+    auto = ChatEngine(*model, ChatOptions(style_mode="auto"))
+    assert auto.answer("briefly: how long do I boil an egg?").style == "concise"
+    assert auto.answer("explain how long to boil an egg").style == "analyst"
+    assert auto.answer("How long do I boil an egg?").style == "balanced"
+
+
+def test_explain_names_buckets_candidates_and_their_source_records(model):
+    engine = ChatEngine(*model)
+    ans = engine.answer("how do I track my package")
+    why = engine.explain(ans)
+    probs = [b["probability"] for b in why["buckets"]]
+    assert why["buckets"][0]["bucket"] == ans.bucket and len(probs) == 3 and probs == sorted(probs, reverse=True)
+    top = why["candidates"][0]
+    assert top["response"] == INTENTS["track_order"][0]
+    assert {r["user"] for r in top["records"]} <= set(INTENTS["track_order"][1]) and len(top["records"]) == 3
+    assert why["thresholds"] == {"min_confidence": 0.0, "min_margin": 0.0}
+
+
+def test_model_size_auto_accepts_the_checkpoint_and_a_wrong_size_is_refused(model):
+    assert ChatEngine(*model, ChatOptions(model_size="auto")).head.cfg.model_size == "base"
+    assert ChatEngine(*model, ChatOptions(model_size="base"))
+    with pytest.raises(ValueError, match="checkpoint is a base head; pass --model_size auto or base"):
+        ChatEngine(*model, ChatOptions(model_size="xlarge"))

@@ -14,7 +14,7 @@ from retrieval.store import build_table
 from tasks.records import load_records
 from tasks.training import fit
 
-COMMANDS = [["expand"], ["build-super"], ["db", "build"], ["db", "stats"], ["finetune"], ["size-sweep"], ["registry", "list"], ["registry", "rollback"], ["chat"], ["pipeline"]]
+COMMANDS = [["expand"], ["build-super"], ["db", "build"], ["db", "stats"], ["finetune"], ["size-sweep"], ["registry", "list"], ["registry", "rollback"], ["chat"], ["eval"], ["serve"], ["pipeline"]]
 
 # SEED.md's finetune lines, verbatim but for `python finetune_chat.py` -> `bucketchat finetune`.
 SEED_FINETUNE = [
@@ -23,6 +23,15 @@ SEED_FINETUNE = [
     "--data conversation_data.massive.jsonl --weights champion_model_chat_large_ft_v4.pth --model_size xlarge --expansion_dim 896 --extra_expansion_dim 1536 --train_all --balanced_sampler --pref_weight 0.24 --pref_beta 2.8 --hard_negative_ratio 0.75 --adaptive_pref_weighting --epochs 2 --batch_size 128 --device cpu --output champion_model_chat_xlarge_ft_v1.pth --meta chat_model_xlarge_meta_v1.json",
     "--data conversation_data.super_v7.jsonl --weights champion_model_chat_large_ft_v6.pth --model_size xxlarge --expansion_dim 1024 --extra_expansion_dim 2048 --third_expansion_dim 3072 --train_all --balanced_sampler --split_mode stratified --val_split 0.08 --grad_accum_steps 4 --ema_decay 0.999 --pref_weight 0.24 --pref_beta 2.8 --pref_objective sigmoid --pref_group_size 4 --pref_group_estimator epo --hard_negative_ratio 0.78 --adaptive_pref_weighting --pref_warmup_epochs 1.2 --label_smoothing 0.04 --lr 0.00012 --lr_schedule cosine --warmup_steps 260 --early_stop_patience 2 --epochs 2 --batch_size 128 --device cpu --max_candidates_per_bucket 320 --output champion_model_chat_xxlarge_ft_v1.pth --meta chat_model_xxlarge_meta_v1.json",
     "--data conversation_data.hybrid_v5_clean.jsonl --weights champion_model_chat_large_ft_v5.pth --model_size large --train_all --balanced_sampler --split_mode stratified --val_split 0.08 --pref_weight 0.22 --pref_beta 2.6 --pref_objective sigmoid --pref_group_size 4 --pref_group_estimator epo --hard_negative_ratio 0.78 --adaptive_pref_weighting --pref_warmup_epochs 1.2 --label_smoothing 0.04 --lr 0.00014 --lr_schedule cosine --warmup_steps 180 --early_stop_patience 2 --epochs 2 --batch_size 128 --device cpu --max_candidates_per_bucket 224 --output champion_model_chat_large_ft_v6.pth --meta chat_model_large_meta_v6.json",
+]
+
+
+# SEED.md's chat lines, verbatim but for `python chat_app.py` -> `bucketchat chat`.
+SEED_CHAT = [
+    "--weights champion_model_chat_ft.pth --meta chat_model_meta.json --device cpu",
+    "--weights champion_model_chat_large_ft_v4.pth --meta chat_model_large_meta_v4.json --device cpu --pool_mode all --response_temperature 0.10 --top_labels 4 --llm_db llm_chat.db --db_top_k 120",
+    "--weights champion_model_chat_xlarge_ft_v1.pth --meta chat_model_xlarge_meta_v1.json --model_size auto --pool_mode all --llm_db llm_chat.db --db_top_k 160 --style_mode auto --creativity 0.35 --response_temperature 0.12",
+    "--weights champion_model_chat_xxlarge_ft_v1.pth --meta chat_model_xxlarge_meta_v1.json --model_size auto --pool_mode all --llm_db llm_chat_v6.db --db_top_k 180 --style_mode auto --creativity 0.30 --response_temperature 0.08",
 ]
 
 
@@ -116,8 +125,65 @@ def test_seed_finetune_lines_run_as_written(tmp_path, tiny_records, monkeypatch,
         saved = json.loads(Path(meta).read_text())
         assert saved["warm_start"]["skipped"] == []  # large (768) -> xlarge (896): widened, not dropped
         assert Path(weights).with_suffix(".encoder").is_dir()  # --train_all: the encoder travels with the head
+    assert json.loads(Path("chat_model_xxlarge_meta_v1.json").read_text())["head_config"]["third_expansion_dim"] == 3072
+    # The seed's v6 database is the table its recipe trained on (re-embedded by the fine-tuned encoder).
+    shutil.copytree("llm_chat.db", "llm_chat_v6.db")
+    for line in SEED_CHAT:
         monkeypatch.setattr(sys, "stdin", io.StringIO("where is my parcel\n"))
         capsys.readouterr()
-        assert main(["chat", "--weights", weights, "--meta", meta, "--device", "cpu", "--pool_mode", "all", "--llm_db", "llm_chat.db", "--db_top_k", "160", "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["response"]
-    assert json.loads(Path("chat_model_xxlarge_meta_v1.json").read_text())["head_config"]["third_expansion_dim"] == 3072
+        assert main(["chat", *line.split(), "--json"]) == 0, line
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["response"] and answer["style"] in ("balanced", "concise", "analyst", "creative")
+
+
+def test_every_seed_chat_line_parses(tmp_path):
+    from retrieval.answer import ChatOptions
+
+    for line in SEED_CHAT:
+        a = build_parser().parse_args(["chat", *line.split()])
+        ChatOptions(device=a.device, model_size=a.model_size, pool_mode=a.pool_mode, top_labels=a.top_labels, response_temperature=a.response_temperature, llm_db=a.llm_db, db_top_k=a.db_top_k, style_mode=a.style_mode, creativity=a.creativity)
+    a = build_parser().parse_args(["chat", *SEED_CHAT[3].split()])
+    assert (a.model_size, a.style_mode, a.creativity, a.response_temperature, a.db_top_k) == ("auto", "auto", 0.30, 0.08, 180)
+
+
+def _repl(monkeypatch, capsys, argv: list[str], typed: str) -> str:
+    """Run `bucketchat chat` as if on a terminal, typing ``typed``."""
+    tty = io.StringIO(typed)
+    tty.isatty = lambda: True
+    monkeypatch.setattr(sys, "stdin", tty)
+    capsys.readouterr()
+    assert main(["chat", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_repl_keeps_history_and_has_why_reset_help(chat_model, monkeypatch, capsys):
+    from tests.conftest import INTENTS
+
+    w, m = chat_model
+    out = _repl(monkeypatch, capsys, ["--weights", w, "--meta", m], "/help\nwhere is my order?\nand what about that?\n/why\n/reset\n/why\n/bogus\nexit\n")
+    assert "/why" in out and "/reset" in out  # help
+    assert out.count(f"bot> {INTENTS['track_order'][0]}") == 2  # the follow-up was read with the previous turn
+    assert "read as a follow-up of: 'where is my order?'" in out
+    assert "buckets: " in out and "[learned, bucket" in out and "from d:" in out  # the why, with source records
+    assert "(conversation reset)" in out and "(nothing answered yet)" in out
+    assert "unknown command /bogus; /help lists them" in out
+
+
+def test_eval_reports_accuracy_fallback_oos_and_latency(chat_model, tmp_path, capsys):
+    from tests.conftest import INTENTS, write_jsonl
+
+    w, m = chat_model
+    test = write_jsonl(tmp_path / "test.jsonl", [{"user": q, "assistant": r} for q, r in [
+        ("I can't log in, I forgot the password", INTENTS["reset_password"][0]), ("where's my package right now", INTENTS["track_order"][0]),
+        ("how many minutes should eggs boil", INTENTS["boil_egg"][0]), ("how can I undo a git commit", INTENTS["track_order"][0])]])
+    oos = tmp_path / "oos.txt"
+    oos.write_text("what is the capital of peru\nsing me a song\n")
+    assert main(["eval", "--data", str(test), "--oos", str(oos), "--weights", w, "--meta", m, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["messages"] == 4 and r["response_accuracy"] == 0.75 and r["ranking_accuracy"] == 0.75
+    assert r["bucket_accuracy"] == 0.75 and r["fallback_rate"] == 0.0  # thresholds are 0 for this model
+    assert r["oos"] == {"data": str(oos), "messages": 2, "recall": 0.0}
+    assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
+    assert main(["eval", "--data", str(test), "--oos", str(oos), "--weights", w, "--meta", m, "--min_confidence", "1.0"]) == 0
+    text = capsys.readouterr().out
+    assert "response accuracy    0.00%" in text and "out-of-scope recall  100.00%" in text and "fallback rate        100.00%" in text

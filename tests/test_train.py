@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.heads import BucketHead, HeadConfig
-from models.train import EMA, Candidates, TrainConfig, calibrate_min_confidence, lr_lambda, split_indices, train
+from models.train import EMA, Candidates, TrainConfig, calibrate_thresholds, lr_lambda, split_indices, train
 
 
 def test_candidates_keep_the_most_frequent_per_bucket_plus_an_other_slot():
@@ -61,16 +61,19 @@ def test_training_separates_toy_clusters_and_picks_best_epoch():
 
 
 def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
-    conf = torch.linspace(0.5, 0.99, 199)  # 199 correct answers, confidences 0.5 .. 0.99
+    conf = torch.linspace(0.5, 0.99, 399)  # 399 correct answers, confidences 0.5 .. 0.99
     log_pr = torch.log(torch.stack([conf, 1 - conf], 1))
-    y = torch.zeros(199, dtype=torch.long)
-    # k = floor(200 * 0.01) = 2: the second smallest correct confidence.
-    assert calibrate_min_confidence(log_pr, y, torch.tensor([True, True])) == pytest.approx(float(conf[1]))
+    y = torch.zeros(399, dtype=torch.long)
+    # Half the 1 % budget each: k = floor(400 * 0.01 / 2) = 2, the second smallest confidence and
+    # the second smallest margin (conf - (1 - conf)) among correct answers.
+    got = calibrate_thresholds(log_pr, y, torch.tensor([True, True]))
+    assert got["min_confidence"] == pytest.approx(float(conf[1]))
+    assert got["min_margin"] == pytest.approx(float(2 * conf[1] - 1))
     # Wrong answers do not count; with too few correct answers no threshold can keep the promise, so
-    # only answers far below the least confident right one (0.6 here, halved) fall back.
+    # only answers far below the least sure right one (confidence 0.6, margin 0.2; halved) fall back.
     few = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
-    assert calibrate_min_confidence(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx(0.3)
-    assert calibrate_min_confidence(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.75) == pytest.approx(0.6)
+    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx({"min_confidence": 0.3, "min_margin": 0.1})
+    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.5) == pytest.approx({"min_confidence": 0.6, "min_margin": 0.2})
 
 
 @pytest.mark.parametrize("kwargs, flag", [({"epochs": 0}, "--epochs"), ({"val_split": 1.0}, "--val_split"), ({"lr_schedule": "step"}, "--lr_schedule"), ({"split_mode": "x"}, "--split_mode")])

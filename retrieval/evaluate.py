@@ -1,0 +1,105 @@
+"""``bucketchat eval``: a model scored through the same engine ``chat`` uses.
+
+Response accuracy counts the returned text against the test line's ``assistant`` (a fallback is
+wrong); ranking accuracy ignores the fallback (was the best candidate right?); bucket accuracy
+compares the answer's bucket with the bucket the model files the expected response under;
+out-of-scope recall is the share of ``--oos`` messages that get the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.answer import ChatEngine
+
+
+def read_messages(path: str | Path) -> list[str]:
+    """Out-of-scope messages: a conversation JSONL (its user side) or plain text, one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--oos file {str(path)!r} does not exist; pass a JSONL file or a text file with one message per line")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg}); write one object per line, or plain text") from exc
+            text = obj.get("user") if isinstance(obj, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{number}: no \"user\" text; give {{\"user\": \"...\"}} or a plain line")
+            out.append(text)
+        else:
+            out.append(line)
+    return out
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in (50, 90, 99)} | {"mean": round(float(arr.mean()), 2)}
+
+
+def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None) -> dict:
+    """Every test line (and out-of-scope message) through ``engine.answer``; returns the report."""
+    from tasks.records import load_records
+
+    pairs, rejects = load_records(data)
+    if not pairs:
+        raise ValueError(f"--data {str(data)!r} holds no usable test pairs ({len(rejects)} malformed lines); each line needs user and assistant")
+    bucket_of = {t: int(b) for t, b in zip(engine.texts, engine.cand_bucket) if t is not None}
+    right = ranked_right = fell_back = bucket_right = bucket_n = 0
+    latencies = []
+    for pair in pairs:
+        ans = engine.answer(pair.user)
+        latencies.append(ans.latency_ms)
+        right += ans.response == pair.assistant and not ans.fallback
+        ranked_right += ans.chosen == pair.assistant
+        fell_back += ans.fallback
+        if pair.assistant in bucket_of:
+            bucket_n += 1
+            bucket_right += ans.bucket == bucket_of[pair.assistant]
+    n = len(pairs)
+    report = {
+        "data": str(data),
+        "messages": n,
+        "malformed_lines": len(rejects),
+        "response_accuracy": right / n,
+        "ranking_accuracy": ranked_right / n,
+        "bucket_accuracy": bucket_right / bucket_n if bucket_n else None,
+        "fallback_rate": fell_back / n,
+        "unknown_responses": n - bucket_n,  # expected responses the model never learned (retrieval only)
+        "thresholds": {"min_confidence": engine.min_confidence, "min_margin": engine.min_margin},
+    }
+    if oos:
+        messages = read_messages(oos)
+        answers = [engine.answer(m) for m in messages]
+        latencies += [a.latency_ms for a in answers]
+        report["oos"] = {"data": str(oos), "messages": len(messages), "recall": sum(a.fallback for a in answers) / len(messages) if messages else None}
+    report["latency_ms"] = _percentiles(latencies)
+    return report
+
+
+def format_report(r: dict) -> str:
+    pct = lambda v: "n/a" if v is None else f"{v:.2%}"
+    lines = [
+        f"test data            {r['data']} ({r['messages']} messages" + (f", {r['malformed_lines']} malformed lines skipped" if r["malformed_lines"] else "") + ")",
+        f"response accuracy    {pct(r['response_accuracy'])}   (fallbacks count as wrong)",
+        f"ranking accuracy     {pct(r['ranking_accuracy'])}   (best candidate, fallback ignored)",
+        f"bucket accuracy      {pct(r['bucket_accuracy'])}",
+        f"fallback rate        {pct(r['fallback_rate'])}   (thresholds: confidence {r['thresholds']['min_confidence']:.4f}, margin {r['thresholds']['min_margin']:.4f})",
+    ]
+    if r["unknown_responses"]:
+        lines.append(f"not learned          {r['unknown_responses']} expected responses are not among the model's candidates")
+    if "oos" in r:
+        lines.append(f"out-of-scope recall  {pct(r['oos']['recall'])}   ({r['oos']['messages']} messages from {r['oos']['data']} that should fall back)")
+    lat = r["latency_ms"]
+    lines.append(f"latency per turn     p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, mean {lat['mean']} ms")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The chat page at / in a real headless browser (Debian's Chromium driven by Playwright), used as a
+person would: type, send, read the answer, open the "why", ask a follow-up."""
+
+import os
+import shutil
+
+import pytest
+
+from retrieval.answer import ChatEngine
+from retrieval.server import ServerConfig
+from tests.conftest import INTENTS, running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# The probe's flags: no sandbox as root, and no background networking on a machine without a network.
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if CHROMIUM is None and os.environ.get("CI"):
+    raise RuntimeError("CI needs Chromium for the page test: .ci/run installs Debian's chromium package")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (`apt-get install chromium`; make test does it)")
+
+
+def test_type_send_read_the_answer_and_the_why(chat_model, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with running_server(ChatEngine(*chat_model), ServerConfig(model_name="bucketchat-page")) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(url + "/")
+        assert page.title() == "bucketchat"
+        page.wait_for_function("document.getElementById('model').textContent.includes('bucketchat-page')")
+
+        page.fill("#message", "how do I track my package")
+        page.click("#send")
+        bot = page.locator(".msg.bot").first
+        bot.wait_for()
+        assert bot.inner_text().startswith(INTENTS["track_order"][0])
+        assert "confidence" in bot.locator(".meta").inner_text()
+
+        bot.locator("button.why-toggle").click()
+        why = bot.locator(".why")
+        assert "Buckets: bucket" in why.inner_text()
+        assert INTENTS["track_order"][0] in why.locator("li").first.inner_text()
+        bot.locator("button.why-toggle").click()
+        assert why.count() == 0
+
+        page.fill("#message", "and what about that?")
+        page.press("#message", "Enter")
+        page.locator(".msg.bot").nth(1).wait_for()
+        assert page.locator(".msg.bot").nth(1).inner_text().startswith(INTENTS["track_order"][0])
+        page.screenshot(path=str(tmp_path / "page.png"))
+        assert page.locator("#error").inner_text() == ""
+        browser.close()
+
+
+def test_the_page_asks_for_a_key_when_the_server_needs_one(chat_model):
+    from playwright.sync_api import sync_playwright
+
+    key = "page-key-0123456789"
+    with running_server(ChatEngine(*chat_model), ServerConfig(api_key=key)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.once("dialog", lambda d: d.accept(key))
+        page.goto(url + "/")
+        page.fill("#message", "I forgot my password")
+        page.click("#send")
+        page.locator(".msg.bot").first.wait_for()
+        assert page.locator(".msg.bot").first.inner_text().startswith(INTENTS["reset_password"][0])
+        browser.close()

@@ -1,0 +1,141 @@
+"""retrieval/server.py against the official openai client and raw HTTP: answers, streaming,
+conversations, auth, and every kind of bad request getting a 4xx JSON error (never a 500)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from retrieval.answer import FALLBACK_RESPONSE, ChatEngine, ChatOptions
+from retrieval.server import ServerConfig
+from tests.conftest import INTENTS, running_server
+
+KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    engine = ChatEngine(*chat_model)
+    with running_server(engine, ServerConfig(api_key=KEY, model_name="bucketchat-test", max_body_bytes=8192, max_message_chars=500)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_client_gets_the_stored_response(client):
+    out = client.chat.completions.create(model="bucketchat-test", messages=[{"role": "system", "content": "be nice"}, {"role": "user", "content": "I forgot my password"}])
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == INTENTS["reset_password"][0]
+    assert out.choices[0].finish_reason == "stop" and out.model == "bucketchat-test"
+    extra = out.model_extra["bucketchat"]
+    assert extra["fallback"] is False and 0 < extra["confidence"] <= 1 and extra["candidates"][0]["response"] == INTENTS["reset_password"][0]
+    assert out.usage.completion_tokens == len(INTENTS["reset_password"][0].split())
+
+
+def test_streaming_sends_the_same_answer_in_pieces(client):
+    stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "how long to boil an egg"}], stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == INTENTS["boil_egg"][0]
+    assert len(chunks) > 3 and chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_conversation_history_answers_a_follow_up(client):
+    out = client.chat.completions.create(model="x", messages=[
+        {"role": "user", "content": "where is my order?"},
+        {"role": "assistant", "content": INTENTS["track_order"][0]},
+        {"role": "user", "content": "and what about that?"}])
+    assert out.choices[0].message.content == INTENTS["track_order"][0]
+    assert out.model_extra["bucketchat"]["context"] == "where is my order?"
+
+
+def test_explain_on_request_and_sampling_params_are_ignored(client):
+    out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "undo my last git commit"}], temperature=1.7, max_tokens=3, top_p=0.1, seed=5, extra_body={"explain": True})
+    assert out.choices[0].message.content == INTENTS["undo_commit"][0]  # not cut to 3 tokens: a stored response
+    why = out.model_extra["bucketchat"]["why"]
+    assert why["candidates"][0]["records"] and why["buckets"][0]["bucket"] == out.model_extra["bucketchat"]["bucket"]
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list()] == ["bucketchat-test"]
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["status"] == "ok" and health["model_size"] == "base" and health["table"]["version"] >= 1
+
+
+def test_wrong_or_missing_key_is_401(server):
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong-key-123456", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"messages": []}', 400, "messages"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, "tools"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', 400, "messages[1]"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages[0].role"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400, "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": "' + b"a" * 600 + b'"}]}', 400, "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream"),
+    (b'{"messages": [{"role": "user", "content": "' + b"a" * 9000 + b'"}]}', 413, None),
+    (b"[" * 3000 + b"]" * 3000, 400, None),
+])
+def test_bad_requests_get_4xx_json_errors(server, body, status, param):
+    r = httpx.post(f"{server}/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["param"] == param
+
+
+def test_unknown_routes_and_methods_are_json_4xx(server):
+    r = httpx.get(f"{server}/v1/nothing", headers=AUTH)
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{server}/v1/chat/completions", headers=AUTH)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_many_simultaneous_requests_are_all_answered_correctly(server, chat_model):
+    questions = [asks[i % len(asks)] for _, asks in INTENTS.values() for i in range(12)]
+
+    def ask(q):
+        r = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": q}]}, headers=AUTH, timeout=60)
+        return r.status_code, r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, questions))
+    assert [s for s, _ in results] == [200] * len(questions)
+    # concurrency changes nothing: each answer is what the engine gives that question alone
+    alone = ChatEngine(*chat_model)
+    assert [text for _, text in results] == [alone.answer(q).response for q in questions]
+
+
+def test_past_max_concurrency_requests_get_429_not_errors(chat_model):
+    engine = ChatEngine(*chat_model, ChatOptions(style_mode="balanced"))
+    with running_server(engine, ServerConfig(max_concurrency=1, threads=1)) as url:
+        def ask(_):
+            return httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "where is my parcel"}]}, timeout=60)
+
+        with ThreadPoolExecutor(24) as pool:
+            rs = list(pool.map(ask, range(48)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes
+    limited = next(r for r in rs if r.status_code == 429)
+    assert limited.headers["retry-after"] == "1" and limited.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="--api_key"):
+        ServerConfig(api_key="short")
+    with pytest.raises(ValueError, match="--port"):
+        ServerConfig(port=0)
