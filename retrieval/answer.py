@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models import checkpoint
-from retrieval.encoder import embed
+from retrieval.encoder import TORCH_ID, embed
 from retrieval.store import hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
 
@@ -131,11 +131,12 @@ class ChatEngine:
         self.min_margin = float(calibration.get("min_margin", 0.0) if self.opts.min_margin is None else self.opts.min_margin)
         # A head trained with --train_all brings its own fine-tuned encoder (None: the shipped one).
         self.encoder_path = self.meta.get("encoder_path")
+        self.encoder_id = self.meta.get("encoder", TORCH_ID)  # metas without one predate the int8 encoder
         self.table = self._open_table()
         if self.table is not None and table_encoder(self.table) != self.meta.get("encoder", table_encoder(self.table)):
             # Vectors from another encoder would make every similarity meaningless: refuse, loudly.
             raise ValueError(f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it")
-        embed(["warm-up"], device=self.opts.device, path=self.encoder_path)  # load the encoder now, not inside the first turn
+        embed(["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads
 
@@ -174,7 +175,7 @@ class ChatEngine:
         if not message.strip():
             raise ValueError("the message is empty; type a question")
         query, context = self._query(message, history)
-        vec = embed([query], device=self.opts.device, path=self.encoder_path)[0]  # (384,)
+        vec = embed([query], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)[0]  # (384,)
         log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([query]))
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
         order = np.argsort(-log_pb)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval.buckets import assign_buckets, group_keys
-from retrieval.encoder import DIM, ENCODER_ID, EmbeddingCache
+from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache
 from tasks.records import Pair
 
 # Below this a flat scan is faster than building an index (DESIGN.md §5: ~8 ms per 100k at numpy speed).
@@ -72,7 +72,7 @@ def open_table(db: str | Path, table: str, version: int | None = None):
 def table_encoder(tbl) -> str:
     """The encoder whose vectors the table (at its checked-out version) holds."""
     meta = tbl.schema.metadata or {}
-    return (meta.get(b"encoder") or ENCODER_ID.encode()).decode()
+    return (meta.get(b"encoder") or TORCH_ID.encode()).decode()  # no tag: built before tables carried one (torch fp32)
 
 
 def reembed_table(db: str | Path, table: str, version: int, encoder_path: str, encoder_id: str, device: str = "cpu", progress: bool = False) -> int:

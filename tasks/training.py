@@ -18,7 +18,7 @@ from prefect import task
 from models import checkpoint
 from models.heads import BucketHead, HeadConfig, warm_start
 from models.train import Candidates, TrainConfig, TrainData, Trainable, calibrate_thresholds, split_indices, train
-from retrieval.encoder import ENCODER_ID, embed
+from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
 from retrieval.store import open_table, reembed_table, table_encoder
 from tasks import registry, run_logger
 
@@ -51,7 +51,7 @@ def data_version(rows: dict) -> str:
 
 def encoder_folder(db: str, encoder_id: str) -> Path | None:
     """Where a fine-tuned encoder used by a table version is kept (None for the stock encoder)."""
-    if encoder_id == ENCODER_ID:
+    if encoder_id in STOCK_IDS:
         return None
     return Path(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1]
 
@@ -137,7 +137,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
             # Start from the checkpoint's fine-tuned encoder when it has one, else from the table's.
             start = source.encoder_path if source and source.encoder_path else _table_encoder_path(db, rows["encoder"])
             encoder = TrainableEncoder(start, device=train_cfg.device)
-        elif source is not None and source.meta and source.meta.get("encoder", ENCODER_ID) != rows["encoder"] and logger:
+        elif source is not None and source.meta and source.meta.get("encoder", TORCH_ID) != rows["encoder"] and logger:
             logger.warning("--weights %s was trained on vectors of encoder %s, this table holds %s: its tensors load, but expect it to need more training", source.spec, source.meta.get("encoder"), rows["encoder"])
         lex = None
         if head.lexical is not None:
@@ -169,7 +169,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         pinned = reembed_table(db, table, version, str(folder), encoder_id, progress=progress)
         vectors = table_rows(db, table, pinned)["vectors"]
         saved_encoder = EncoderFolder(folder, encoder_id)
-    elif encoder_id != ENCODER_ID:
+    elif encoder_id not in STOCK_IDS:
         saved_encoder = EncoderFolder(_table_encoder_path(db, encoder_id), encoder_id)
     from models.lexical import to_bag
 
@@ -214,10 +214,11 @@ def response_accuracy(weights: str, meta_path: str, db: str, table: str, version
     where = {i: n for n, i in enumerate(rows["ids"])}
     idx = [where[i] for i in val_ids if i in where]
     head, meta = checkpoint.load(weights, meta_path)
-    if meta.get("encoder", ENCODER_ID) == rows["encoder"]:
+    encoder = meta.get("encoder", TORCH_ID)  # metas without one predate the int8 encoder
+    if encoder == rows["encoder"]:
         x = rows["vectors"][idx]
-    elif meta.get("encoder") == ENCODER_ID or meta.get("encoder_path"):
-        x = embed([rows["users"][i] for i in idx], path=meta.get("encoder_path"))
+    elif encoder in STOCK_IDS or meta.get("encoder_path"):
+        x = embed([rows["users"][i] for i in idx], path=meta.get("encoder_path"), encoder_id=encoder)
     else:
         return None
     if head.cfg.input_dim != x.shape[1]:

@@ -6,6 +6,7 @@ import mlflow
 import pytest
 import torch
 
+from retrieval.encoder import INT8_ID
 from retrieval.store import build_table
 from tasks import registry
 from tasks.records import load_records
@@ -123,7 +124,7 @@ def test_train_all_pins_a_table_version_embedded_by_the_fine_tuned_encoder(table
     tbl = open_table(db, name, pinned)
     meta = json.loads((tmp_path / "m.json").read_text())
     assert meta["encoder"].startswith("sentence-transformers/all-MiniLM-L6-v2+ft:") and table_encoder(tbl) == meta["encoder"]
-    assert table_encoder(open_table(db, name, version)) == "sentence-transformers/all-MiniLM-L6-v2"  # the old version is untouched
+    assert table_encoder(open_table(db, name, version)) == INT8_ID  # the old version is untouched
     assert (tmp_path / "w.encoder" / "model.safetensors").is_file() and meta["encoder_dir"] == "w.encoder"
     files = {f.path for f in registry.client().list_artifacts(out["run_id"], "model")}
     assert "model/head.encoder" in files
