@@ -7,12 +7,18 @@ model that pinned version N keeps answering from exactly version N after later r
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+# LanceDB 0.40 logs a deprecation warning (output columns without `_distance`/`_score`) on every
+# hybrid search, to stderr: two lines per chat turn. Its Python API has no switch for the new
+# behaviour yet, so quiet its logger (set before lancedb is first imported) unless the user asked.
+os.environ.setdefault("LANCEDB_LOG", "error")
 
 from retrieval.buckets import assign_buckets, group_keys
 from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache
