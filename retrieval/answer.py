@@ -87,6 +87,7 @@ class Answer:
     buckets: list[dict] = field(default_factory=list)  # the likeliest buckets: [{"bucket", "probability"}]
     context: str | None = None  # the earlier turn(s) a follow-up was read with, if any
     chosen: str | None = None  # the stored response behind the answer (also when it fell back)
+    searched: bool = False  # whether the table was searched for this answer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +162,17 @@ class ChatEngine:
         """Search only where it can add answers: responses the head did not learn, or an explicit --llm_db."""
         return self.table is not None and (bool(self.opts.llm_db) or not self.meta.get("all_responses_learned", False))
 
+    def _other_could_win(self, log_pr: np.ndarray, learned: dict, allowed: np.ndarray) -> bool:
+        """Whether a retrieved row could beat the best learned candidate. From the model's own table,
+        rows the head did not learn share their bucket's "other" slot, so each scores at most that
+        slot's log probability: when no allowed slot beats the best learned score, searching cannot
+        change the answer and is skipped (hybrid search is most of a turn's time at 100k rows)."""
+        slots = [log_pr[j] for b, j in self.other_slot.items() if b in set(allowed.tolist())]
+        if not slots:
+            return False
+        best = max((s for s, _, _ in learned.values()), default=-math.inf)
+        return max(slots) > best
+
     def _query(self, message: str, history: list[str] | None) -> tuple[str, str | None]:
         """The text to embed and search: a follow-up is read after the last ``history_turns`` user turns."""
         if history and self.opts.history_turns and is_follow_up(message):
@@ -185,7 +197,8 @@ class ChatEngine:
         for j in np.flatnonzero(in_pool):
             if self.texts[j] is not None:
                 scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
-        if self.searches_table:
+        searched = self.searches_table and (bool(self.opts.llm_db) or self.opts.response_temperature > 0 or self._other_could_win(log_pr, scores, allowed))
+        if searched:
             rows = hybrid_search(self.table, vec, query, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
             # The head's own score is better calibrated than retrieval's for responses it learned.
             rows = [r for r in rows if r["assistant"] not in self.known]
@@ -203,7 +216,7 @@ class ChatEngine:
         ranked = sorted(scores.items(), key=lambda kv: -kv[1][0])
         top_buckets = [{"bucket": int(b), "probability": round(float(math.exp(log_pb[b])), 4)} for b in order[:3]]
         if not ranked:
-            return Answer(self.opts.fallback_response, int(order[0]), 0.0, True, [], (time.perf_counter() - start) * 1000, buckets=top_buckets, context=context)
+            return Answer(self.opts.fallback_response, int(order[0]), 0.0, True, [], (time.perf_counter() - start) * 1000, buckets=top_buckets, context=context, searched=searched)
         pick = 0
         if self.opts.response_temperature > 0:
             top = np.array([s for _, (s, _, _) in ranked[:20]]) / self.opts.response_temperature
@@ -234,6 +247,7 @@ class ChatEngine:
             buckets=top_buckets,
             context=context,
             chosen=response,
+            searched=searched,
         )
 
     def sources(self, response: str, limit: int = 3) -> list[dict]:

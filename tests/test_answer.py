@@ -109,3 +109,14 @@ def test_model_size_auto_accepts_the_checkpoint_and_a_wrong_size_is_refused(mode
     assert ChatEngine(*model, ChatOptions(model_size="base"))
     with pytest.raises(ValueError, match="checkpoint is a base head; pass --model_size auto or base"):
         ChatEngine(*model, ChatOptions(model_size="xlarge"))
+
+
+def test_search_is_skipped_only_when_it_cannot_change_the_answer(model):
+    engine = ChatEngine(*model)
+    sure = engine.answer("I forgot my password")
+    assert not sure.searched and sure.response == INTENTS["reset_password"][0]
+    # the gift-card response is only in the table: its bucket's "other" slot beats every learned one
+    gift = engine.answer("do you sell gift cards?")
+    assert gift.searched and gift.response.startswith("Yes, gift cards")
+    # an explicit --llm_db or sampling always searches
+    assert ChatEngine(*model, ChatOptions(response_temperature=0.5)).answer("I forgot my password").searched
