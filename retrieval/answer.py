@@ -171,7 +171,7 @@ class ChatEngine:
         if not slots:
             return False
         best = max((s for s, _, _ in learned.values()), default=-math.inf)
-        return max(slots) > best
+        return bool(max(slots) > best)
 
     def _query(self, message: str, history: list[str] | None) -> tuple[str, str | None]:
         """The text to embed and search: a follow-up is read after the last ``history_turns`` user turns."""
@@ -197,7 +197,7 @@ class ChatEngine:
         for j in np.flatnonzero(in_pool):
             if self.texts[j] is not None:
                 scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
-        searched = self.searches_table and (bool(self.opts.llm_db) or self.opts.response_temperature > 0 or self._other_could_win(log_pr, scores, allowed))
+        searched = bool(self.searches_table and (self.opts.llm_db or self.opts.response_temperature > 0 or self._other_could_win(log_pr, scores, allowed)))
         if searched:
             rows = hybrid_search(self.table, vec, query, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
             # The head's own score is better calibrated than retrieval's for responses it learned.
@@ -209,10 +209,16 @@ class ChatEngine:
                 sims = np.array([r["cosine"] for r in group]) / RETRIEVAL_TEMPERATURE
                 share = sims - np.logaddexp.reduce(sims)  # log softmax within this bucket's rows
                 mass = log_pr[self.other_slot[b]] if b in self.other_slot else log_pb[b]
+                # A response's share is the sum over its rows (the best row names the source): with
+                # the max instead, a response asked 15 ways split its mass 15 ways and fell back.
+                per_response: dict[str, tuple[float, str]] = {}
                 for r, sh in zip(group, share):
+                    total, best_id = per_response.get(r["assistant"], (-math.inf, f"table:{r['id']}"))
+                    per_response[r["assistant"]] = (float(np.logaddexp(total, sh)), best_id)
+                for response, (sh, source) in per_response.items():
                     score = float(mass + sh)
-                    if score > scores.get(r["assistant"], (-math.inf,))[0]:
-                        scores[r["assistant"]] = (score, b, f"table:{r['id']}")
+                    if score > scores.get(response, (-math.inf,))[0]:
+                        scores[response] = (score, b, source)
         ranked = sorted(scores.items(), key=lambda kv: -kv[1][0])
         top_buckets = [{"bucket": int(b), "probability": round(float(math.exp(log_pb[b])), 4)} for b in order[:3]]
         if not ranked:

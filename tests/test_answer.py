@@ -120,3 +120,35 @@ def test_search_is_skipped_only_when_it_cannot_change_the_answer(model):
     assert gift.searched and gift.response.startswith("Yes, gift cards")
     # an explicit --llm_db or sampling always searches
     assert ChatEngine(*model, ChatOptions(response_temperature=0.5)).answer("I forgot my password").searched
+
+
+def test_a_retrieved_response_gets_the_summed_share_of_its_rows(tmp_path):
+    """Rows of a response the head did not learn share their bucket's "other" slot; a response asked
+    four ways gets the four rows' shares together, not the best single row's (which made it fall back)."""
+    import math
+
+    import torch
+
+    from models import checkpoint
+    from models.train import TrainConfig
+    from retrieval.encoder import embed
+    from retrieval.store import build_table
+    from tasks.records import load_records
+    from tasks.training import fit
+    from tests.conftest import write_jsonl
+
+    gift = "Yes, gift cards from 10 to 200 euros are in the shop."
+    records = [{"user": u, "assistant": r, "intent": n} for n, (r, asks) in INTENTS.items() for u in asks]
+    records += [{"user": u, "assistant": gift, "intent": "track_order"} for u in ("do you sell gift cards", "can I buy a gift card", "gift card for a friend", "are gift cards available")]
+    pairs, _ = load_records(write_jsonl(tmp_path / "d.jsonl", records))
+    res = build_table(pairs, tmp_path / "db", "conversations")
+    head, meta, _ = fit(str(tmp_path / "db"), "conversations", res.version, TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1), {"hidden_dim": 64, "dropout": 0.0})
+    checkpoint.save(head, meta, tmp_path / "w.safetensors", tmp_path / "m.json")
+    engine = ChatEngine(str(tmp_path / "w.safetensors"), str(tmp_path / "m.json"))
+    q = "do you sell gift cards?"
+    ans = engine.answer(q)
+    assert ans.searched and ans.chosen == gift and ans.candidates[0]["from"].startswith("table:")
+    with torch.no_grad():
+        _, log_pr = engine.head.response_log_probs(torch.from_numpy(embed([q], encoder_id=engine.encoder_id)), engine.head.lex([q]))
+    slot = math.exp(float(log_pr[0, engine.other_slot[ans.bucket]]))
+    assert ans.confidence == pytest.approx(slot, rel=0.02)  # all four rows' shares: the whole slot
