@@ -55,6 +55,32 @@ class Hasher:
     def transform(self, texts: list[str], idf: np.ndarray):
         return self.weigh(self.counts(texts), idf)
 
+    def one(self, text: str, idf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``transform([text], idf)``'s one row as (indices, values), without scikit-learn's per-call
+        validation and scipy's constructors: 3 ms of a chat turn before, ~0.2 ms now. The same
+        hashing as HashingVectorizer (murmurhash3 of the UTF-8 n-gram, seed 0, abs mod n), tested equal."""
+        from sklearn.utils import murmurhash3_32
+
+        if getattr(self, "_analyzers", None) is None:
+            self._analyzers = (self.chars.build_analyzer(), self.words.build_analyzer())
+        n = self.n_features
+        merged: dict[int, float] = {}
+        for analyze in self._analyzers:  # each vectorizer's counts are L2-normalised, then summed
+            counts: dict[int, int] = {}
+            for gram in analyze(text):
+                h = murmurhash3_32(gram, seed=0)
+                i = (2147483647 - (n - 1)) % n if h == -2147483648 else abs(h) % n
+                counts[i] = counts.get(i, 0) + 1
+            norm = float(np.sqrt(sum(c * c for c in counts.values()))) or 1.0
+            for i, c in counts.items():
+                merged[i] = merged.get(i, 0.0) + c / norm
+        if not merged:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        idx = np.fromiter(sorted(merged), dtype=np.int64, count=len(merged))
+        val = np.array([merged[i] for i in idx.tolist()], dtype=np.float64) * idf[idx]
+        val /= np.linalg.norm(val) or 1.0
+        return idx, val.astype(np.float32)
+
     def weigh(self, counts, idf: np.ndarray):
         """``counts`` rows -> L2-normalised TF-IDF rows."""
         m = counts.multiply(idf[None, :]).tocsr()

@@ -94,3 +94,32 @@ def test_dropout_is_identity_in_eval_and_at_zero_and_follows_the_seed():
     assert torch.equal(Dropout(0.5).train()(x), first)
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.0)
+
+
+def test_the_one_message_hasher_equals_scikit_learns():
+    from models.lexical import Hasher
+
+    hasher = Hasher(4096)
+    texts = ["How do I reset my password?", "I can't log in!! pls help", "café crème – 12,50 €", "a", "   ", "git reset --soft HEAD~1"]
+    idf = hasher.idf(hasher.counts(texts + ["another row", "password reset"]))
+    reference = hasher.transform(texts, idf)
+    for i, text in enumerate(texts):
+        idx, val = hasher.one(text, idf)
+        row = reference[i]
+        assert idx.tolist() == sorted(row.indices.tolist())
+        np.testing.assert_allclose(val, row.toarray()[0, idx], rtol=1e-5, atol=1e-7)
+        assert len(idx) == row.nnz
+
+
+def test_a_head_scores_one_message_the_same_through_either_path():
+    from models.heads import BucketHead, HeadConfig
+
+    torch.manual_seed(0)
+    head = BucketHead(HeadConfig(num_candidates=4, input_dim=8, hidden_dim=16, lexical_features=1024), torch.tensor([0, 0, 1, 1])).eval()
+    torch.nn.init.normal_(head.lexical.weight)
+    x = torch.randn(2, 8)
+    texts = ["where is my parcel?", "reset password"]
+    with torch.no_grad():
+        both = head.response_log_probs(x, head.lex(texts))[1]
+        alone = head.response_log_probs(x[:1], head.lex(texts[:1]))[1]
+    torch.testing.assert_close(alone[0], both[0])
