@@ -82,7 +82,7 @@ class Answer:
     fallback: bool
     candidates: list[dict] = field(default_factory=list)
     latency_ms: float = 0.0
-    margin: float = 0.0  # confidence minus the runner-up's probability
+    margin: float = 0.0  # the best response's probability minus the runner-up's
     style: str = "balanced"
     buckets: list[dict] = field(default_factory=list)  # the likeliest buckets: [{"bucket", "probability"}]
     context: str | None = None  # the earlier turn(s) a follow-up was read with, if any
@@ -167,7 +167,8 @@ class ChatEngine:
         rows the head did not learn share their bucket's "other" slot, so each scores at most that
         slot's log probability: when no allowed slot beats the best learned score, searching cannot
         change the answer and is skipped (hybrid search is most of a turn's time at 100k rows)."""
-        slots = [log_pr[j] for b, j in self.other_slot.items() if b in set(allowed.tolist())]
+        pool = set(allowed.tolist())
+        slots = [log_pr[j] for b, j in self.other_slot.items() if b in pool]
         if not slots:
             return False
         best = max((s for s, _, _ in learned.values()), default=-math.inf)
@@ -234,9 +235,10 @@ class ChatEngine:
                     pick = int(self.rng.choice(len(top), p=p))
         response, (score, bucket, _) = ranked[pick]
         confidence = float(math.exp(score))
-        runner_up = max((math.exp(s) for i, (_, (s, _, _)) in enumerate(ranked[:2]) if i != pick), default=0.0)
-        margin = confidence - runner_up
-        fallback = confidence < self.min_confidence or margin < self.min_margin
+        # The gate looks at the best response, whatever sampling picked: is the model sure of this message?
+        best = math.exp(ranked[0][1][0])
+        margin = best - (math.exp(ranked[1][1][0]) if len(ranked) > 1 else 0.0)
+        fallback = best < self.min_confidence or margin < self.min_margin
         if fallback:
             text, style = self.opts.fallback_response, "balanced"
         else:

@@ -152,3 +152,12 @@ def test_a_retrieved_response_gets_the_summed_share_of_its_rows(tmp_path):
         _, log_pr = engine.head.response_log_probs(torch.from_numpy(embed([q], encoder_id=engine.encoder_id)), engine.head.lex([q]))
     slot = math.exp(float(log_pr[0, engine.other_slot[ans.bucket]]))
     assert ans.confidence == pytest.approx(slot, rel=0.02)  # all four rows' shares: the whole slot
+
+
+def test_sampling_never_trips_the_margin_gate_of_a_sure_message(model):
+    sure = ChatEngine(*model).answer("I forgot my password")
+    engine = ChatEngine(*model, ChatOptions(response_temperature=50.0, min_margin=sure.margin * 0.9, seed=1))
+    answers = [engine.answer("I forgot my password") for _ in range(20)]
+    assert len({a.chosen for a in answers}) > 1  # hot sampling picks other responses too
+    assert not any(a.fallback for a in answers)  # but the message itself is one the model is sure of
+    assert all(a.margin == sure.margin for a in answers)
