@@ -70,9 +70,10 @@ def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
     assert got["min_confidence"] == pytest.approx(float(conf[1]))
     assert got["min_margin"] == pytest.approx(float(2 * conf[1] - 1))
     # Wrong answers do not count; with too few correct answers no threshold can keep the promise, so
-    # only answers far below the least sure right one (confidence 0.6, margin 0.2; halved) fall back.
+    # only answers far below the least sure right one (confidence 0.6, halved) fall back, and the
+    # margin gate stays off.
     few = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
-    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx({"min_confidence": 0.3, "min_margin": 0.1})
+    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx({"min_confidence": 0.3, "min_margin": 0.0})
     assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.5) == pytest.approx({"min_confidence": 0.6, "min_margin": 0.2})
 
 

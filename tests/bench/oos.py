@@ -51,7 +51,11 @@ def main() -> None:
     held = set(random.Random(a.seed).sample(intents, a.holdout))
     with tempfile.TemporaryDirectory(prefix="bench-oos-") as tmp:
         tmp = Path(tmp)
-        write = lambda name, rows: (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows)) or tmp / name
+
+        def write(name: str, rows: list[dict]) -> Path:
+            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+            return tmp / name
+
         tr = write("train.jsonl", [r for r in train if r["intent"] not in held])
         ins = write("in_scope.jsonl", [r for r in test if r.get("intent") not in held and "user" in r])
         oos = write("oos.jsonl", [r for r in test if r.get("intent") in held and "user" in r])
