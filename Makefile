@@ -13,7 +13,7 @@ QUESTIONS := "I forgot my password, what do I do?" \
              "which debt should I pay off first?" \
              "who won the football world cup in 1954?"
 
-.PHONY: install browser demo test test-fast bench-banking77 bench-data bench-train bench-sample clean
+.PHONY: install browser demo test test-fast bench-banking77 bench-data bench-train bench-latency bench-serve bench-oos bench-sample clean
 
 # constraints.txt pins every transitive package to the versions the suite passed with.
 $(STAMP): pyproject.toml constraints.txt
@@ -52,6 +52,16 @@ bench-data: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python tests/bench/training.py --repeats 3
+
+# Chat latency on a 100k-row table vs SQLite FTS5 + numpy; server requests/s; out-of-scope fallback.
+bench-latency: $(STAMP)
+	$(BIN)/python tests/bench/latency.py
+
+bench-serve: $(STAMP)
+	$(BIN)/python tests/bench/serve.py
+
+bench-oos: $(STAMP)
+	$(BIN)/python tests/bench/oos.py
 
 bench-sample: $(STAMP)
 	$(BIN)/python tests/bench/accuracy.py --repeats 3 --train conversation_data.sample.jsonl --test conversation_data.sample.jsonl

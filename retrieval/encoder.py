@@ -27,7 +27,8 @@ import numpy as np
 
 TORCH_ID = "sentence-transformers/all-MiniLM-L6-v2"
 INT8_ID = f"{TORCH_ID}+onnx-int8"
-ENCODER_ID = INT8_ID  # what new tables are embedded with
+# What new tables are embedded with; BUCKETCHAT_ENCODER=torch picks fp32 (e.g. to compare the two).
+ENCODER_ID = TORCH_ID if os.environ.get("BUCKETCHAT_ENCODER", "int8").lower() == "torch" else INT8_ID
 STOCK_IDS = (INT8_ID, TORCH_ID)
 DIM = 384
 MAX_TOKENS = 256  # the model's own max_seq_length

@@ -34,6 +34,8 @@ VARIANTS = {
     "ema": ({"ema_decay": 0.99}, {}),
     "select_last": ({"select_metric": "last", "early_stop_patience": 0}, {}),
     "large": ({}, {"model_size": "large"}),
+    "seed1": ({"seed": 1}, {}),
+    "seed2": ({"seed": 2}, {}),
 }
 
 
