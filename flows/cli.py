@@ -396,7 +396,7 @@ def _print_why(why: dict) -> None:
     for i, c in enumerate(why["candidates"], start=1):
         print(f"  {i}. [{c['from']}, bucket {c['bucket']}, log score {c['score']:.3f}] {c['response'][:100]}")
         for r in c["records"]:
-            print(f"       from {r['source']}:{r['id']}  \"{(r['user'] or '')[:80]}\"")
+            print(f"       from {r['id']}  \"{(r['user'] or '')[:80]}\"")
 
 
 def cmd_chat(a) -> None:
