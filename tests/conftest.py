@@ -18,6 +18,7 @@ if "BUCKETCHAT_TEST_STATE" not in os.environ:
     os.environ["BUCKETCHAT_TEST_STATE"] = tempfile.mkdtemp(prefix="bucketchat-tests-")
     os.environ["BUCKETCHAT_HOME"] = os.environ["BUCKETCHAT_TEST_STATE"]
     os.environ["PREFECT_HOME"] = os.path.join(os.environ["BUCKETCHAT_TEST_STATE"], "prefect")
+    os.environ["BUCKETCHAT_ENCODER_CACHE"] = os.path.join(os.environ["BUCKETCHAT_TEST_STATE"], "encoders")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 _STATE = os.environ["BUCKETCHAT_TEST_STATE"]
 # Prefect's console handler would log "stopping temporary server" into pytest's already-closed
