@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -175,17 +174,11 @@ class BucketHead(nn.Module):
             return None
         from models.lexical import to_bag
 
+        idf, dev = self.lexical_idf.cpu().numpy(), self.lexical_idf.device  # a view, not a copy, on CPU
         if len(texts) == 1:  # a chat turn: the fast path for one message
-            idx, val = self.hasher().one(texts[0], self._idf_numpy())
-            dev = self.lexical_idf.device
+            idx, val = self.hasher().one(texts[0], idf)
             return torch.from_numpy(idx).to(dev), torch.zeros(1, dtype=torch.long, device=dev), torch.from_numpy(val).to(dev)
-        return to_bag(self.hasher().transform(texts, self._idf_numpy()), self.lexical_idf.device)
-
-    def _idf_numpy(self) -> np.ndarray:
-        # Cached: a copy off the device on every chat turn is waste; the IDF never changes after training.
-        if getattr(self, "_idf_cache", None) is None or self._idf_cache[0] is not self.lexical_idf:
-            self._idf_cache = (self.lexical_idf, self.lexical_idf.cpu().numpy())
-        return self._idf_cache[1]
+        return to_bag(self.hasher().transform(texts, idf), dev)
 
     def within_bucket_log_probs(self, cand_logits: torch.Tensor) -> torch.Tensor:
         """log p(r | bucket(r), x) for every candidate r: (B, C)."""

@@ -553,18 +553,13 @@ def calibrate_thresholds(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: to
     conf, pred = top2.values[:, 0], top2.indices[:, 0]
     margin = conf - (top2.values[:, 1] if probs.shape[1] > 1 else 0.0)
     right = (pred == y_cand) & learned[pred]
-    out = {}
-    for name, values in (("min_confidence", conf), ("min_margin", margin)):
-        correct = torch.sort(values[right]).values
-        if len(correct) == 0:
-            out[name] = 0.0
-            continue
-        k = int(math.floor((len(correct) + 1) * (1.0 - keep) / 2))
-        if k >= 1:
-            out[name] = float(correct[k - 1])
-        else:
-            out[name] = float(correct[0]) * SMALL_VALIDATION_MARGIN if name == "min_confidence" else 0.0
-    return out
+    conf_ok, margin_ok = torch.sort(conf[right]).values, torch.sort(margin[right]).values
+    if len(conf_ok) == 0:
+        return {"min_confidence": 0.0, "min_margin": 0.0}
+    k = int(math.floor((len(conf_ok) + 1) * (1.0 - keep) / 2))
+    if k < 1:
+        return {"min_confidence": float(conf_ok[0]) * SMALL_VALIDATION_MARGIN, "min_margin": 0.0}
+    return {"min_confidence": float(conf_ok[k - 1]), "min_margin": float(margin_ok[k - 1])}
 
 
 SMALL_VALIDATION_MARGIN = 0.5  # see calibrate_thresholds

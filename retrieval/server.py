@@ -36,9 +36,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from retrieval.answer import ChatEngine
+from retrieval.styles import STYLES
 
 PAGE = Path(__file__).with_name("static") / "index.html"
-IGNORED = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "presence_penalty", "frequency_penalty", "stop", "user", "logit_bias", "stream_options", "metadata", "store", "service_tier", "parallel_tool_calls")
 
 
 @dataclass
@@ -124,7 +124,7 @@ def parse_request(body: dict, cfg: ServerConfig) -> dict:
         "stream": stream,
         "seed": seed,
         "explain": bool(body.get("explain", False)),
-        "style_mode": body.get("style_mode") if body.get("style_mode") in ("auto", "balanced", "concise", "analyst", "creative") else None,
+        "style_mode": body.get("style_mode") if body.get("style_mode") in STYLES else None,
     }
 
 

@@ -86,26 +86,33 @@ def prefect_harness():
             yield
 
 
-@pytest.fixture(scope="session")
-def chat_model(tmp_path_factory) -> tuple[str, str]:
-    """A small trained head over INTENTS (weights, meta), shared by the chat, eval and server tests.
-
-    One unlabelled, rare response is not learned (max 1 candidate per bucket): only retrieval can
-    return it. Validation is off, so the thresholds are 0 unless a test sets them."""
+def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
+    """Build a table of ``records`` in ``folder`` and fit a small head that learns one response per
+    bucket (the rest only retrieval reaches); returns (weights, meta). Validation is off, so the
+    fallback thresholds are 0 unless a test sets them."""
     from models import checkpoint
     from models.train import TrainConfig
     from retrieval.store import build_table
     from tasks.records import load_records
     from tasks.training import fit
 
-    tmp = tmp_path_factory.mktemp("chat_model")
+    pairs, _ = load_records(write_jsonl(folder / "d.jsonl", records))
+    res = build_table(pairs, folder / "db", "conversations")
+    head, meta, _ = fit(str(folder / "db"), "conversations", res.version, TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1), {"hidden_dim": 64, "dropout": 0.0})
+    checkpoint.save(head, meta, folder / "w.safetensors", folder / "m.json")
+    return str(folder / "w.safetensors"), str(folder / "m.json")
+
+
+GIFT_CARDS = "Yes, gift cards from 10 to 200 euros are in the shop."
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory) -> tuple[str, str]:
+    """INTENTS plus one rare, unlabelled-for-the-head response (gift cards, one asking) that only
+    retrieval can return; shared by the chat, eval and server tests."""
     records = [{"user": u, "assistant": resp, "intent": name} for name, (resp, asks) in INTENTS.items() for u in asks]
-    records.append({"user": "do you sell gift cards", "assistant": "Yes, gift cards from 10 to 200 euros are in the shop.", "intent": "track_order"})
-    pairs, _ = load_records(write_jsonl(tmp / "d.jsonl", records))
-    res = build_table(pairs, tmp / "db", "conversations")
-    head, meta, _ = fit(str(tmp / "db"), "conversations", res.version, TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1), {"hidden_dim": 64, "dropout": 0.0})
-    checkpoint.save(head, meta, tmp / "w.safetensors", tmp / "m.json")
-    return str(tmp / "w.safetensors"), str(tmp / "m.json")
+    records.append({"user": "do you sell gift cards", "assistant": GIFT_CARDS, "intent": "track_order"})
+    return train_chat_model(tmp_path_factory.mktemp("chat_model"), records)
 
 
 @contextlib.contextmanager

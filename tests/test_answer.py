@@ -129,25 +129,15 @@ def test_a_retrieved_response_gets_the_summed_share_of_its_rows(tmp_path):
 
     import torch
 
-    from models import checkpoint
-    from models.train import TrainConfig
     from retrieval.encoder import embed
-    from retrieval.store import build_table
-    from tasks.records import load_records
-    from tasks.training import fit
-    from tests.conftest import write_jsonl
+    from tests.conftest import GIFT_CARDS, train_chat_model
 
-    gift = "Yes, gift cards from 10 to 200 euros are in the shop."
     records = [{"user": u, "assistant": r, "intent": n} for n, (r, asks) in INTENTS.items() for u in asks]
-    records += [{"user": u, "assistant": gift, "intent": "track_order"} for u in ("do you sell gift cards", "can I buy a gift card", "gift card for a friend", "are gift cards available")]
-    pairs, _ = load_records(write_jsonl(tmp_path / "d.jsonl", records))
-    res = build_table(pairs, tmp_path / "db", "conversations")
-    head, meta, _ = fit(str(tmp_path / "db"), "conversations", res.version, TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1), {"hidden_dim": 64, "dropout": 0.0})
-    checkpoint.save(head, meta, tmp_path / "w.safetensors", tmp_path / "m.json")
-    engine = ChatEngine(str(tmp_path / "w.safetensors"), str(tmp_path / "m.json"))
+    records += [{"user": u, "assistant": GIFT_CARDS, "intent": "track_order"} for u in ("do you sell gift cards", "can I buy a gift card", "gift card for a friend", "are gift cards available")]
+    engine = ChatEngine(*train_chat_model(tmp_path, records))
     q = "do you sell gift cards?"
     ans = engine.answer(q)
-    assert ans.searched and ans.chosen == gift and ans.candidates[0]["from"].startswith("table:")
+    assert ans.searched and ans.chosen == GIFT_CARDS and ans.candidates[0]["from"].startswith("table:")
     with torch.no_grad():
         _, log_pr = engine.head.response_log_probs(torch.from_numpy(embed([q], encoder_id=engine.encoder_id)), engine.head.lex([q]))
     slot = math.exp(float(log_pr[0, engine.other_slot[ans.bucket]]))
