@@ -4,9 +4,9 @@ content-hash embedding cache, so a rebuild embeds only text it has not seen.
 Two forms of the same weights, told apart by the encoder id a table and a model record:
 
 - ``INT8_ID`` (the default for new tables): the shipped weights exported to ONNX once per machine and
-  quantized per channel to int8 with onnxruntime (DESIGN.md §3). On 2 cores: ~1-3 ms per query
-  against ~7-25 ms for torch fp32, and several times torch's rows/s for a table build; mean cosine
-  0.993 to fp32 (tests/bench/latency.py, tests/test_encoder.py).
+  quantized per channel to int8 with onnxruntime (DESIGN.md §3). On 2 cores (tests/bench/encoder.py):
+  3.4 ms per query against 14.8 ms for torch fp32 (p50), 753 against 360 table rows/s, mean cosine
+  0.994 to fp32.
 - ``TORCH_ID``: sentence-transformers in fp32, for tables built before the int8 form, for
   ``--device cuda`` training paths, and as the start of a ``--train_all`` fine-tune (whose
   encoders are ``TORCH_ID+ft:HASH`` folders, always run by torch).
@@ -143,8 +143,8 @@ def _embed_one(text: str) -> np.ndarray:
 def _embed_int8(texts: list[str], progress: bool) -> np.ndarray:
     """Every text alone, several at once on threads. Alone on purpose: int8 activations are quantized
     with one scale per run, so a text batched with others got a vector that depended on its
-    batch-mates (cosine 0.987-0.993 to itself alone), and a content-hash cache must map a text to one
-    vector. Two texts at a time on 2 cores matched batched throughput (~610 rows/s here)."""
+    batch-mates (cosine 0.992 mean, 0.983 min to itself alone: tests/bench/encoder.py), and a
+    content-hash cache must map a text to one vector. Alone, on threads: 753 rows/s here."""
     if len(texts) == 1:
         return _embed_one(texts[0])[None].astype(np.float32)
     from concurrent.futures import ThreadPoolExecutor
