@@ -13,7 +13,7 @@ QUESTIONS := "I forgot my password, what do I do?" \
              "which debt should I pay off first?" \
              "who won the football world cup in 1954?"
 
-.PHONY: install browser demo test test-fast bench-banking77 bench-data bench-train bench-latency bench-serve bench-oos bench-sample clean
+.PHONY: install browser demo test test-fast prefect-up prefect-down bench-banking77 bench-data bench-train bench-latency bench-serve bench-oos bench-sample clean
 
 # constraints.txt pins every transitive package to the versions the suite passed with.
 $(STAMP): pyproject.toml constraints.txt
@@ -65,6 +65,14 @@ bench-oos: $(STAMP)
 
 bench-sample: $(STAMP)
 	$(BIN)/python tests/bench/accuracy.py --repeats 3 --train conversation_data.sample.jsonl --test conversation_data.sample.jsonl
+
+# A local Prefect server (UI on 127.0.0.1:4200), the bucketchat-process pool, every deployment in
+# prefect.yaml and a process worker, in the background; prefect-down stops them (ops/local-prefect.sh).
+prefect-up: $(STAMP)
+	ops/local-prefect.sh up
+
+prefect-down:
+	ops/local-prefect.sh down
 
 clean:
 	rm -rf .bucketchat

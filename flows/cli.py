@@ -80,6 +80,8 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--max_candidates_per_bucket", type=int, default=d.max_candidates_per_bucket, help=f"responses the head learns per bucket; the rest stay reachable by retrieval (default {d.max_candidates_per_bucket})")
     _arg(g, "--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
     _arg(g, "--resume", action="store_true", help="continue a killed run from its last epoch (state saved beside --output); same flags required")
+    if not sweep:
+        _arg(g, "--force", action="store_true", help="train even when a registered version was already trained on this table content with these settings and this code (by default that run is skipped: nothing changed)")
     g = p.add_argument_group("preference loss (--pref_weight 0 turns it off)")
     _arg(g, "--pref_weight", type=float, default=d.pref_weight, help=f"weight w of the preference term: loss = CE + w * pref (default {d.pref_weight})")
     _arg(g, "--pref_beta", type=float, default=d.pref_beta, help=f"beta: scale of the logit gap z_gold - z_negative (default {d.pref_beta})")
@@ -217,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(p, "--strict", action="store_true", help="stop at the first malformed line")
     _near_dup_arg(p, action="keep a pair in its twin's family (never split across train/validation)")
     _train_args(p)
+
+    p = sub.add_parser("retrain", help="retrain from a folder of data drops; the champion moves only if better", description="Run the pipeline over every *.jsonl in --data_dir (what the scheduled `retrain` deployment does). Unchanged data is neither re-read, re-deduplicated nor re-embedded; an unchanged folder writes no table version and trains nothing. A new model is registered and becomes champion only if it beats the champion on validation; the output says why.")
+    _arg(p, "--data_dir", required=True, help="folder of conversation JSONL drops (*.rejects.jsonl files are skipped)")
+    _arg(p, "--workdir", help="as in `bucketchat pipeline` (default .bucketchat/work in the project)")
+    _arg(p, "--target", type=int, help="as in `bucketchat pipeline` (default: small data grows automatically; 0 = never expand)")
+    _arg(p, "--force", action="store_true", help="train even when nothing changed")
     return parser
 
 
@@ -300,7 +308,7 @@ def cmd_finetune(a) -> None:
     train, head = _train_dicts(a, a.seed)
     _check_weights(a.weights)
     _preflight([a.data] if a.data else [], a.strict)
-    r = finetune_flow(str(Path(a.db)), a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty())
+    r = finetune_flow(str(Path(a.db)), a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty(), a.force)
     _report(r)
     print(f"local checkpoint: {a.output} + {a.meta}")
 
@@ -349,6 +357,10 @@ def _report(r: dict) -> None:
         print(f"warm start from {ws['source']}: {len(ws['matched'])} tensors matched, {len(ws['remapped'])} remapped by response text, {len(ws['new'])} new" + (f", {len(ws['skipped'])} skipped: {'; '.join(ws['skipped'])}" if ws["skipped"] else ", none skipped"))
     if t.get("resumed_from_epoch"):
         print(f"resumed after epoch {t['resumed_from_epoch']}")
+    if t.get("skipped"):
+        print(f"{where}: {reg['reason']} (--force trains anyway)")
+        print(f"MLflow run {t['run_id']}; bucketchat v{reg['version']} stays as it was")
+        return
     print(f"trained on {where}: validation response accuracy {acc:.4f}" if acc is not None else f"trained on {where} (no validation rows)")
     print(f"MLflow run {t['run_id']}; registered bucketchat v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
 
@@ -359,14 +371,25 @@ def cmd_pipeline(a) -> None:
     train, head = _train_dicts(a, a.seed)
     _preflight(a.data, a.strict)
     _check_weights(a.weights)
-    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume)
+    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume, a.force)
     d = r["dataset"]
     if d["rejected_lines"]:
         print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)
     print(f"dataset: {d['records']} pairs ({d['duplicates']} duplicates and {d['low_quality']} low-quality dropped, {d.get('near_duplicates_linked', 0)} near duplicates kept with their twin) -> {d['parquet']}")
-    print(f"table: {r['build']['db']} version {r['build']['version']} ({r['build']['rows']} rows, {r['build']['embedded']} newly embedded)")
+    b = r["build"]
+    print(f"table: {b['db']} version {b['version']} ({b['rows']} rows, " + ("unchanged: no new version written)" if b.get("reused") else f"{b['embedded']} newly embedded)"))
     _report(r)
     print(f"workdir: {r['workdir']}")
+
+
+def cmd_retrain(a) -> None:
+    from flows.retrain import retrain_flow
+
+    r = retrain_flow(a.data_dir, a.workdir, a.target, force=a.force)
+    b = r["build"]
+    print(f"{len(r['drops'])} drop(s) in {a.data_dir}; dataset {r['dataset']['records']} pairs")
+    print(f"table: {b['db']} version {b['version']} " + ("(unchanged: no new version written)" if b.get("reused") else f"({b['rows']} rows, {b['embedded']} newly embedded)"))
+    _report(r)
 
 
 def _load_engine(a):
@@ -466,7 +489,7 @@ def cmd_serve(a) -> None:
     serve(engine, cfg)
 
 
-COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "eval": cmd_eval, "serve": cmd_serve, "pipeline": cmd_pipeline}
+COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "eval": cmd_eval, "serve": cmd_serve, "pipeline": cmd_pipeline, "retrain": cmd_retrain}
 
 
 def main(argv: list[str] | None = None) -> int:

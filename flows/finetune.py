@@ -4,14 +4,17 @@ from prefect import flow
 
 from tasks.database import build_database
 from tasks.settings import TABLE_NAME
-from tasks.training import register_and_promote, train_head
+from tasks.training import previous_training, register_and_promote, train_head
 
 
 @flow(name="finetune")
-def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, train: dict | None = None, head: dict | None = None, output: str | None = None, meta: str | None = None, num_buckets: int = 10, strict: bool = False, weights: str | None = None, resume: bool = False, progress: bool = False) -> dict:
+def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, train: dict | None = None, head: dict | None = None, output: str | None = None, meta: str | None = None, num_buckets: int = 10, strict: bool = False, weights: str | None = None, resume: bool = False, progress: bool = False, force: bool = False) -> dict:
     """With ``data``, (re)build the table first (cached embeddings make that cheap); otherwise train on
     ``table_version`` of an existing table (default: its latest). ``weights`` warm-starts from a local
-    checkpoint or a ``models:/`` URI; ``resume`` continues a killed run of the same settings."""
+    checkpoint or a ``models:/`` URI; ``resume`` continues a killed run of the same settings.
+
+    A table whose content, settings and training code already produced a registered version is not
+    trained again (``force`` trains anyway): an unchanged data drop changes nothing."""
     train, head = train or {}, head or {}
     built = None
     if data:
@@ -21,8 +24,14 @@ def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, tab
         from retrieval.store import open_table
 
         table_version = int(open_table(db, table).version)
+    # Warm starts and resumes depend on more than the key says (the champion moves; a state file).
+    found = {"key": None, "previous": None} if (weights or resume) else previous_training(db, table, table_version, train, head, [p for p in (output, meta) if p])
+    previous = None if force else found["previous"]
+    if previous is not None:
+        registered = {"version": previous["version"], "promoted": False, "reason": previous["reason"], "previous_champion": previous["champion"], "champion_val_acc": None}
+        return {"table": {"db": db, "name": table, "version": table_version}, "build": built, "train": {"run_id": previous["run_id"], "val_response_acc": previous["val_response_acc"], "skipped": True}, "registry": registered}
     trained = train_head(db, table, table_version, train, head, output, meta, weights, resume, progress)
     # With --train_all the model pins a new version (vectors from its fine-tuned encoder).
     pinned = trained["table_version"]
-    promotion = register_and_promote(trained["run_id"], db, table, pinned, trained["val_ids"], trained["val_response_acc"])
+    promotion = register_and_promote(trained["run_id"], db, table, pinned, trained["val_ids"], trained["val_response_acc"], found["key"])
     return {"table": {"db": db, "name": table, "version": pinned}, "build": built, "train": {k: v for k, v in trained.items() if k != "val_ids"}, "registry": promotion}

@@ -1,7 +1,10 @@
 """Flow: scheduled retraining over a folder of data drops (the ``retrain`` deployment).
 
-Every ``*.jsonl`` in ``data_dir`` is one drop; the pipeline rebuilds from all of them (cached
-embeddings make unchanged rows free) and the champion moves only if the new model is better.
+Every ``*.jsonl`` in ``data_dir`` is one drop; the pipeline rebuilds from all of them. Work is keyed
+on content, so an unchanged folder costs seconds and changes nothing: sources are not re-read or
+re-deduplicated (cached stages), rows are not re-embedded (embedding cache), no table version is
+written, and no model is trained or registered. When something changed, the new model is registered
+and the champion moves only if it is better; the run's summary says which and why.
 """
 
 from pathlib import Path
@@ -9,14 +12,22 @@ from pathlib import Path
 from prefect import flow
 
 from flows.pipeline import pipeline_flow
+from tasks import run_logger
 
 
 @flow(name="retrain")
-def retrain_flow(data_dir: str, workdir: str | None = None) -> dict:
+def retrain_flow(data_dir: str, workdir: str | None = None, target: int | None = None, train: dict | None = None, head: dict | None = None, force: bool = False) -> dict:
+    """``target`` as in the pipeline (None: small data grows automatically; 0: never expand). Synthetic
+    variants are drawn over the whole dataset, so when a drop is added to small, expanded data they
+    are redrawn and embedded anew; unchanged original rows always come from the embedding cache."""
     drops = sorted(str(p) for p in Path(data_dir).glob("*.jsonl") if not p.name.endswith(".rejects.jsonl"))
     if not drops:
         raise ValueError(f"data_dir {data_dir!r} holds no *.jsonl data drops; put conversation JSONL files there")
-    return pipeline_flow(drops, workdir)
+    result = pipeline_flow(drops, workdir, target=target, train=train, head=head, force=force)
+    build, reg = result["build"], result["registry"]
+    table = f"table v{build['version']} " + ("unchanged" if build.get("reused") else f"written ({build['embedded']} rows newly embedded)")
+    run_logger().info("retrain over %d drop(s): %s; model v%d: %s", len(drops), table, reg["version"], reg["reason"])
+    return {**result, "drops": drops, "changed": not result["train"].get("skipped")}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ model that pinned version N keeps answering from exactly version N after later r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -29,7 +30,7 @@ VECTOR_INDEX_MIN_ROWS = 20_000
 CACHE_DIR = "_embedding_cache"
 
 
-def schema(encoder_id: str = ENCODER_ID) -> pa.Schema:
+def schema(encoder_id: str = ENCODER_ID, content: str | None = None) -> pa.Schema:
     return pa.schema(
         [
             ("id", pa.string()),
@@ -44,7 +45,7 @@ def schema(encoder_id: str = ENCODER_ID) -> pa.Schema:
             ("op", pa.string()),
             ("vector", pa.list_(pa.float32(), DIM)),
         ],
-        metadata={"encoder": encoder_id},
+        metadata={"encoder": encoder_id, **({"content": content} if content else {})},
     )
 
 
@@ -56,6 +57,7 @@ class BuildResult:
     rows: int
     embedded: int
     buckets: dict[int, int]
+    reused: bool = False  # the latest version already held exactly these rows: nothing was written
 
 
 def connect(db: str | Path):
@@ -104,12 +106,48 @@ def _write(db: str | Path, table: str, data: pa.Table) -> int:
     return int(tbl.version)
 
 
+def content_key(pairs: list[Pair], num_buckets: int, seed: int, encoder_id: str = ENCODER_ID) -> str:
+    """What a table version is a function of: every row's fields in order, the bucketing settings and
+    the encoder. Two builds with the same key would write identical rows."""
+    h = hashlib.sha256(f"v1\0{encoder_id}\0{num_buckets}\0{seed}\n".encode())
+    for p in pairs:
+        h.update(json.dumps([p.id, p.user, p.context, p.assistant, p.label, p.source, p.parent_id, p.op], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
+    """The latest version of ``table`` when it was built from exactly this content, else None."""
+    conn = connect(db)
+    if table not in conn.list_tables().tables:
+        return None
+    tbl = conn.open_table(table)
+    if (tbl.schema.metadata or {}).get(b"content", b"").decode() != key:
+        return None
+    # A build killed between writing the rows and indexing them left a version without its indices:
+    # build again rather than reuse it.
+    rows = tbl.count_rows()
+    wanted = {"FTS", "Bitmap"} | ({"IvfRq"} if rows >= VECTOR_INDEX_MIN_ROWS else set())
+    if not wanted <= {str(i.index_type) for i in tbl.list_indices()}:
+        return None
+    counts = Counter(tbl.to_arrow().column("bucket").to_pylist())
+    return BuildResult(str(db), table, int(tbl.version), sum(counts.values()), 0, dict(sorted(counts.items())), reused=True)
+
+
 def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", progress: bool = False) -> BuildResult:
-    """Embed (through the cache), bucket and write ``pairs`` as a new version of ``table``."""
+    """Embed (through the cache), bucket and write ``pairs`` as a new version of ``table``.
+
+    When the latest version was built from the same rows and settings it is returned as it is
+    (``reused``): an unchanged data drop writes no version, so models keep pinning the same one.
+    """
     if not pairs:
         raise ValueError("no usable records to build the table from; check the rejects file beside the data")
     db = Path(db)
     db.mkdir(parents=True, exist_ok=True)
+    key = content_key(pairs, num_buckets, seed)
+    same = _unchanged(db, table, key)
+    if same is not None:
+        return same
     cache = EmbeddingCache(db / CACHE_DIR)
     user_vecs, new_users = cache.embed([p.user for p in pairs], device=device, progress=progress)
     responses = [p.assistant for p in pairs]
@@ -138,7 +176,7 @@ def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int 
             "op": [p.op for p in pairs],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(user_vecs.reshape(-1)), DIM),
         },
-        schema=schema(),
+        schema=schema(content=key),
     )
     version = _write(db, table, data)
     counts = Counter(int(b) for b in buckets)

@@ -17,7 +17,10 @@ def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: 
     logger = run_logger()
     pairs, rejected, rejects_file = read_input(data, db, strict)  # llm_chat.db -> llm_chat.rejects.jsonl
     result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, progress=len(pairs) > 2000)
-    logger.info("table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, rejected)
+    if result.reused:
+        logger.info("table %s@%d already holds exactly these %d rows; no new version written", table, result.version, result.rows)
+    else:
+        logger.info("table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, rejected)
     return {**asdict(result), "rejects": rejects_file, "rejected_lines": rejected}
 
 

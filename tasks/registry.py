@@ -125,6 +125,19 @@ def list_versions() -> list[dict]:
     return sorted(out, key=lambda v: -v["version"])
 
 
+def find_versions(tags: dict[str, str]) -> list[dict]:
+    """Registered versions carrying every one of ``tags``, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    query = " and ".join([f"name='{MODEL_NAME}'", *(f"tags.{k}='{v}'" for k, v in tags.items())])
+    try:
+        found = c.search_model_versions(query)
+    except MlflowException:
+        return []
+    return sorted(({"version": int(mv.version), "run_id": mv.run_id, "val_response_acc": float(mv.tags["val_response_acc"]) if mv.tags.get("val_response_acc", "n/a") != "n/a" else None} for mv in found), key=lambda v: -v["version"])
+
+
 def rollback(version: int | None = None) -> tuple[int | None, int]:
     """Point ``champion`` at ``version`` (default: the newest version older than the current
     champion). Returns (previous champion, new champion)."""

@@ -342,12 +342,49 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
     return {"run_id": run.info.run_id, "table_version": pinned, "val_ids": extras["ids"], "val_response_acc": extras["accuracy"], "metrics": meta_dict["metrics"], "candidates": len(meta_dict["candidates"]["texts"]), "model_size": size, "warm_start": meta_dict["warm_start"], "resumed_from_epoch": extras["resumed_from_epoch"]}
 
 
+def _code_digest() -> str:
+    """The training code itself: a change to it must retrain even on unchanged data."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted([*(root / "models").glob("*.py"), root / "tasks" / "training.py"]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def training_key(db: str, table: str, version: int, train: dict, head: dict) -> str | None:
+    """What a trained model is a function of: the table's content, the settings and the code.
+
+    None when the table version carries no content key (built before tables had one, or re-embedded
+    by --train_all): such a run is never skipped.
+    """
+    content = (open_table(db, table, version).schema.metadata or {}).get(b"content")
+    if not content:
+        return None
+    spec = {"db": str(Path(db).resolve()), "table": table, "content": content.decode(), "train": train, "head": head, "code": _code_digest()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@task
+def previous_training(db: str, table: str, version: int, train: dict, head: dict, outputs: list[str]) -> dict:
+    """This training's key, and the registered version already trained from exactly that key (newest)
+    if there is one and the local ``outputs`` it wrote still exist: training again would only repeat
+    the same work and register a duplicate."""
+    key = training_key(db, table, version, train, head)
+    found = registry.find_versions({"train_key": key}) if key else []
+    if not found or not all(Path(p).exists() for p in outputs):
+        return {"key": key, "previous": None}
+    v = found[0]
+    reason = f"unchanged: v{v['version']} was already trained on this table content with these settings and this code; nothing trained, champion kept"
+    run_logger().info(reason)
+    return {"key": key, "previous": {"version": v["version"], "run_id": v["run_id"], "val_response_acc": v["val_response_acc"], "reason": reason, "champion": registry.champion_version()}}
+
+
 @task(retries=2, retry_delay_seconds=1)  # registry writes are I/O against the tracking store
-def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None) -> dict:
+def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None, train_key: str | None = None) -> dict:
     """Register the run's model; move ``champion`` to it only if it beats the current champion on this
     run's validation rows (the champion is scored there with its own encoder). Returns the new version, whether it was promoted, and why."""
     logger = run_logger()
-    tags = {"val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a", "table_version": str(version)}
+    tags = {"val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a", "table_version": str(version), **({"train_key": train_key} if train_key else {})}
     new_version = registry.register(run_id, tags)
     current = registry.champion_version()
     champion_acc = None

@@ -1,0 +1,81 @@
+"""prefect.yaml for real, on loopback: `ops/local-prefect.sh up` (server, pool, `prefect deploy --all
+--no-prompt`), `prefect deployment run`, a process worker with `--run-once`, then the flow runs'
+states from the server and the model versions from the MLflow registry; `down` stops it all."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_deployments_run_on_a_local_server_with_a_process_worker(tmp_path, tiny_records):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "BIN": str(BIN),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "BUCKETCHAT_HOME": str(tmp_path / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "NO_WORKER": "1",  # the test runs its own worker with --run-once
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    # Only the project's settings: no test-harness Prefect variables leak into the real server.
+    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+    script = ROOT / "ops" / "local-prefect.sh"
+
+    def prefect(*args: str, timeout: int = 120) -> str:
+        done = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    data = write_jsonl(tmp_path / "d.jsonl", tiny_records)
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    write_jsonl(drops / "drop-1.jsonl", tiny_records)
+    quick = {"target": 0, "train": {"epochs": 3}, "head": {"hidden_dim": 32}}
+    try:
+        up = subprocess.run([str(script), "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "Deployment 'pipeline/pipeline'" in up.stdout and "Deployment 'retrain/retrain'" in up.stdout and "Deployment 'size-sweep/size-sweep'" in up.stdout
+        assert "'cron': '0 3 * * *'" in prefect("deployment", "inspect", "retrain/retrain")
+
+        runs = {}
+        for name, params in (("pipeline/pipeline", {"data": [str(data)], "workdir": str(tmp_path / "work"), **quick}),
+                             ("retrain/retrain", {"data_dir": str(drops), "workdir": str(tmp_path / "work-retrain"), **quick})):
+            out = prefect("deployment", "run", name, "--params", json.dumps(params))
+            runs[name] = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+        worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "bucketchat-process", "--run-once"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+        for name, run_id in runs.items():
+            assert "type=StateType.COMPLETED" in prefect("flow-run", "inspect", run_id), name
+
+        check = subprocess.run([sys.executable, "-c", "import json; from tasks import registry; print(json.dumps(registry.list_versions()))"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        versions = json.loads(check.stdout.strip().splitlines()[-1])
+        # One version per run, both against the same store; the second is compared with the first.
+        assert sorted(v["version"] for v in versions) == [1, 2]
+        assert [v["aliases"] for v in versions if v["version"] == 1] in ([["champion"]], [[]])
+        assert all(v["promotion"] for v in versions)
+    finally:
+        down = subprocess.run([str(script), "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "stopped server" in down.stdout
+    status = subprocess.run([str(script), "status"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    assert status.split() == ["server:", "stopped", "worker:", "stopped"]
