@@ -7,9 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def failpoint(name: str) -> None:
+    """Die here exactly as ``kill -9`` would when ``BUCKETCHAT_FAILPOINT`` names this point.
+
+    The fault tests use it to crash a real process at the worst moments (rows written but not
+    indexed, a checkpoint about to replace the old one, a version registered but not promoted) and
+    then check that what was there before is intact. Unset, it costs one dictionary lookup.
+    """
+    if os.environ.get("BUCKETCHAT_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -31,6 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # fsync before rename, or a power cut can leave a renamed but empty file.
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        failpoint(f"replace:{target.name}")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,14 +8,15 @@ the weights (``<weights stem>.encoder``), named in the meta relative to the meta
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-import os
 
 from models.atomic import atomic_dir, atomic_path, write_text
 from models.heads import BucketHead, HeadConfig
@@ -27,6 +28,17 @@ def encoder_dir_for(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".encoder")
 
 
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: the meta records it, so weights
+    changed after they were written (bit rot, an edit, another model's file) are refused on load."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save(head: BucketHead, meta: dict[str, Any], weights: str | Path, meta_path: str | Path, encoder=None) -> dict[str, Any]:
     """Write [encoder folder,] weights, then meta, each atomically: a reader never sees a half-written
     file, and the meta (written last) only ever names files that are complete. Returns the meta."""
@@ -36,8 +48,9 @@ def save(head: BucketHead, meta: dict[str, Any], weights: str | Path, meta_path:
         with atomic_dir(folder) as tmp:
             meta["encoder"] = encoder.save(tmp)
         meta["encoder_dir"] = os.path.relpath(folder.resolve(), Path(meta_path).resolve().parent)
-    text = json.dumps(meta, indent=2, ensure_ascii=False)
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    meta["weights_sha256"] = tensor_digest(state)
+    text = json.dumps(meta, indent=2, ensure_ascii=False)
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "bucketchat", "model_size": head.cfg.model_size, "meta": text})
     write_text(meta_path, text)
@@ -56,7 +69,10 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"--weights {str(path)!r} does not exist; pass a checkpoint written by `bucketchat finetune`")
     if _is_safetensors(path):
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"--weights {str(path)!r} is a damaged safetensors file ({exc}); restore it or retrain") from exc
     try:
         # A legacy .pth: tensors only. weights_only=True refuses any pickled code object.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -105,6 +121,9 @@ def load(weights: str | Path, meta_path: str | Path, device: str = "cpu") -> tup
     cands = meta["candidates"]
     head = BucketHead(cfg, torch.tensor(cands["buckets"], dtype=torch.long), torch.tensor([t is not None for t in cands["texts"]]))
     state = load_state(weights)
+    want = meta.get("weights_sha256")
+    if want and tensor_digest(state) != want:
+        raise ValueError(f"--weights {str(weights)!r} are not the weights --meta {str(meta_path)!r} was written with (tensor digest mismatch: the file was modified or swapped); restore both from the same `bucketchat finetune` run")
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.atomic import atomic_path
+from models.atomic import atomic_path, failpoint
 from models.fast import LazyAdam
 from models.heads import BucketHead
 from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, preference_loss, pref_weight_at, sample_negatives
@@ -520,6 +520,7 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
                 "torch_rng": torch.get_rng_state(), "best": best, "best_score": torch.tensor(best_score, dtype=torch.float64),
                 "best_epoch": best_epoch, "bad": bad, "history": json.dumps(history),
             })
+        failpoint(f"train:epoch{epoch}")
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     if bar is not None:

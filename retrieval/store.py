@@ -21,6 +21,7 @@ import pyarrow as pa
 # behaviour yet, so quiet its logger (set before lancedb is first imported) unless the user asked.
 os.environ.setdefault("LANCEDB_LOG", "error")
 
+from models.atomic import failpoint
 from retrieval.buckets import assign_buckets, group_keys
 from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache
 from tasks.records import Pair
@@ -98,6 +99,7 @@ def _write(db: str | Path, table: str, data: pa.Table) -> int:
     # Each step below commits a version; models pin the final one returned here, never "latest", so
     # a crash part-way leaves every pinned version as it was.
     tbl = conn.create_table(table, data=data, mode="overwrite")
+    failpoint("db:rows-written")
     tbl.create_fts_index("user", replace=True)
     tbl.create_scalar_index("bucket", index_type="BITMAP", replace=True)
     if len(data) >= VECTOR_INDEX_MIN_ROWS:

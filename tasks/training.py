@@ -16,6 +16,7 @@ import torch
 from prefect import task
 
 from models import checkpoint
+from models.atomic import failpoint
 from models.heads import BucketHead, HeadConfig, warm_start
 from models.train import Candidates, TrainConfig, TrainData, Trainable, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
@@ -403,8 +404,10 @@ def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids
     else:
         # Only a better score moves the alias: an equal one is noise, and churn has a cost (caches, audits).
         promoted, reason = False, f"validation response accuracy {val_response_acc:.4f} is not above champion v{current}'s {champion_acc:.4f}; champion kept"
+    failpoint("registry:registered")
     registry.tag_version(new_version, {"champion_val_acc_at_registration": f"{champion_acc:.6f}" if champion_acc is not None else "n/a", "promotion": reason})
     if promoted:
+        failpoint("registry:promoting")
         registry.set_champion(new_version)
     logger.info("model version %d: %s", new_version, reason)
     return {"version": new_version, "promoted": promoted, "reason": reason, "previous_champion": current, "champion_val_acc": champion_acc}

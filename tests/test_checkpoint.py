@@ -52,3 +52,37 @@ def test_mismatched_or_bad_meta_is_a_clear_error(tmp_path):
     (tmp_path / "m3.json").write_text("{nope")
     with pytest.raises(ValueError, match="is not valid JSON"):
         checkpoint.load(tmp_path / "w.pth", tmp_path / "m3.json")
+
+
+def test_tampered_or_truncated_weights_are_refused(tmp_path):
+    checkpoint.save(_head(), _meta(), tmp_path / "w.pth", tmp_path / "m.json")
+    raw = bytearray((tmp_path / "w.pth").read_bytes())
+    raw[-3] ^= 0x01  # one bit of the last tensor's data: still a valid safetensors file
+    (tmp_path / "t.pth").write_bytes(bytes(raw))
+    assert set(checkpoint.load_state(tmp_path / "t.pth")) == set(_head().state_dict())
+    with pytest.raises(ValueError, match="tensor digest mismatch"):
+        checkpoint.load(tmp_path / "t.pth", tmp_path / "m.json")
+    (tmp_path / "cut.pth").write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(ValueError, match="damaged safetensors file"):
+        checkpoint.load(tmp_path / "cut.pth", tmp_path / "m.json")
+    # Another model's weights under this meta: same shapes, other values.
+    torch.manual_seed(1)
+    other = BucketHead(HeadConfig(num_candidates=3, input_dim=8, hidden_dim=16), torch.tensor([0, 1, 1]))
+    checkpoint.save(other, _meta(), tmp_path / "o.pth", tmp_path / "o.json")
+    with pytest.raises(ValueError, match="tensor digest mismatch"):
+        checkpoint.load(tmp_path / "o.pth", tmp_path / "m.json")
+
+
+def test_a_pickle_where_safetensors_is_expected_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    checkpoint.save(_head(), _meta(), tmp_path / "w.pth", tmp_path / "m.json")
+    with open(tmp_path / "w.pth", "wb") as fh:  # the champion's file replaced by a pickle
+        pickle.dump({"x": Evil()}, fh)
+    with pytest.raises(ValueError, match="neither safetensors nor a tensors-only"):
+        checkpoint.load(tmp_path / "w.pth", tmp_path / "m.json")
+    assert not marker.exists()
