@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 LABEL_FIELDS = ("intent", "label", "bucket")
+# A line longer than this is rejected unread: no real conversation is this long, and reading it
+# whole would let one bad line take the process's memory.
+MAX_LINE_BYTES = 1 << 20
 ROLES = ("user", "assistant", "system")
 # Fields the loader itself interprets; everything else is metadata.
 RESERVED = {"user", "assistant", "messages", "context", "source", "parent_id", "op", "id", *LABEL_FIELDS}
@@ -144,8 +147,26 @@ def parse_record(obj: Any, source: str, line: int) -> list[Pair]:
     return [Pair(user=user, assistant=assistant, context=context, **common)]
 
 
-def iter_records(path: str | Path, strict: bool = False) -> Iterator[Pair | Reject]:
-    """Yield every pair in a JSONL file, and a ``Reject`` for every line that cannot be used.
+def _lines(fh, limit: int) -> Iterator[tuple[bytes, int]]:
+    """(line, its full length) for each line; a line over ``limit`` bytes comes back cut to its first
+    200 bytes, and the rest of it is skipped in bounded chunks rather than read into memory."""
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size, chunk = len(raw), raw
+        while chunk and not chunk.endswith(b"\n"):
+            chunk = fh.readline(1 << 16)
+            size += len(chunk)
+        yield raw[:200], size
+
+
+def iter_records(path: str | Path, strict: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Pair | Reject]:
+    """Yield every pair in a JSONL file, and a ``Reject`` for every line that cannot be used: each
+    non-blank line gives one or more pairs or exactly one reject.
 
     Reads bytes so one line of invalid UTF-8 is reported rather than aborting the whole file.
     """
@@ -154,7 +175,13 @@ def iter_records(path: str | Path, strict: bool = False) -> Iterator[Pair | Reje
         raise FileNotFoundError(f"--data/--input file {str(path)!r} does not exist; pass the path of a JSONL file")
     source = path.stem
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, (raw, size) in enumerate(_lines(fh, max_line_bytes), start=1):
+            if size > max_line_bytes:
+                bad = Reject(str(path), number, f"line is {size:,} bytes, over the {max_line_bytes:,}-byte limit", "split the conversation or drop the line", raw.decode("utf-8", "replace") + "…")
+                if strict:
+                    raise RecordError(bad.message())
+                yield bad
+                continue
             if not raw.strip():
                 continue  # blank lines are layout, not records
             try:
