@@ -139,3 +139,74 @@ def test_config_is_validated():
         ServerConfig(api_key="short")
     with pytest.raises(ValueError, match="--port"):
         ServerConfig(port=0)
+
+
+def _rss_mb(pid: int) -> float:
+    for row in open(f"/proc/{pid}/status"):
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads the server's memory from /proc")
+def test_abuse_flood_gets_4xx_or_429_and_memory_stays_bounded(chat_model, tmp_path):
+    """`bucketchat serve` in its own process, flooded by 32 clients with oversized bodies (declared
+    and chunked), malformed JSON, wrong keys and real questions: only 200/400/401/413/429 come
+    back, it keeps serving, and its memory does not grow with what it was sent."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    weights, meta = chat_model
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--weights", weights, "--meta", meta, "--port", str(port), "--api_key", KEY, "--max_concurrency", "8"],
+                            cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        else:
+            raise AssertionError(proc.stderr.read().decode()[-2000:])
+        chunk = b"x" * 65536
+
+        def chunked():
+            for _ in range(32):  # 2 MiB with no Content-Length
+                yield chunk
+
+        good = {"messages": [{"role": "user", "content": "where is my parcel"}]}
+        attacks = [
+            lambda c: c.post("/v1/chat/completions", content=b"{" * 4_000_000, headers={**AUTH, "content-type": "application/json"}),
+            lambda c: c.post("/v1/chat/completions", content=chunked(), headers=AUTH),
+            lambda c: c.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"', headers=AUTH),
+            lambda c: c.post("/v1/chat/completions", content=b"[" * 5000 + b"]" * 5000, headers=AUTH),
+            lambda c: c.post("/v1/chat/completions", json=good, headers={"authorization": "Bearer wrong-key-000000000"}),
+            lambda c: c.post("/v1/chat/completions", json=good, headers=AUTH),
+        ]
+
+        def hammer(i):
+            with httpx.Client(base_url=url, timeout=60) as c:
+                return [attacks[(i + j) % len(attacks)](c).status_code for j in range(24)]
+
+        with ThreadPoolExecutor(32) as pool:  # a warm-up round: allocator pools, caches, threads
+            list(pool.map(hammer, range(32)))
+        before = _rss_mb(proc.pid)
+        with ThreadPoolExecutor(32) as pool:
+            codes = [c for batch in pool.map(hammer, range(64)) for c in batch]
+        after = _rss_mb(proc.pid)
+        assert set(codes) <= {200, 400, 401, 413, 429} and {400, 401, 413} <= set(codes), sorted(set(codes))
+        assert 200 in codes
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200 and proc.poll() is None
+        # 1,536 requests, a third of them with bodies of 2-4 MiB; growth stays a rounding error of that.
+        print(f"server RSS {before:.0f} -> {after:.0f} MB over {len(codes)} requests")
+        assert after - before < 64, (before, after)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
