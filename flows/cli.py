@@ -149,20 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     b = dbsub.add_parser("build", help="embed, bucket and write a new table version", description="Embed every user message (cached by content hash), assign buckets, and write a new version of the table with a full-text index (and a vector index when large).")
     _arg(b, "--data", required=True, help="conversation JSONL or .parquet dataset")
-    _arg(b, "--db", required=True, help="LanceDB folder, e.g. llm_chat.db")
+    _arg(b, "--db", required=True, help="LanceDB folder, e.g. llm_chat.db, or an object-store URI (s3://bucket/llm_chat.db)")
     _arg(b, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
     _arg(b, "--num_buckets", type=int, default=10, help="response buckets (default 10)")
     _arg(b, "--seed", type=int, default=0, help="clustering seed (default 0)")
     _arg(b, "--device", default="cpu", help="encoder device (default cpu)")
     _arg(b, "--strict", action="store_true", help="stop at the first malformed line")
     s = dbsub.add_parser("stats", help="rows, buckets, sources, versions and index state", description="Describe the latest version of the table.")
-    _arg(s, "--db", required=True, help="LanceDB folder")
+    _arg(s, "--db", required=True, help="LanceDB folder or object-store URI")
     _arg(s, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
     _arg(s, "--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("finetune", help="train, log to MLflow, register, promote if better", description="Train the 10-bucket head on a pinned table version, log it to MLflow, register a version of `bucketchat` and move the `champion` alias only if it is at least as good on the same validation set.")
     _arg(p, "--data", help="conversation data; (re)builds --db from it first. Without it, trains on the table as it is")
-    _arg(p, "--db", default="llm_chat.db", help="LanceDB folder (default llm_chat.db)")
+    _arg(p, "--db", default="llm_chat.db", help="LanceDB folder or object-store URI (default llm_chat.db)")
     _arg(p, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
     _arg(p, "--table_version", type=int, help="table version to train on (default: the latest)")
     _arg(p, "--num_buckets", type=int, default=10, help="response buckets when building (default 10)")
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("size-sweep", help="train every head size on one table, for side-by-side comparison in MLflow", description="Train base, large, xlarge and xxlarge heads on the same table version (one MLflow run and registered version each, tagged model_size). The champion moves to whichever beats it on validation.")
     _arg(p, "--data", help="conversation data; (re)builds --db from it first")
-    _arg(p, "--db", default="llm_chat.db", help="LanceDB folder (default llm_chat.db)")
+    _arg(p, "--db", default="llm_chat.db", help="LanceDB folder or object-store URI (default llm_chat.db)")
     _arg(p, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
     _arg(p, "--table_version", type=int, help="table version to train on (default: the latest)")
     _arg(p, "--sizes", nargs="+", default=None, help="sizes to train (default: all four)")
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="the whole chain on embedded defaults", description="Prepare (merge, filter, dedupe) -> [expand] -> build the table -> train -> register -> promote. Everything goes under --workdir; runs are tracked in MLFLOW_TRACKING_URI (default: mlflow/ in the project).")
     _arg(p, "--data", nargs="+", required=True, help="conversation JSONL files")
     _arg(p, "--workdir", help="folder for everything the run makes (default .bucketchat/work in the project)")
+    _arg(p, "--db", help="LanceDB location for the table: a folder or an object-store URI such as s3://bucket/bucketchat.db (default WORKDIR/llm_chat.db)")
     _arg(p, "--target", type=int, help="expand the dataset to this many records first (default: datasets under 5,000 pairs grow to min(5,000, 8x their size); 0 = never expand)")
     _arg(p, "--creative_prob", type=float, default=0.0, help="see `bucketchat expand`")
     _arg(p, "--blend_prob", type=float, default=0.0, help="see `bucketchat expand`")
@@ -308,7 +309,7 @@ def cmd_finetune(a) -> None:
     train, head = _train_dicts(a, a.seed)
     _check_weights(a.weights)
     _preflight([a.data] if a.data else [], a.strict)
-    r = finetune_flow(str(Path(a.db)), a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty(), a.force)
+    r = finetune_flow(a.db, a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty(), a.force)
     _report(r)
     print(f"local checkpoint: {a.output} + {a.meta}")
 
@@ -318,7 +319,7 @@ def cmd_size_sweep(a) -> None:
 
     train, head = _train_dicts(a, a.seed)
     _preflight([a.data] if a.data else [], False)
-    r = size_sweep_flow(str(Path(a.db)), a.data, a.table, a.table_version, a.sizes, train, head, a.num_buckets)
+    r = size_sweep_flow(a.db, a.data, a.table, a.table_version, a.sizes, train, head, a.num_buckets)
     print(f"table {r['table']['name']} v{r['table']['version']}:")
     print(f"  {'size':<8} {'val response acc':>16} {'examples/s':>11}  registered")
     for size, v in r["sizes"].items():
@@ -371,7 +372,7 @@ def cmd_pipeline(a) -> None:
     train, head = _train_dicts(a, a.seed)
     _preflight(a.data, a.strict)
     _check_weights(a.weights)
-    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume, a.force)
+    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume, a.force, a.db)
     d = r["dataset"]
     if d["rejected_lines"]:
         print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)

@@ -16,14 +16,14 @@ from tasks.settings import TABLE_NAME, default_workdir
 
 
 @flow(name="pipeline")
-def pipeline_flow(data: list[str], workdir: str | None = None, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, num_buckets: int = 10, seed: int = 42, train: dict | None = None, head: dict | None = None, strict: bool = False, near_dup_threshold: float = 0.9, weights: str | None = None, resume: bool = False, force: bool = False) -> dict:
+def pipeline_flow(data: list[str], workdir: str | None = None, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, num_buckets: int = 10, seed: int = 42, train: dict | None = None, head: dict | None = None, strict: bool = False, near_dup_threshold: float = 0.9, weights: str | None = None, resume: bool = False, force: bool = False, db: str | None = None) -> dict:
     work = Path(workdir or default_workdir()).resolve()
     train = {"seed": seed, **(train or {})}
     # Training keeps near duplicates (real phrasings) but links them to their twin's family, so the
     # validation split never sees a twin of a training row; build-super on its own drops them.
     # target None: small data is grown automatically (flows/build_super.py); 0: never expand.
     dataset = build_super_flow(data, str(work / "dataset.jsonl"), target or None, creative_prob, blend_prob, seed, strict, near_dup_threshold, near_duplicates="link", auto_expand=target is None)
-    db = str(work / "llm_chat.db")
+    db = db or str(work / "llm_chat.db")  # or an object-store URI (s3://…): only LanceDB's files go there
     built = build_db_flow(dataset["parquet"], db, TABLE_NAME, num_buckets, seed, train.get("device", "cpu"))
     tuned = finetune_flow(db, table=TABLE_NAME, table_version=built["version"], train=train, head=head, output=str(work / "champion_model_chat_ft.pth"), meta=str(work / "chat_model_meta.json"), weights=weights, resume=resume, force=force)
     return {"workdir": str(work), "dataset": dataset, **tuned, "build": built}

@@ -24,7 +24,7 @@ import torch
 
 from models import checkpoint
 from retrieval.encoder import TORCH_ID, embed
-from retrieval.store import hybrid_search, open_table, table_encoder
+from retrieval.store import db_key, hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
@@ -147,9 +147,7 @@ class ChatEngine:
         if not db:
             return None
         # The pinned version when it is the model's own table; the latest version of any other --llm_db.
-        from pathlib import Path
-
-        same = self.opts.llm_db is None or (pinned.get("db") is not None and Path(self.opts.llm_db).resolve() == Path(pinned["db"]).resolve())
+        same = self.opts.llm_db is None or (pinned.get("db") is not None and db_key(self.opts.llm_db) == db_key(pinned["db"]))
         try:
             return open_table(db, pinned.get("name", "conversations"), pinned.get("version") if same else None)
         except (ValueError, OSError) as exc:

@@ -61,7 +61,30 @@ class BuildResult:
     reused: bool = False  # the latest version already held exactly these rows: nothing was written
 
 
+def is_uri(db: str | Path) -> bool:
+    """An object-store location (``s3://``, ``gs://``, ``az://``, ``file://``…) rather than a folder."""
+    return "://" in str(db)
+
+
+def db_key(db: str | Path) -> str:
+    """How a model names the table it pins: an absolute folder, or the URI as given."""
+    return str(db) if is_uri(db) else str(Path(db).resolve())
+
+
+def local_dir(db: str | Path) -> Path:
+    """The local folder for a table's side files (embedding cache, fine-tuned encoders, resume
+    states): the db folder itself, or for an object-store URI a folder per URI in the state home,
+    so nothing but LanceDB's own files goes to the bucket."""
+    if not is_uri(db):
+        return Path(db)
+    from tasks.settings import state_home
+
+    return state_home() / "object-store" / hashlib.sha256(str(db).encode()).hexdigest()[:16]
+
+
 def connect(db: str | Path):
+    """LanceDB at a folder or an object-store URI; credentials and endpoints come from the usual
+    environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_REGION``, ``AWS_ENDPOINT``, ``GOOGLE_…``)."""
     import lancedb
 
     return lancedb.connect(str(db))
@@ -88,7 +111,7 @@ def reembed_table(db: str | Path, table: str, version: int, encoder_path: str, e
     """Write ``table@version``'s rows as a new version whose vectors come from another encoder (a
     fine-tuned one): a model and the table it pins must use the same encoder. Returns the version."""
     data = open_table(db, table, version).to_arrow()
-    cache = EmbeddingCache(Path(db) / CACHE_DIR, encoder_id, encoder_path)
+    cache = EmbeddingCache(local_dir(db) / CACHE_DIR, encoder_id, encoder_path)
     vecs, _ = cache.embed(data["user"].to_pylist(), device=device, progress=progress)
     data = data.set_column(data.schema.get_field_index("vector"), "vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM))
     return _write(db, table, data.cast(schema(encoder_id)))
@@ -144,13 +167,14 @@ def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int 
     """
     if not pairs:
         raise ValueError("no usable records to build the table from; check the rejects file beside the data")
-    db = Path(db)
-    db.mkdir(parents=True, exist_ok=True)
+    if not is_uri(db):
+        db = Path(db)
+        db.mkdir(parents=True, exist_ok=True)
     key = content_key(pairs, num_buckets, seed)
     same = _unchanged(db, table, key)
     if same is not None:
         return same
-    cache = EmbeddingCache(db / CACHE_DIR)
+    cache = EmbeddingCache(local_dir(db) / CACHE_DIR)
     user_vecs, new_users = cache.embed([p.user for p in pairs], device=device, progress=progress)
     responses = [p.assistant for p in pairs]
     labels = [p.label for p in pairs]
@@ -218,5 +242,5 @@ def stats(db: str | Path, table: str) -> dict:
         "sources": {str(k): int(v) for k, v in frame["source"].value_counts().sort_index().items()},
         "versions": [{"version": int(v["version"]), "timestamp": str(v["timestamp"]), "rows": int(v["metadata"].get("total_rows", 0))} for v in tbl.list_versions()],
         "indices": indices,
-        "embedding_cache": len(EmbeddingCache(Path(db) / CACHE_DIR)),
+        "embedding_cache": len(EmbeddingCache(local_dir(db) / CACHE_DIR)),
     }

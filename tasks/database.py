@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from prefect import task
 
-from retrieval.store import build_table, stats
+from retrieval.store import build_table, is_uri, local_dir, stats
 from tasks import run_logger
 from tasks.dataset import read_input
 
@@ -15,7 +16,9 @@ from tasks.dataset import read_input
 def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False) -> dict:
     """Embed, bucket and write ``data`` as a new version of ``table``; rejects go beside the db."""
     logger = run_logger()
-    pairs, rejected, rejects_file = read_input(data, db, strict)  # llm_chat.db -> llm_chat.rejects.jsonl
+    # llm_chat.db -> llm_chat.rejects.jsonl beside it; for an object-store db, in its local folder.
+    beside = local_dir(db) / Path(db).name if is_uri(db) else db
+    pairs, rejected, rejects_file = read_input(data, beside, strict)
     result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, progress=len(pairs) > 2000)
     if result.reused:
         logger.info("table %s@%d already holds exactly these %d rows; no new version written", table, result.version, result.rows)

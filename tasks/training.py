@@ -20,7 +20,7 @@ from models.atomic import failpoint
 from models.heads import BucketHead, HeadConfig, warm_start
 from models.train import Candidates, TrainConfig, TrainData, Trainable, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
-from retrieval.store import open_table, reembed_table, table_encoder
+from retrieval.store import db_key, local_dir, open_table, reembed_table, table_encoder
 from tasks import registry, run_logger
 
 ENCODERS_DIR = "_encoders"  # fine-tuned encoders a table version was embedded with, by id hash
@@ -54,7 +54,7 @@ def encoder_folder(db: str, encoder_id: str) -> Path | None:
     """Where a fine-tuned encoder used by a table version is kept (None for the stock encoder)."""
     if encoder_id in STOCK_IDS:
         return None
-    return Path(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1]
+    return local_dir(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1]
 
 
 class EncoderFolder:
@@ -181,7 +181,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     best = result.history[result.best_epoch - 1]
     meta = {
         "encoder": encoder_id,
-        "table": {"db": str(Path(db).resolve()), "name": table, "version": pinned, "trained_on_version": int(version), "data_version": data_version(rows)},
+        "table": {"db": db_key(db), "name": table, "version": pinned, "trained_on_version": int(version), "data_version": data_version(rows)},
         "candidates": {"texts": cands.texts, "buckets": cands.buckets, "counts": cands.counts},
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
         "all_responses_learned": not cands.other,
@@ -294,7 +294,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
     train_cfg = TrainConfig(**train)
     registry.configure()
     size = head.get("model_size") or "base"
-    state_path = Path(f"{output}.state") if output else Path(db) / f"_train_{table}_v{version}.state"
+    state_path = Path(f"{output}.state") if output else local_dir(db) / f"_train_{table}_v{version}.state"
     run_id = None
     if resume and state_path.with_suffix(".run").is_file():
         run_id = state_path.with_suffix(".run").read_text().strip() or None
@@ -302,7 +302,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state_path.with_suffix(".run").write_text(run.info.run_id)
         if not run_id:
-            mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": str(Path(db).resolve()), "train_all": str(train_cfg.train_all), "warm_start": weights or ""})
+            mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": db_key(db), "train_all": str(train_cfg.train_all), "warm_start": weights or ""})
             mlflow.log_params({**train, **{f"head.{k}": v for k, v in head.items()}, "table_version": version, "weights": weights or ""})
         buffer = MetricBuffer(run.info.run_id)
 
@@ -361,7 +361,7 @@ def training_key(db: str, table: str, version: int, train: dict, head: dict) -> 
     content = (open_table(db, table, version).schema.metadata or {}).get(b"content")
     if not content:
         return None
-    spec = {"db": str(Path(db).resolve()), "table": table, "content": content.decode(), "train": train, "head": head, "code": _code_digest()}
+    spec = {"db": db_key(db), "table": table, "content": content.decode(), "train": train, "head": head, "code": _code_digest()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -1,0 +1,71 @@
+"""The scale-out path, exercised here: the table on an object-store URI (``file://``: the same
+object_store code path LanceDB uses for s3/gs/az), and MLflow as a tracking server with a database
+backend and proxied artifacts. (Dask-mapped tasks: tests/test_flows.py.)"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.cli import main
+from tasks import registry
+
+
+def test_pipeline_and_chat_with_the_table_at_an_object_store_uri(tmp_path, tiny_jsonl, prefect_harness, mlflow_store, capsys, monkeypatch):
+    import io
+
+    uri = f"file://{tmp_path / 'bucket' / 'llm_chat.db'}"
+    assert main(["pipeline", "--data", str(tiny_jsonl), "--workdir", str(tmp_path / "work"), "--db", uri, "--target", "0", "--epochs", "20", "--hidden_dim", "32"]) == 0
+    meta = json.loads((tmp_path / "work" / "chat_model_meta.json").read_text())
+    assert meta["table"]["db"] == uri
+    # Only LanceDB's own files went to the "bucket"; the embedding cache stayed local.
+    assert [p.name for p in (tmp_path / "bucket" / "llm_chat.db").iterdir()] == ["conversations.lance"]
+    assert not (tmp_path / "file:").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("how long do I boil an egg\n"))
+    assert main(["chat", "--json", "--llm_db", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["response"].startswith("Boil eggs 6 minutes")
+    assert main(["db", "stats", "--db", uri]) == 0
+    assert "26 rows" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_training_against_an_mlflow_server_with_a_database_backend(tmp_path, tiny_jsonl, prefect_harness, monkeypatch, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        else:
+            raise AssertionError(server.stderr.read().decode()[-2000:])
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        db = str(tmp_path / "db")
+        assert main(["finetune", "--data", str(tiny_jsonl), "--db", db, "--epochs", "10", "--hidden_dim", "32", "--output", str(tmp_path / "m.pth"), "--meta", str(tmp_path / "m.json")]) == 0
+        assert registry.champion_version() == 1
+        # The checkpoint went through the server's artifact proxy into its store, and comes back.
+        assert list((tmp_path / "artifacts").rglob("head.safetensors"))
+        capsys.readouterr()
+        assert main(["registry", "list"]) == 0
+        assert "champion" in capsys.readouterr().out
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO("I forgot my password\n"))
+        assert main(["chat", "--json"]) == 0  # models:/bucketchat@champion from the server
+        assert json.loads(capsys.readouterr().out)["response"].startswith("Use Settings")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
