@@ -13,7 +13,7 @@ QUESTIONS := "I forgot my password, what do I do?" \
              "which debt should I pay off first?" \
              "who won the football world cup in 1954?"
 
-.PHONY: install browser demo test test-fast prefect-up prefect-down bench-banking77 bench-data bench-train bench-latency bench-serve bench-oos bench-sample clean
+.PHONY: install browser demo test test-fast prefect-up prefect-down bench bench-banking77 bench-data bench-train bench-latency bench-serve bench-oos bench-sample clean
 
 # constraints.txt pins every transitive package to the versions the suite passed with.
 $(STAMP): pyproject.toml constraints.txt
@@ -40,6 +40,12 @@ test: $(STAMP) browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every benchmark, one Markdown report with PNG plots in bench-report/ (git-ignored); about an hour
+# with REPEATS=3. Needs ../shared/data/banking77 beside the checkout.
+REPEATS ?= 3
+bench: $(STAMP)
+	$(BIN)/python tests/bench/report.py --repeats $(REPEATS)
 
 # Response accuracy, pipeline wall time and chat latency through the commands a user runs.
 # BANKING77 needs ../shared/data beside the checkout; bench-sample uses the bundled sample.

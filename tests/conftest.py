@@ -86,6 +86,15 @@ def prefect_harness():
             yield
 
 
+@pytest.fixture(scope="session")
+def prefect_api_env(prefect_harness) -> dict[str, str]:
+    """Environment for a child `bucketchat` process to use the harness's API server instead of
+    starting its own temporary one (~10 s each, and one a killed child would leave running)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
     """Build a table of ``records`` in ``folder`` and fit a small head that learns one response per
     bucket (the rest only retrieval reaches); returns (weights, meta). Validation is off, so the

@@ -139,34 +139,28 @@ def test_train_all_pins_a_table_version_embedded_by_the_fine_tuned_encoder(table
 
 
 @pytest.mark.slow
-def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table, tmp_path):
-    """A real `bucketchat finetune` killed with SIGKILL after a few epochs, then `--resume`d: same
+def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table, tmp_path, prefect_api_env):
+    """A real `bucketchat finetune` killed with SIGKILL after epoch 3 of 8, then `--resume`d: same
     weights as a run that was never interrupted, in the same MLflow run."""
     import os
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     db, name, version = table
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}", "BUCKETCHAT_HOME": str(tmp_path / "home")}
+    env = {**os.environ, **prefect_api_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}", "BUCKETCHAT_HOME": str(tmp_path / "home")}
     exe = str(Path(sys.executable).parent / "bucketchat")
 
     def cmd(out: str, *extra: str) -> list[str]:
-        return [exe, "finetune", "--db", db, "--table", name, "--epochs", "300", "--early_stop_patience", "0", "--hidden_dim", "64", "--output", str(tmp_path / f"{out}.pth"), "--meta", str(tmp_path / f"{out}.json"), *extra]
+        return [exe, "finetune", "--db", db, "--table", name, "--epochs", "8", "--early_stop_patience", "0", "--hidden_dim", "64", "--output", str(tmp_path / f"{out}.pth"), "--meta", str(tmp_path / f"{out}.json"), *extra]
 
-    proc = subprocess.Popen(cmd("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # SIGKILL from inside, right after epoch 3 (BUCKETCHAT_FAILPOINT): deterministic, unlike a timer.
+    proc = subprocess.Popen(cmd("killed"), env={**env, "BUCKETCHAT_FAILPOINT": "train:epoch3"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
     state = tmp_path / "killed.pth.state"
-    deadline = time.time() + 120
-    while not state.is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # a few more epochs
-    assert proc.poll() is None, "training finished before it could be killed; raise --epochs"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     assert state.is_file() and not (tmp_path / "killed.pth").exists()
     run_id = state.with_suffix(".run").read_text()
     subprocess.run(cmd("killed", "--resume"), env=env, check=True, capture_output=True)

@@ -25,13 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 BIN = Path(sys.executable).parent
+# Runs a command and prints its peak RSS (KiB) as the last line: RUSAGE_CHILDREN of a fresh wrapper.
+WRAPPER = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
 
 
 def run_once(train: Path, test: Path, work: Path, extra: list[str]) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "BUCKETCHAT_HOME": str(work / "home")}
     t0 = time.perf_counter()
-    subprocess.run([BIN / "bucketchat", "pipeline", "--data", str(train), "--workdir", str(work / "run"), *extra], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-c", WRAPPER, str(BIN / "bucketchat"), "pipeline", "--data", str(train), "--workdir", str(work / "run"), *extra], env=env, check=True, capture_output=True, text=True)
     pipeline_s = time.perf_counter() - t0
+    peak_mb = int(done.stdout.strip().splitlines()[-1]) / 1024
     rows = [r for r in (json.loads(l) for l in test.read_text(encoding="utf-8").splitlines() if l.strip()) if "user" in r]
     t0 = time.perf_counter()
     out = subprocess.run([BIN / "bucketchat", "chat", "--json"], env=env, check=True, input="".join(r["user"].replace("\n", " ") + "\n" for r in rows), capture_output=True, text=True).stdout
@@ -47,6 +50,7 @@ def run_once(train: Path, test: Path, work: Path, extra: list[str]) -> dict:
         "accuracy_without_fallback": top / len(rows),
         "fallback_rate": sum(a["fallback"] for a in answers) / len(rows),
         "pipeline_s": pipeline_s,
+        "pipeline_peak_rss_mb": peak_mb,
         "chat_process_s": chat_s,
         "latency_p50_ms": lat[len(lat) // 2],
         "latency_p99_ms": lat[int(len(lat) * 0.99)],

@@ -1,0 +1,229 @@
+"""Every benchmark in the repo, one after another, into one Markdown report with PNG plots.
+
+    make bench                       # = python tests/bench/report.py
+    python tests/bench/report.py [--repeats 3] [--out bench-report] [--only quality latency ...]
+
+Sections (each script runs in its own process; its JSON and log are kept under OUT/raw and OUT/logs):
+
+- quality: BANKING77 full and 10-shot through `bucketchat pipeline` + `bucketchat chat` (accuracy.py),
+  against TF-IDF + linear SVM, MiniLM nearest neighbour and MiniLM logistic regression (peers.py),
+  all on the same train and test files in the same run; pipeline wall time and peak memory;
+- latency: chat turns on a 100k-row table against SQLite FTS5 + numpy cosine (latency.py);
+- training: head training throughput per size against scikit-learn's LogisticRegression fit,
+  a --train_all epoch, db build rows/s, peak memory (training.py);
+- data: expand 5k -> 120k and build-super over 260k records, time and peak memory (data.py);
+- serving: requests/s of `bucketchat serve` against its /healthz ceiling (serve.py).
+
+Figures are medians over --repeats with their min-max spread; ratios are against the baseline
+measured in the same run. A section that fails is reported as failed, with its log, and the rest
+still run. OUT (default bench-report/) is git-ignored. The whole report takes about an hour on 2 cores
+with --repeats 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "tests" / "bench"
+DATA = ROOT.parent / "shared" / "data" / "banking77"
+SECTIONS = ("quality", "latency", "training", "data", "serving")
+
+
+def run_script(out: Path, name: str, script: str, *args: str) -> dict | None:
+    """Run one benchmark script with --json; returns its JSON, or None (the log says why)."""
+    raw, logs = out / "raw", out / "logs"
+    raw.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    target = raw / f"{name}.json"
+    target.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(logs / f"{name}.log", "w") as log:
+        done = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(target)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    print(f"  {name}: {'ok' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads(target.read_text()) if done.returncode == 0 and target.is_file() else None
+
+
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """median (min-max) of repeated measurements."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def pct(x: float) -> str:
+    return f"{x:.2%}"
+
+
+class Report:
+    def __init__(self, out: Path):
+        self.out, self.lines, self.plots = out, [], []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.add("| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), "")
+
+    def plot(self, name: str, draw) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(self.out / f"{name}.png", dpi=110)
+        plt.close(fig)
+        self.add(f"![{name}]({name}.png)", "")
+
+    def failed(self, what: str, log: str) -> None:
+        self.add(f"**{what}: the benchmark failed**; see `logs/{log}.log`.", "")
+
+
+def bars(ax, labels: list[str], groups: dict[str, list[list[float]]], ylabel: str, log: bool = False) -> None:
+    """Grouped bars at the median with min-max whiskers; ``groups``: series -> per-label values."""
+    import numpy as np
+
+    width = 0.8 / max(1, len(groups))
+    for i, (series, per_label) in enumerate(groups.items()):
+        med = [statistics.median(v) if v else np.nan for v in per_label]
+        lo = [m - min(v) if v else 0 for m, v in zip(med, per_label)]
+        hi = [max(v) - m if v else 0 for m, v in zip(med, per_label)]
+        ax.bar(np.arange(len(labels)) + i * width, med, width, yerr=[lo, hi], capsize=3, label=series)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(groups) - 1) / 2, labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    if len(groups) > 1:
+        ax.legend(fontsize=8)
+
+
+def quality(rep: Report, out: Path, repeats: int) -> None:
+    rep.add("## Quality: BANKING77 response accuracy", "",
+            "`bucketchat pipeline --data TRAIN` on defaults in a fresh workdir and store, then every test line through `bucketchat chat --json`; a fallback counts as wrong. The peers train on the same file and predict the response text. Same test file (3,080 lines), same run.", "")
+    names = {"full": "train.jsonl", "10shot": "train_10shot.jsonl"}
+    results = {}
+    for key, file in names.items():
+        train = DATA / file
+        results[key] = (run_script(out, f"accuracy-{key}", "accuracy.py", "--train", str(train), "--repeats", str(repeats)),
+                        run_script(out, f"peers-{key}", "peers.py", "--train", str(train), "--repeats", "1"))
+    rows, plot_groups = [], {"bucketchat": [], "TF-IDF + SVM": [], "MiniLM nearest neighbour": [], "MiniLM logistic regression": []}
+    for key, (ours, peers) in results.items():
+        if ours is None or peers is None:
+            rep.failed(f"quality ({key})", f"accuracy-{key}" if ours is None else f"peers-{key}")
+            for v in plot_groups.values():
+                v.append([])
+            continue
+        acc = [r["accuracy"] for r in ours["runs"]]
+        p = peers["summary"]
+        best_peer = max(p[k]["accuracy"]["median"] for k in p)
+        rows.append([names[key], spread(acc, "{:.2%}"), pct(p["tfidf_svm"]["accuracy"]["median"]), pct(p["minilm_nearest_neighbour"]["accuracy"]["median"]), pct(p["minilm_logistic_regression"]["accuracy"]["median"]),
+                     f"{statistics.median(acc) - best_peer:+.2%}", spread([r["accuracy_without_fallback"] for r in ours["runs"]], "{:.2%}"), spread([r["fallback_rate"] for r in ours["runs"]], "{:.2%}"),
+                     spread([r["pipeline_s"] for r in ours["runs"]], "{:.0f}") + " s", spread([r.get("pipeline_peak_rss_mb", float("nan")) for r in ours["runs"]], "{:.0f}") + " MB"])
+        plot_groups["bucketchat"].append(acc)
+        plot_groups["TF-IDF + SVM"].append([p["tfidf_svm"]["accuracy"]["median"]])
+        plot_groups["MiniLM nearest neighbour"].append([p["minilm_nearest_neighbour"]["accuracy"]["median"]])
+        plot_groups["MiniLM logistic regression"].append([p["minilm_logistic_regression"]["accuracy"]["median"]])
+    if rows:
+        rep.table(["train file", f"bucketchat (median of {repeats}, range)", "TF-IDF+SVM", "MiniLM NN", "MiniLM LR", "vs best peer", "ranking alone", "fallbacks", "pipeline wall time", "pipeline peak RSS"], rows)
+        rep.plot("quality", lambda ax: (bars(ax, [names[k] for k in results], plot_groups, "response accuracy"), ax.set_ylim(0.6, 1.0)))
+
+
+def latency(rep: Report, out: Path) -> None:
+    rep.add("## Chat latency: 100k-row table", "",
+            "1,000 BANKING77 test questions, one process, each turn timed through the engine; the baseline is SQLite FTS5 bm25 + numpy cosine over the same rows with the same encoder (latency.py). Percentiles are over the 1,000 turns.", "")
+    r = run_script(out, "latency", "latency.py")
+    if r is None:
+        return rep.failed("latency", "latency")
+    lat, base = r["latency_ms"], r["latency_ms"].get("baseline")
+    rows = []
+    for name, row in lat.items():
+        ratio = f"{row['p50'] / base['p50']:.2f}× / {row['p99'] / base['p99']:.2f}×" if base and name != "baseline" and name in r["accuracy"] else ""
+        acc = pct(r["accuracy"][name]) if name in r["accuracy"] else ""
+        rows.append([name, f"{row['p50']:.1f}", f"{row['p90']:.1f}", f"{row['p99']:.1f}", ratio, acc])
+    rep.table(["engine / component", "p50 ms", "p90 ms", "p99 ms", "vs baseline (p50 / p99)", "accuracy"], rows)
+    names = list(lat)
+    rep.plot("latency", lambda ax: bars(ax, names, {"p50": [[lat[n]["p50"]] for n in names], "p99": [[lat[n]["p99"]] for n in names]}, "ms per turn (log)", log=True))
+
+
+def training(rep: Report, out: Path, repeats: int) -> None:
+    rep.add("## Training and database build", "",
+            "BANKING77 train (10,003 rows) in a temp table; each measurement in its own process, through the same code as `bucketchat finetune` (training.py). Examples/s counts training rows per second of epoch time. The baseline is scikit-learn's LogisticRegression fit on the same vectors (wall time for the whole fit).", "")
+    r = run_script(out, "training", "training.py", "--repeats", str(repeats))
+    if r is None:
+        return rep.failed("training", "training")
+    lr = [b["fit_s"] for b in r["baseline"]]
+    rows = [[size, spread([x["examples_per_second"] for x in runs], "{:,.0f}"), spread([x["fit_s"] for x in runs]) + " s", f"{statistics.median(x['fit_s'] for x in runs) / statistics.median(lr):.2f}×", f"{max(x['peak_rss_mb'] for x in runs):.0f} MB"] for size, runs in r["heads"].items()]
+    rows.append(["LogisticRegression (baseline)", "", spread(lr) + " s", "1×", f"{max(b['peak_rss_mb'] for b in r['baseline']):.0f} MB"])
+    rep.table(["head size", "examples/s", "whole fit", "fit vs LR", "peak RSS"], rows)
+    extra = []
+    if "build_s" in r:
+        extra.append(f"- database build (embed + bucket + LanceDB write + indices): {r['rows']:,} rows in {r['build_s']:.1f} s = **{r['rows'] / r['build_s']:,.0f} rows/s**")
+    if r.get("train_all"):
+        t = r["train_all"]
+        extra.append(f"- `--train_all`: one epoch of {t['rows']:,} rows in {t['epoch_s']:.0f} s ({t['examples_per_second']:.0f} examples/s), peak RSS {t['peak_rss_mb']:.0f} MB")
+    rep.add(*extra, "")
+    heads = r["heads"]
+    rep.plot("training", lambda ax: bars(ax, list(heads), {"examples/s": [[x["examples_per_second"] for x in runs] for runs in heads.values()]}, "examples/s (frozen encoder)"))
+
+
+def data(rep: Report, out: Path, repeats: int) -> None:
+    rep.add("## Data stages", "", "`bucketchat expand` 5,000 → 120,000 and `bucketchat build-super` over three inputs totalling 260,000 records, each in its own process (data.py).", "")
+    r = run_script(out, "data", "data.py", "--repeats", str(repeats))
+    if r is None:
+        return rep.failed("data", "data")
+    res = r["results"]
+    n = {"expand": 120_000, "build-super": 260_000}
+    rep.table(["stage", "time", "records/s", "peak RSS"], [[k, spread(v["s"]) + " s", f"{n[k] / statistics.median(v['s']):,.0f}", spread(v["mb"], "{:.0f}") + " MB"] for k, v in res.items()])
+
+
+def serving(rep: Report, out: Path, repeats: int) -> None:
+    rep.add("## Serving", "", "`bucketchat serve` on loopback, 8 keep-alive clients, BANKING77 questions against the 100k-row model; the ceiling is the same server's `/healthz` (serve.py).", "")
+    r = run_script(out, "serving", "serve.py", "--repeats", str(repeats))
+    if r is None:
+        return rep.failed("serving", "serving")
+    chat, health = [x["rps"] for x in r["chat"]], [x["rps"] for x in r["healthz"]]
+    rep.table(["endpoint", "requests/s", "errors", "p50 ms", "p99 ms", "vs /healthz"], [
+        ["chat completions", spread(chat, "{:.0f}"), str(sum(x["errors"] for x in r["chat"])), spread([x["p50_ms"] for x in r["chat"]]), spread([x["p99_ms"] for x in r["chat"]]), f"{statistics.median(chat) / statistics.median(health):.2f}×"],
+        ["/healthz (ceiling)", spread(health, "{:.0f}"), str(sum(x["errors"] for x in r["healthz"])), "", "", "1×"]])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "bench-report")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    a = p.parse_args()
+    if not (DATA / "train.jsonl").is_file():
+        sys.exit(f"{DATA} not found; the benchmarks need ../shared/data/banking77 beside the checkout")
+    a.out.mkdir(parents=True, exist_ok=True)
+    rep = Report(a.out)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "?"
+    dirty = " (uncommitted changes)" if subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip() else ""
+    rep.add("# bucketchat benchmark report", "",
+            f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · commit {commit}{dirty} · {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()} · repeats {a.repeats}", "",
+            "Medians with their min–max range over repeats; ratios are against the baseline measured in the same run.", "")
+    t0 = time.perf_counter()
+    for name in a.only:
+        print(f"{name}:", flush=True)
+        fn = {"quality": quality, "latency": latency, "training": training, "data": data, "serving": serving}[name]
+        fn(rep, a.out) if name == "latency" else fn(rep, a.out, a.repeats)
+        (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")  # after each section: a partial report survives a crash
+    rep.add(f"_Total benchmark time: {(time.perf_counter() - t0) / 60:.0f} min._")
+    (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")
+    print(f"report: {a.out / 'REPORT.md'}")
+
+
+if __name__ == "__main__":
+    main()
