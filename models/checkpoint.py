@@ -57,6 +57,59 @@ def save(head: BucketHead, meta: dict[str, Any], weights: str | Path, meta_path:
     return meta
 
 
+def save_tree(tree: Any, path: str | Path) -> None:
+    """Write nested dicts/lists/tuples of tensors, numbers and strings (an optimizer's state dict, a
+    resume state) as one safetensors file, atomically: the tensors as tensors, the structure as JSON
+    in the header. Nothing is pickled, so reading it back cannot run code."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = x.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
+            return {"$t": key}
+        if isinstance(x, dict):
+            return {"$d": [[k, encode(v)] for k, v in x.items()]}  # keys may be ints (optimizer state)
+        if isinstance(x, (list, tuple)):
+            return {"$l" if isinstance(x, list) else "$u": [encode(v) for v in x]}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store a {type(x).__name__} in a state file")
+
+    skeleton = json.dumps(encode(tree))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "bucketchat-tree/1", "tree": skeleton})
+
+
+def load_tree(path: str | Path) -> Any:
+    """Read what ``save_tree`` wrote; anything else is refused with a ValueError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        if meta.get("format") != "bucketchat-tree/1":
+            raise ValueError("not a bucketchat state file")
+        skeleton = json.loads(meta["tree"])
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable bucketchat state file ({exc.__class__.__name__}: {exc})") from exc
+
+    def decode(x: Any) -> Any:
+        if isinstance(x, dict):
+            if "$t" in x:
+                return tensors[x["$t"]]
+            if "$d" in x:
+                return {k: decode(v) for k, v in x["$d"]}
+            if "$l" in x:
+                return [decode(v) for v in x["$l"]]
+            return tuple(decode(v) for v in x["$u"])
+        return x
+
+    return decode(skeleton)
+
+
 def _is_safetensors(path: Path) -> bool:
     # safetensors: 8-byte little-endian header length, then a JSON header starting with '{'.
     with open(path, "rb") as fh:

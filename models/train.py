@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.atomic import atomic_path, failpoint
+from models import checkpoint
+from models.atomic import failpoint
 from models.fast import LazyAdam
 from models.heads import BucketHead
 from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, preference_loss, pref_weight_at, sample_negatives
@@ -370,16 +371,14 @@ def fingerprint(cfg: TrainConfig, train_idx: np.ndarray, data: TrainData, head: 
 
 
 def _save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    checkpoint.save_tree(state, path)  # atomic, and no pickle: reading it back cannot run code
 
 
 def _load_state(path: Path) -> dict:
     try:
-        # Tensors, numbers, strings and containers only: a tampered state cannot run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"resume state {str(path)!r} is unreadable ({exc.__class__.__name__}); delete it to start over") from exc
+        return checkpoint.load_tree(path)
+    except ValueError as exc:
+        raise ValueError(f"resume state {str(path)!r} is unreadable ({exc}); delete it to start over") from exc
 
 
 def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket: np.ndarray | None = None, y_cand: np.ndarray | None = None, train_idx: np.ndarray | None = None, val_idx: np.ndarray | None = None, cfg: TrainConfig | None = None, on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[dict], None] | None = None, state_path: str | Path | None = None, resume: bool = False, stop_after_epoch: int | None = None, progress: bool = False) -> TrainResult:

@@ -86,3 +86,33 @@ def test_a_pickle_where_safetensors_is_expected_runs_no_code(tmp_path):
     with pytest.raises(ValueError, match="neither safetensors nor a tensors-only"):
         checkpoint.load(tmp_path / "w.pth", tmp_path / "m.json")
     assert not marker.exists()
+
+
+def test_state_trees_round_trip_without_pickle(tmp_path):
+    """Resume states: nested dicts (int keys), lists, tuples, numbers, strings and tensors."""
+    head = _head()
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    head(torch.randn(2, 8))[0].sum().backward()
+    opt.step()
+    tree = {"model": head.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "score": (0.5, float("inf")), "history": "[]", "none": None, "rng": torch.get_rng_state()}
+    checkpoint.save_tree(tree, tmp_path / "s.state")
+    back = checkpoint.load_tree(tmp_path / "s.state")
+    assert back["epoch"] == 3 and back["score"] == (0.5, float("inf")) and back["none"] is None and back["history"] == "[]"
+    assert list(back["optimizer"]["state"]) == list(opt.state_dict()["state"])  # int keys stay ints
+    assert back["optimizer"]["param_groups"][0]["betas"] == opt.state_dict()["param_groups"][0]["betas"]
+    assert all(torch.equal(back["model"][k], v) for k, v in head.state_dict().items())
+    torch.optim.AdamW(head.parameters(), lr=1e-3).load_state_dict(back["optimizer"])  # loads as torch expects
+
+
+def test_a_pickled_resume_state_is_refused_and_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(tmp_path / "run.state", "wb") as fh:
+        pickle.dump({"x": Evil()}, fh)
+    with pytest.raises(ValueError, match="not a readable bucketchat state file"):
+        checkpoint.load_tree(tmp_path / "run.state")
+    assert not marker.exists()

@@ -129,7 +129,7 @@ def quality(rep: Report, out: Path, repeats: int) -> None:
         p = peers["summary"]
         best_peer = max(p[k]["accuracy"]["median"] for k in p)
         rows.append([names[key], spread(acc, "{:.2%}"), pct(p["tfidf_svm"]["accuracy"]["median"]), pct(p["minilm_nearest_neighbour"]["accuracy"]["median"]), pct(p["minilm_logistic_regression"]["accuracy"]["median"]),
-                     f"{statistics.median(acc) - best_peer:+.2%}", spread([r["accuracy_without_fallback"] for r in ours["runs"]], "{:.2%}"), spread([r["fallback_rate"] for r in ours["runs"]], "{:.2%}"),
+                     f"{(statistics.median(acc) - best_peer) * 100:+.2f} pt", spread([r["accuracy_without_fallback"] for r in ours["runs"]], "{:.2%}"), spread([r["fallback_rate"] for r in ours["runs"]], "{:.2%}"),
                      spread([r["pipeline_s"] for r in ours["runs"]], "{:.0f}") + " s", spread([r.get("pipeline_peak_rss_mb", float("nan")) for r in ours["runs"]], "{:.0f}") + " MB"])
         plot_groups["bucketchat"].append(acc)
         plot_groups["TF-IDF + SVM"].append([p["tfidf_svm"]["accuracy"]["median"]])

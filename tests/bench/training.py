@@ -111,7 +111,7 @@ def main() -> None:
         db = str(Path(tmp) / "db")
         built = run_phase("build", a.data, db)
         print(f"table: {built['rows']} rows (built in {built['build_s']:.1f} s)", flush=True)
-        report: dict = {"data": a.data, "rows": built["rows"], "heads": {}, "baseline": []}
+        report: dict = {"data": a.data, "rows": built["rows"], "build_s": built["build_s"], "heads": {}, "baseline": []}
         for i in range(a.repeats):
             report["baseline"].append(run_phase("baseline", db, str(built["version"])))
             for size in a.sizes:
