@@ -21,9 +21,9 @@ def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, tab
         built = build_database(data, db, table, num_buckets, train.get("seed", 0), train.get("device", "cpu"), strict)
         table_version = built["version"]
     elif table_version is None:
-        from retrieval.store import open_table
+        from retrieval.store import latest_complete_version
 
-        table_version = int(open_table(db, table).version)
+        table_version = latest_complete_version(db, table)
     # Warm starts and resumes depend on more than the key says (the champion moves; a state file).
     found = {"key": None, "previous": None} if (weights or resume) else previous_training(db, table, table_version, train, head, [p for p in (output, meta) if p])
     previous = None if force else found["previous"]

@@ -23,9 +23,9 @@ def size_sweep_flow(db: str, data: str | None = None, table: str = TABLE_NAME, t
     if data:
         table_version = build_database(data, db, table, num_buckets, train.get("seed", 0), train.get("device", "cpu"))["version"]
     elif table_version is None:
-        from retrieval.store import open_table
+        from retrieval.store import latest_complete_version
 
-        table_version = int(open_table(db, table).version)
+        table_version = latest_complete_version(db, table)
     results = {}
     widths = ("expansion_dim", "extra_expansion_dim", "third_expansion_dim")
     for size in sizes:

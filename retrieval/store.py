@@ -141,6 +141,24 @@ def content_key(pairs: list[Pair], num_buckets: int, seed: int, encoder_id: str 
     return h.hexdigest()
 
 
+def _indexed(tbl) -> bool:
+    """Whether the checked-out version has every index a build makes (a killed build leaves a
+    version with rows but without them)."""
+    wanted = {"FTS", "Bitmap"} | ({"IvfRq"} if tbl.count_rows() >= VECTOR_INDEX_MIN_ROWS else set())
+    return wanted <= {str(i.index_type) for i in tbl.list_indices()}
+
+
+def latest_complete_version(db: str | Path, table: str) -> int:
+    """The newest version of ``table`` that a build finished (rows and indices): what training uses
+    when no --table_version is given, so a build killed part-way is never trained on."""
+    tbl = open_table(db, table)
+    for v in sorted((int(x["version"]) for x in tbl.list_versions()), reverse=True):
+        tbl.checkout(v)
+        if _indexed(tbl):
+            return v
+    raise ValueError(f"--db {str(db)!r}: table {table!r} has no completely built version; rebuild it with `bucketchat db build`")
+
+
 def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
     """The latest version of ``table`` when it was built from exactly this content, else None."""
     conn = connect(db)
@@ -151,9 +169,7 @@ def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
         return None
     # A build killed between writing the rows and indexing them left a version without its indices:
     # build again rather than reuse it.
-    rows = tbl.count_rows()
-    wanted = {"FTS", "Bitmap"} | ({"IvfRq"} if rows >= VECTOR_INDEX_MIN_ROWS else set())
-    if not wanted <= {str(i.index_type) for i in tbl.list_indices()}:
+    if not _indexed(tbl):
         return None
     counts = Counter(tbl.to_arrow().column("bucket").to_pylist())
     return BuildResult(str(db), table, int(tbl.version), sum(counts.values()), 0, dict(sorted(counts.items())), reused=True)

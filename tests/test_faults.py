@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from models import checkpoint
-from retrieval.store import build_table, open_table
+from retrieval.store import build_table, latest_complete_version, open_table
 from tasks import registry
 from tests.conftest import INTENTS, train_chat_model, write_jsonl
 
@@ -43,6 +43,7 @@ def test_kill_during_db_build_keeps_the_pinned_version_answering(tmp_path, tiny_
     engine = ChatEngine(weights, meta, ChatOptions(llm_db=str(db)))  # its own table: the pinned version, searched every turn
     assert engine.answer("I forgot my password").response == INTENTS["reset_password"][0]
     assert open_table(db, "conversations", pinned).count_rows() == 24
+    assert latest_complete_version(db, "conversations") == pinned  # training without a version skips the half-built one
 
     exec(rebuild)  # the rerun completes
     latest = open_table(db, "conversations")
