@@ -124,6 +124,42 @@ def chat_model(tmp_path_factory) -> tuple[str, str]:
     return train_chat_model(tmp_path_factory.mktemp("chat_model"), records)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_process(cmd: list[str], health: str, log: Path, env: dict | None = None, cwd: str | None = None, timeout: float = 60):
+    """A server in its own process (output to ``log``, so a full pipe can never block it), yielded
+    once ``health`` answers 200 and stopped after; fails with the log's tail if it never comes up."""
+    import subprocess
+    import time
+
+    import httpx
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if httpx.get(health, timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{cmd[0]} did not come up at {health}:\n" + log.read_text(errors="replace")[-2000:])
+                time.sleep(0.25)
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 @contextlib.contextmanager
 def running_server(engine, cfg=None):
     """The real server (uvicorn, loopback, a free port) in a background thread; yields its base URL."""

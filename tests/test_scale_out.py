@@ -4,17 +4,14 @@ backend and proxied artifacts. (Dask-mapped tasks: tests/test_flows.py.)"""
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from flows.cli import main
 from tasks import registry
+from tests.conftest import free_port, http_process
 
 
 def test_pipeline_and_chat_with_the_table_at_an_object_store_uri(tmp_path, tiny_jsonl, prefect_harness, mlflow_store, capsys, monkeypatch):
@@ -37,21 +34,10 @@ def test_pipeline_and_chat_with_the_table_at_an_object_store_uri(tmp_path, tiny_
 
 @pytest.mark.slow
 def test_training_against_an_mlflow_server_with_a_database_backend(tmp_path, tiny_jsonl, prefect_harness, monkeypatch, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        else:
-            raise AssertionError(server.stderr.read().decode()[-2000:])
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with http_process(cmd, f"{url}/health", tmp_path / "mlflow-server.log", env={**os.environ, "MLFLOW_TRACKING_URI": ""}):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         db = str(tmp_path / "db")
         assert main(["finetune", "--data", str(tiny_jsonl), "--db", db, "--epochs", "10", "--hidden_dim", "32", "--output", str(tmp_path / "m.pth"), "--meta", str(tmp_path / "m.json")]) == 0
@@ -66,6 +52,3 @@ def test_training_against_an_mlflow_server_with_a_database_backend(tmp_path, tin
         monkeypatch.setattr(sys, "stdin", io.StringIO("I forgot my password\n"))
         assert main(["chat", "--json"]) == 0  # models:/bucketchat@champion from the server
         assert json.loads(capsys.readouterr().out)["response"].startswith("Use Settings")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

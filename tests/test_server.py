@@ -9,7 +9,7 @@ import pytest
 
 from retrieval.answer import FALLBACK_RESPONSE, ChatEngine, ChatOptions
 from retrieval.server import ServerConfig
-from tests.conftest import INTENTS, running_server
+from tests.conftest import INTENTS, free_port, http_process, running_server
 
 KEY = "test-key-0123456789"
 
@@ -154,27 +154,13 @@ def test_abuse_flood_gets_4xx_or_429_and_memory_stays_bounded(chat_model, tmp_pa
     and chunked), malformed JSON, wrong keys and real questions: only 200/400/401/413/429 come
     back, it keeps serving, and its memory does not grow with what it was sent."""
     import os
-    import socket
-    import subprocess
     import sys
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     weights, meta = chat_model
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--weights", weights, "--meta", meta, "--port", str(port), "--api_key", KEY, "--max_concurrency", "8"],
-                            cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--weights", weights, "--meta", meta, "--port", str(port), "--api_key", KEY, "--max_concurrency", "8"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        else:
-            raise AssertionError(proc.stderr.read().decode()[-2000:])
+    with http_process(cmd, f"{url}/healthz", tmp_path / "serve.log", cwd=os.path.dirname(os.path.dirname(__file__))) as proc:
         chunk = b"x" * 65536
 
         def chunked():
@@ -207,6 +193,3 @@ def test_abuse_flood_gets_4xx_or_429_and_memory_stays_bounded(chat_model, tmp_pa
         # 1,536 requests, a third of them with bodies of 2-4 MiB; growth stays a rounding error of that.
         print(f"server RSS {before:.0f} -> {after:.0f} MB over {len(codes)} requests")
         assert after - before < 64, (before, after)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
