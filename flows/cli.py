@@ -366,6 +366,10 @@ def _report(r: dict) -> None:
     print(f"MLflow run {t['run_id']}; registered bucketchat v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
 
 
+def _report_table(b: dict) -> None:
+    print(f"table: {b['db']} version {b['version']} ({b['rows']} rows, " + ("unchanged: no new version written)" if b.get("reused") else f"{b['embedded']} newly embedded)"))
+
+
 def cmd_pipeline(a) -> None:
     from flows.pipeline import pipeline_flow
 
@@ -377,8 +381,7 @@ def cmd_pipeline(a) -> None:
     if d["rejected_lines"]:
         print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)
     print(f"dataset: {d['records']} pairs ({d['duplicates']} duplicates and {d['low_quality']} low-quality dropped, {d.get('near_duplicates_linked', 0)} near duplicates kept with their twin) -> {d['parquet']}")
-    b = r["build"]
-    print(f"table: {b['db']} version {b['version']} ({b['rows']} rows, " + ("unchanged: no new version written)" if b.get("reused") else f"{b['embedded']} newly embedded)"))
+    _report_table(r["build"])
     _report(r)
     print(f"workdir: {r['workdir']}")
 
@@ -387,9 +390,8 @@ def cmd_retrain(a) -> None:
     from flows.retrain import retrain_flow
 
     r = retrain_flow(a.data_dir, a.workdir, a.target, force=a.force)
-    b = r["build"]
     print(f"{len(r['drops'])} drop(s) in {a.data_dir}; dataset {r['dataset']['records']} pairs")
-    print(f"table: {b['db']} version {b['version']} " + ("(unchanged: no new version written)" if b.get("reused") else f"({b['rows']} rows, {b['embedded']} newly embedded)"))
+    _report_table(r["build"])
     _report(r)
 
 

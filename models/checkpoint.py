@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.atomic import atomic_dir, atomic_path, write_text
@@ -83,8 +83,6 @@ def save_tree(tree: Any, path: str | Path) -> None:
 
 def load_tree(path: str | Path) -> Any:
     """Read what ``save_tree`` wrote; anything else is refused with a ValueError."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -160,8 +158,6 @@ def embedded_meta(weights: str | Path) -> dict[str, Any] | None:
     path = Path(weights)
     if not path.is_file() or not _is_safetensors(path):
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as fh:
         text = (fh.metadata() or {}).get("meta")
     return json.loads(text) if text else None

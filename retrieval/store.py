@@ -101,6 +101,12 @@ def open_table(db: str | Path, table: str, version: int | None = None):
     return tbl
 
 
+def read_columns(tbl, names: list[str]) -> pa.Table:
+    """Only ``names`` of every row of the checked-out version (in no set order): ``to_arrow()`` would
+    read the 384-d vectors too, ~20x the time at 100k rows for a count."""
+    return tbl.search().select(names).limit(None).to_arrow()
+
+
 def table_encoder(tbl) -> str:
     """The encoder whose vectors the table (at its checked-out version) holds."""
     meta = tbl.schema.metadata or {}
@@ -171,7 +177,7 @@ def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
     # build again rather than reuse it.
     if not _indexed(tbl):
         return None
-    counts = Counter(tbl.to_arrow().column("bucket").to_pylist())
+    counts = Counter(read_columns(tbl, ["bucket"]).column("bucket").to_pylist())
     return BuildResult(str(db), table, int(tbl.version), sum(counts.values()), 0, dict(sorted(counts.items())), reused=True)
 
 
@@ -243,7 +249,7 @@ def hybrid_search(tbl, vector: np.ndarray, text: str, k: int, buckets: list[int]
 def stats(db: str | Path, table: str) -> dict:
     """Rows, buckets (rows and groups each), sources, versions and index state of the latest version."""
     tbl = open_table(db, table)
-    frame = tbl.to_arrow().select(["bucket", "group", "source"]).to_pandas()
+    frame = read_columns(tbl, ["bucket", "group", "source"]).to_pandas()
     per_bucket = frame.groupby("bucket").agg(rows=("group", "size"), groups=("group", "nunique"))
     indices = []
     for idx in tbl.list_indices():
