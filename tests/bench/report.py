@@ -12,7 +12,8 @@ Sections (each script runs in its own process; its JSON and log are kept under O
 - training: head training throughput per size against scikit-learn's LogisticRegression fit,
   a --train_all epoch, db build rows/s, peak memory (training.py);
 - data: expand 5k -> 120k and build-super over 260k records, time and peak memory (data.py);
-- serving: requests/s of `bucketchat serve` against its /healthz ceiling (serve.py).
+- serving: requests/s of `bucketchat serve` against its /healthz ceiling (serve.py);
+- retrain: `bucketchat retrain` cold, then on the unchanged folder (retrain.py).
 
 Figures are medians over --repeats with their min-max spread; ratios are against the baseline
 measured in the same run. A section that fails is reported as failed, with its log, and the rest
@@ -36,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tests" / "bench"
 DATA = ROOT.parent / "shared" / "data" / "banking77"
-SECTIONS = ("quality", "latency", "training", "data", "serving")
+SECTIONS = ("quality", "latency", "training", "data", "serving", "retrain")
 
 
 def run_script(out: Path, name: str, script: str, *args: str) -> dict | None:
@@ -199,6 +200,14 @@ def serving(rep: Report, out: Path, repeats: int) -> None:
         ["/healthz (ceiling)", spread(health, "{:.0f}"), str(sum(x["errors"] for x in r["healthz"])), "", "", "1×"]])
 
 
+def retrain(rep: Report, out: Path, repeats: int) -> None:
+    rep.add("## Incremental retraining", "", "`bucketchat retrain` on a folder holding BANKING77 train, cold, then rerun on the unchanged folder: no table version written, nothing trained (retrain.py).", "")
+    r = run_script(out, "retrain", "retrain.py", "--repeats", str(repeats))
+    if r is None:
+        return rep.failed("retrain", "retrain")
+    rep.table(["run", "time", "vs cold"], [["cold", f"{r['cold_s']:.0f} s", "1×"], ["unchanged rerun", spread(r["unchanged_s"]) + " s", f"{statistics.median(r['unchanged_s']) / r['cold_s']:.2f}×"]])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -217,7 +226,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in a.only:
         print(f"{name}:", flush=True)
-        fn = {"quality": quality, "latency": latency, "training": training, "data": data, "serving": serving}[name]
+        fn = {"quality": quality, "latency": latency, "training": training, "data": data, "serving": serving, "retrain": retrain}[name]
         fn(rep, a.out) if name == "latency" else fn(rep, a.out, a.repeats)
         (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")  # after each section: a partial report survives a crash
     rep.add(f"_Total benchmark time: {(time.perf_counter() - t0) / 60:.0f} min._")
