@@ -1,12 +1,13 @@
 """Answering a message with a stored response (DESIGN.md §4).
 
 p(bucket) and p(response) come from the head over the message embedding; the learned candidates are
-scored in memory. The pinned table adds responses the head did not learn (hybrid FTS + vector search):
-those of a bucket share the probability of that bucket's "other" slot, split by similarity among the
-retrieved rows of that bucket (rows of a foreign ``--llm_db`` share their bucket's probability). The best-scoring
-response wins (or one is sampled with ``response_temperature`` > 0). Too little confidence, or too
-small a lead over the runner-up, gives the fallback answer instead of a wrong one; both thresholds are
-calibrated on validation data at training time. A style (retrieval/styles.py) is applied last.
+scored in memory. The pinned table adds responses the head did not learn (hybrid BM25 + vector
+search, in memory: retrieval/search.py): those of a bucket share the probability of that bucket's
+"other" slot, split by similarity among the retrieved rows of that bucket (rows of a foreign
+``--llm_db`` share their bucket's probability). The best-scoring response wins (or one is sampled
+with ``response_temperature`` > 0). Too little confidence, or too small a lead over the runner-up,
+gives the fallback answer instead of a wrong one; both thresholds are calibrated on validation data
+at training time. A style (retrieval/styles.py) is applied last.
 
 A short follow-up ("and how long does that take?") is read together with the previous user turn.
 """
@@ -24,7 +25,8 @@ import torch
 
 from models import checkpoint
 from retrieval.encoder import TORCH_ID, embed
-from retrieval.store import db_key, hybrid_search, open_table, table_encoder
+from retrieval.search import SearchIndex
+from retrieval.store import db_key, open_table, table_encoder
 from retrieval.styles import apply_style
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
@@ -137,6 +139,9 @@ class ChatEngine:
         if self.table is not None and table_encoder(self.table) != self.meta.get("encoder", table_encoder(self.table)):
             # Vectors from another encoder would make every similarity meaningless: refuse, loudly.
             raise ValueError(f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it")
+        # The pinned version never changes: read it into memory once (LanceDB's own hybrid query costs
+        # ~20 ms a turn at 100k rows, twice the turn budget; retrieval/search.py). Only when it is searched.
+        self.index = SearchIndex.from_table(self.table) if self.searches_table else None
         embed(["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads
@@ -198,7 +203,7 @@ class ChatEngine:
                 scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
         searched = bool(self.searches_table and (self.opts.llm_db or self.opts.response_temperature > 0 or self._other_could_win(log_pr, scores, allowed)))
         if searched:
-            rows = hybrid_search(self.table, vec, query, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
+            rows = self.index.search(vec, query, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
             # The head's own score is better calibrated than retrieval's for responses it learned.
             rows = [r for r in rows if r["assistant"] not in self.known]
             by_bucket: dict[int, list[dict]] = {}
