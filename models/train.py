@@ -39,6 +39,8 @@ class TrainConfig:
     # Defaults chosen on splits *of BANKING77 train*, never its test file (tests/bench/train_split.py).
     # batch_size/lr None = auto (``resolve``): with 9k rows, batch 256 at 2e-3 matched 64 at 1e-3 and
     # ran 2-3x faster, but with 770 rows its few steps cost 1.3 points, so small data gets 64 at 1e-3.
+    # Batch 512 at 3e-3 then beat 256 at 2e-3 on all three seeds (90 % of train: 91.81 vs 91.16 %
+    # after fallbacks, mean of seeds 42/1/2) in 0.6x the fit time; 1024 at 4e-3 did not (91.12 %).
     # Label smoothing 0.1 on the bucket CE: +0.3 (ranking, 90 % of train) and +1.2 points (10 per intent).
     epochs: int = 60
     batch_size: int | None = None
@@ -116,8 +118,8 @@ class TrainConfig:
         from dataclasses import replace
 
         small = n_train < SMALL_DATA_ROWS
-        batch = self.batch_size or (64 if small else 256)
-        return replace(self, batch_size=batch, lr=self.lr or (1e-3 if batch <= 64 else 2e-3))
+        batch = self.batch_size or (64 if small else 512)
+        return replace(self, batch_size=batch, lr=self.lr or (1e-3 if batch <= 64 else 2e-3 if batch <= 256 else 3e-3))
 
 
 SMALL_DATA_ROWS = 8192  # below this many training rows, auto picks small batches (more steps per epoch)

@@ -44,6 +44,15 @@ def test_lr_schedules():
     assert lr_lambda("constant", 0, 10)(9) == 1.0
 
 
+def test_auto_batch_and_rate_follow_the_data_size():
+    from models.train import SMALL_DATA_ROWS
+
+    small, big = TrainConfig().resolve(SMALL_DATA_ROWS - 1), TrainConfig().resolve(SMALL_DATA_ROWS)
+    assert (small.batch_size, small.lr) == (64, 1e-3) and (big.batch_size, big.lr) == (512, 3e-3)
+    assert TrainConfig(batch_size=256).resolve(100).lr == 2e-3  # a given batch gets the rate of its size
+    assert TrainConfig(batch_size=256, lr=0.01).resolve(100).lr == 0.01  # a given rate is kept
+
+
 def test_training_separates_toy_clusters_and_picks_best_epoch():
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(4, 16)).astype(np.float32)

@@ -34,6 +34,10 @@ VARIANTS = {
     "ema": ({"ema_decay": 0.99}, {}),
     "select_last": ({"select_metric": "last", "early_stop_patience": 0}, {}),
     "large": ({}, {"model_size": "large"}),
+    "hidden512": ({}, {"hidden_dim": 512}),
+    "batch1024": ({"batch_size": 1024, "lr": 4e-3}, {}),
+    "batch512": ({"batch_size": 512, "lr": 3e-3}, {}),
+    "batch1024_hidden512": ({"batch_size": 1024, "lr": 4e-3}, {"hidden_dim": 512}),
     "seed1": ({"seed": 1}, {}),
     "seed2": ({"seed": 2}, {}),
 }
@@ -61,6 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="*", default=["default", "no_lexical", "no_pref", "no_label_smoothing"], help=f"any of: {', '.join(VARIANTS)}")
     p.add_argument("--split", choices=["full", "few"], default="few")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="train each variant with each of these seeds; the summary line is their mean")
     p.add_argument("--work", type=Path, default=ROOT / ".bucketchat" / "bench-train-split")
     a = p.parse_args()
     if not TRAIN.is_file():
@@ -84,16 +89,21 @@ def main() -> None:
     print(f"{a.split}: {train_file.name} -> {len(held)} held-out rows of BANKING77 train")
     for name in a.variants:
         train_opts, head_opts = VARIANTS[name]
-        t0 = time.perf_counter()
-        head, meta, extras = fit(str(db), "conversations", version, TrainConfig(**train_opts), head_opts)
-        with torch.no_grad():
-            _, log_pr = head.response_log_probs(torch.from_numpy(vectors), head.lex([r["user"] for r in held]))
-        conf, pred = log_pr.exp().max(1)
-        texts = meta["candidates"]["texts"]
-        right = np.array([texts[j] == r["assistant"] for j, r in zip(pred.tolist(), held)])
-        fallback = (conf < meta["calibration"]["min_confidence"]).numpy()
-        print(f"  {name:<20} accuracy {np.mean(right & ~fallback):.4f}  ranking alone {right.mean():.4f}  fallback {fallback.mean():.4f}  best epoch {meta['metrics']['best_epoch']}/{meta['metrics']['epochs_run']}  {time.perf_counter() - t0:.0f} s", flush=True)
-
+        scores = []
+        for seed in a.seeds:
+            t0 = time.perf_counter()
+            head, meta, extras = fit(str(db), "conversations", version, TrainConfig(**{"seed": seed, **train_opts}), head_opts)
+            with torch.no_grad():
+                _, log_pr = head.response_log_probs(torch.from_numpy(vectors), head.lex([r["user"] for r in held]))
+            conf, pred = log_pr.exp().max(1)
+            texts = meta["candidates"]["texts"]
+            right = np.array([texts[j] == r["assistant"] for j, r in zip(pred.tolist(), held)])
+            fallback = (conf < meta["calibration"]["min_confidence"]).numpy()
+            scores.append((np.mean(right & ~fallback), right.mean(), fallback.mean(), time.perf_counter() - t0, meta["metrics"]["examples_per_second"]))
+            print(f"  {name:<20} seed {seed:<3} accuracy {scores[-1][0]:.4f}  ranking alone {scores[-1][1]:.4f}  fallback {scores[-1][2]:.4f}  best epoch {meta['metrics']['best_epoch']}/{meta['metrics']['epochs_run']}  {scores[-1][3]:.0f} s  {scores[-1][4]:,.0f} ex/s", flush=True)
+        if len(a.seeds) > 1:
+            m = np.mean(scores, axis=0)
+            print(f"  {name:<20} mean of {len(a.seeds)} accuracy {m[0]:.4f}  ranking alone {m[1]:.4f}  fallback {m[2]:.4f}  {m[3]:.0f} s  {m[4]:,.0f} ex/s", flush=True)
 
 if __name__ == "__main__":
     main()
