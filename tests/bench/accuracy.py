@@ -25,14 +25,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 BIN = Path(sys.executable).parent
-# Runs a command and prints its peak RSS (KiB) as the last line: RUSAGE_CHILDREN of a fresh wrapper.
-WRAPPER = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+# Runs a command with its output to the file argv[1] and prints its peak RSS (KiB) as the last line:
+# RUSAGE_CHILDREN of a fresh wrapper.
+WRAPPER = "import resource, subprocess, sys; r = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'w'), stderr=subprocess.STDOUT); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
 
 
 def run_once(train: Path, test: Path, work: Path, extra: list[str]) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "BUCKETCHAT_HOME": str(work / "home")}
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAPPER, str(BIN / "bucketchat"), "pipeline", "--data", str(train), "--workdir", str(work / "run"), *extra], env=env, check=True, capture_output=True, text=True)
+    log = work / "pipeline.log"
+    done = subprocess.run([sys.executable, "-c", WRAPPER, str(log), str(BIN / "bucketchat"), "pipeline", "--data", str(train), "--workdir", str(work / "run"), *extra], env=env, capture_output=True, text=True)
+    if done.returncode:
+        tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-40:] if log.is_file() else []
+        sys.exit(f"`bucketchat pipeline` failed (exit {done.returncode}); the end of its log:\n" + "\n".join(tail))
     pipeline_s = time.perf_counter() - t0
     peak_mb = int(done.stdout.strip().splitlines()[-1]) / 1024
     rows = [r for r in (json.loads(l) for l in test.read_text(encoding="utf-8").splitlines() if l.strip()) if "user" in r]
