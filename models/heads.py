@@ -181,10 +181,20 @@ class BucketHead(nn.Module):
         return to_bag(self.hasher().transform(texts, idf), dev)
 
     def within_bucket_log_probs(self, cand_logits: torch.Tensor) -> torch.Tensor:
-        """log p(r | bucket(r), x) for every candidate r: (B, C)."""
-        masked = cand_logits[:, None, :].masked_fill(~self.membership[None], float("-inf"))  # (B, K, C)
-        lse = torch.logsumexp(masked, dim=-1)  # (B, K); -inf for buckets with no candidate
-        return cand_logits - lse[:, self.candidate_bucket]
+        """log p(r | bucket(r), x) for every candidate r: (B, C).
+
+        A log-sum-exp per bucket over its own candidates, done by scattering into (B, K) rather than
+        masking a (B, K, C) copy: K times less work, and the masked copy's exp and its gradient were
+        ~5 ms of a 38 ms training step (batch 512, 87 candidates; torch.profiler, ad hoc)."""
+        b, k = cand_logits.shape[0], self.cfg.num_buckets
+        idx = self.candidate_bucket[None].expand(b, -1)
+        # Each bucket's own max keeps exp() in range; detached, as it cancels out of the result.
+        top = cand_logits.new_full((b, k), float("-inf")).scatter_reduce(1, idx, cand_logits.detach(), "amax")
+        top = top.masked_fill(torch.isinf(top), 0.0)  # buckets without candidates: never read
+        shifted = (cand_logits - top.gather(1, idx)).exp()
+        # A bucket's sum is >= 1 (its max contributes exp(0)); the floor only keeps empty buckets finite.
+        lse = top + cand_logits.new_zeros((b, k)).scatter_add(1, idx, shifted).clamp_min(1e-30).log()
+        return cand_logits - lse.gather(1, idx)
 
     def response_log_probs(self, x: torch.Tensor, lex=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(bucket) (B, K), log p(response) (B, C)); the latter sums to 1 over candidates."""

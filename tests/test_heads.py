@@ -29,6 +29,21 @@ def test_within_bucket_normalisation_matches_hand_computation():
     assert torch.allclose(within[0, 2:], torch.zeros(2))
 
 
+def test_within_bucket_normalisation_equals_the_masked_log_sum_exp_and_its_gradient():
+    torch.manual_seed(0)
+    buckets = torch.tensor([0, 2, 2, 0, 3, 2, 3])  # bucket 1 has no candidate
+    head = BucketHead(HeadConfig(num_candidates=7, num_buckets=4, hidden_dim=8, lexical_features=0), buckets)
+    x = (torch.randn(6, 7) * 40).requires_grad_()  # spread enough that a shared max would underflow
+    masked = x[:, None, :].masked_fill(~head.membership[None], float("-inf"))
+    expected = x - torch.logsumexp(masked, dim=-1)[:, buckets]
+    got = head.within_bucket_log_probs(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    w = torch.randn(6, 7)
+    (g_got,) = torch.autograd.grad((got * w).sum(), x)
+    (g_exp,) = torch.autograd.grad((expected * w).sum(), x)
+    assert torch.isfinite(g_got).all() and torch.allclose(g_got, g_exp, atol=1e-5)
+
+
 def test_config_errors_name_the_flag():
     with pytest.raises(ValueError, match="--model_size 'huge'"):
         HeadConfig(num_candidates=1, model_size="huge")
