@@ -26,12 +26,14 @@ import torch
 from models import checkpoint
 from retrieval.encoder import TORCH_ID, embed
 from retrieval.search import SearchIndex
-from retrieval.store import db_key, open_table, table_encoder
+from retrieval.store import db_key, hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
 # Softmax temperature turning cosine similarities of retrieved rows into a distribution.
 RETRIEVAL_TEMPERATURE = 0.05
+# Tables up to this many rows are searched in memory (~1.6 KB a row: 3.2 GB at 2M); LanceDB beyond.
+MEMORY_SEARCH_MAX_ROWS = 2_000_000
 
 
 @dataclass
@@ -140,8 +142,11 @@ class ChatEngine:
             # Vectors from another encoder would make every similarity meaningless: refuse, loudly.
             raise ValueError(f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it")
         # The pinned version never changes: read it into memory once (LanceDB's own hybrid query costs
-        # ~20 ms a turn at 100k rows, twice the turn budget; retrieval/search.py). Only when it is searched.
-        self.index = SearchIndex.from_table(self.table) if self.searches_table else None
+        # ~20 ms a turn at 100k rows, twice the turn budget; retrieval/search.py). Only when it is
+        # searched, and only while it fits (~1.6 KB a row): a bigger table is searched through LanceDB.
+        self.index = None
+        if self.searches_table and self.table.count_rows() <= MEMORY_SEARCH_MAX_ROWS:
+            self.index = SearchIndex.from_table(self.table)
         embed(["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads
@@ -203,7 +208,11 @@ class ChatEngine:
                 scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
         searched = bool(self.searches_table and (self.opts.llm_db or self.opts.response_temperature > 0 or self._other_could_win(log_pr, scores, allowed)))
         if searched:
-            rows = self.index.search(vec, query, self.opts.db_top_k, buckets=None if self.opts.pool_mode == "all" else allowed.tolist())
+            pool = None if self.opts.pool_mode == "all" else allowed.tolist()
+            if self.index is not None:
+                rows = self.index.search(vec, query, self.opts.db_top_k, buckets=pool)
+            else:
+                rows = hybrid_search(self.table, vec, query, self.opts.db_top_k, buckets=pool)
             # The head's own score is better calibrated than retrieval's for responses it learned.
             rows = [r for r in rows if r["assistant"] not in self.known]
             by_bucket: dict[int, list[dict]] = {}

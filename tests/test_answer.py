@@ -28,6 +28,19 @@ def test_retrieval_reaches_responses_the_head_did_not_learn(model):
     assert ans.candidates[0]["from"].startswith("table:")
 
 
+def test_a_table_too_big_for_memory_is_searched_through_lancedb(model, monkeypatch):
+    import retrieval.answer as answer
+
+    in_memory = ChatEngine(*model)
+    monkeypatch.setattr(answer, "MEMORY_SEARCH_MAX_ROWS", 5)
+    lance = ChatEngine(*model)
+    assert in_memory.index is not None and lance.index is None
+    for q in ("do you sell gift cards?", "I forgot my password", "where is my parcel"):
+        a, b = in_memory.answer(q), lance.answer(q)
+        assert (a.response, a.bucket, a.fallback) == (b.response, b.bucket, b.fallback)
+    assert lance.answer("do you sell gift cards?").candidates[0]["from"].startswith("table:")
+
+
 def test_low_confidence_falls_back(model):
     engine = ChatEngine(*model, ChatOptions(min_confidence=0.999999))
     ans = engine.answer("what's the airspeed of an unladen swallow")
