@@ -6,12 +6,32 @@ The champion alias is the only thing chat trusts by default, so it moves in one 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.settings import CHAMPION_ALIAS, EXPERIMENT_NAME, MODEL_NAME, artifact_location, mlflow_tracking_uri, sqlite_path
 
 MODEL_ARTIFACT = "model"  # run artifact folder holding head.safetensors + meta.json
 WEIGHTS_FILE, META_FILE = "head.safetensors", "meta.json"
+
+
+@contextmanager
+def _store_lock(db_file: Path | None):
+    """Hold an exclusive lock beside a SQLite store while it is set up. Processes that open a new
+    store at once (a scheduled retrain beside a pipeline run) would each run MLflow's table
+    migrations and create the experiment, and all but one died ("Online migration expected to match
+    one row"; tests/test_registry.py). A server-backed store migrates on the server: no lock."""
+    if db_file is None:
+        yield
+        return
+    import fcntl
+
+    with open(db_file.with_name(db_file.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def configure() -> str:
@@ -26,8 +46,9 @@ def configure() -> str:
     if db_file:
         db_file.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(uri))
+    with _store_lock(db_file):
+        exp = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+        exp_id = exp.experiment_id if exp else mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(uri))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -47,7 +68,11 @@ def register(run_id: str, tags: dict[str, str]) -> int:
     try:
         c.get_registered_model(MODEL_NAME)
     except MlflowException:
-        c.create_registered_model(MODEL_NAME, description="bucketchat response-bucket heads; alias 'champion' is what chat serves")
+        try:
+            c.create_registered_model(MODEL_NAME, description="bucketchat response-bucket heads; alias 'champion' is what chat serves")
+        except MlflowException as exc:  # another process created it since: use theirs
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     run = c.get_run(run_id)
     mv = c.create_model_version(MODEL_NAME, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags)
     return int(mv.version)

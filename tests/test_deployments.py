@@ -59,7 +59,9 @@ def test_deployments_run_on_a_local_server_with_a_process_worker(tmp_path, tiny_
         worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "bucketchat-process", "--run-once"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
         assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
         for name, run_id in runs.items():
-            assert "type=StateType.COMPLETED" in prefect("flow-run", "inspect", run_id), name
+            state = prefect("flow-run", "inspect", run_id)
+            # On failure, the worker's log holds the flow run's traceback.
+            assert "type=StateType.COMPLETED" in state, f"{name}: {state[-300:]}\nworker log:\n{worker.stdout[-8000:]}{worker.stderr[-8000:]}"
 
         check = subprocess.run([sys.executable, "-c", "import json; from tasks import registry; print(json.dumps(registry.list_versions()))"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         versions = json.loads(check.stdout.strip().splitlines()[-1])
