@@ -3,7 +3,8 @@
     python tests/bench/train_split.py [--split full|few] [VARIANT ...]
 
 ``full``: 90 % of each intent trains, 10 % evaluates. ``few``: 10 rows per intent train, 2,000 other
-train rows evaluate. Both splits are drawn with seed 0, so every run sees the same rows. The table is
+train rows evaluate. ``few_expanded``: the same, with the 770 training rows grown to 5,000 by
+`bucketchat expand` first, as `bucketchat pipeline` grows small data by default. Both splits are drawn with seed 0, so every run sees the same rows. The table is
 built once per split (under ``--work``); each variant is a ``tasks.training.fit`` with some options
 changed from the defaults, scored on the held-out rows like chat would (argmax response; a fallback
 counts as wrong). This is how the defaults of ``TrainConfig`` were chosen.
@@ -38,6 +39,10 @@ VARIANTS = {
     "batch1024": ({"batch_size": 1024, "lr": 4e-3}, {}),
     "batch512": ({"batch_size": 512, "lr": 3e-3}, {}),
     "batch1024_hidden512": ({"batch_size": 1024, "lr": 4e-3}, {"hidden_dim": 512}),
+    "dropout02": ({}, {"dropout": 0.2}),
+    "no_weight_decay": ({"weight_decay": 0.0}, {}),
+    "select_loss": ({"select_metric": "loss"}, {}),
+    "patience12": ({"early_stop_patience": 12}, {}),
     "seed1": ({"seed": 1}, {}),
     "seed2": ({"seed": 2}, {}),
 }
@@ -64,7 +69,7 @@ def splits(work: Path) -> dict[str, tuple[Path, Path]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="*", default=["default", "no_lexical", "no_pref", "no_label_smoothing"], help=f"any of: {', '.join(VARIANTS)}")
-    p.add_argument("--split", choices=["full", "few"], default="few")
+    p.add_argument("--split", choices=["full", "few", "few_expanded"], default="few")
     p.add_argument("--seeds", type=int, nargs="+", default=[42], help="train each variant with each of these seeds; the summary line is their mean")
     p.add_argument("--work", type=Path, default=ROOT / ".bucketchat" / "bench-train-split")
     a = p.parse_args()
@@ -79,7 +84,17 @@ def main() -> None:
     from tasks.training import fit
 
     a.work.mkdir(parents=True, exist_ok=True)
-    train_file, eval_file = splits(a.work)[a.split]
+    files = splits(a.work)
+    if a.split == "few_expanded":
+        train_file, eval_file = a.work / "few_expanded_train.jsonl", files["few"][1]
+        if not train_file.is_file():
+            import subprocess
+
+            from flows.build_super import AUTO_EXPAND_TO
+
+            subprocess.run([Path(sys.executable).parent / "bucketchat", "expand", "--input", str(files["few"][0]), "--output", str(train_file), "--target", str(AUTO_EXPAND_TO)], check=True)
+    else:
+        train_file, eval_file = files[a.split]
     db = a.work / f"db_{a.split}"
     if not db.exists():
         build_table(load_records(train_file)[0], db, "conversations")
