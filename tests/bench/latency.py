@@ -171,7 +171,7 @@ def main() -> None:
             continue
         row = {"p50": pct(values, 50), "p90": pct(values, 90), "p99": pct(values, 99), "mean": statistics.fmean(values)}
         report["latency_ms"][name] = row
-        ratio = f"   p50 {row['p50'] / b50:.2f}x, p99 {row['p99'] / b99:.2f}x baseline" if name in right and name != "baseline" else ""
+        ratio = f"   p50 {row['p50'] / b50:.2f}x, p99 {row['p99'] / b99:.2f}x baseline" if name in right and name != "baseline" and lat["baseline"] else ""
         acc = f"   accuracy {right[name] / len(tests):.2%}" if name in right else ""
         print(f"  {name:<14} p50 {row['p50']:6.2f}  p90 {row['p90']:6.2f}  p99 {row['p99']:6.2f}  mean {row['mean']:6.2f}{ratio}{acc}")
     report["partial_searched"] = searched / len(tests)
