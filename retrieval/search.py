@@ -1,17 +1,17 @@
 """Hybrid search of one pinned table version, in memory: BM25 over the user messages + vector
 similarity, fused by reciprocal rank (RRF), as LanceDB's hybrid search does.
 
-Why not LanceDB's own hybrid query on every chat turn: its planning and execution cost ~20 ms a
-query at 100k rows on 2 cores (DESIGN.md §5), twice the whole 10 ms turn budget, while the arithmetic
-itself is well under a millisecond. A pinned version never changes, so the chat engine reads it once
+Why not LanceDB's own hybrid query on every chat turn: its planning and execution cost ~20-28 ms a
+query at 100k rows on 2 cores (DESIGN.md §5; tests/bench/latency.py), two to three times the whole
+10 ms turn budget, while the arithmetic itself is well under a millisecond. A pinned version never changes, so the chat engine reads it once
 into arrays and answers from them; LanceDB stays the store of record (building, versions, `/why`).
 
 Vectors: an exact scan below ``IVF_MIN_ROWS``; above it an inverted-file index (k-means cells over the
 unit vectors, ~sqrt(N) of them) and a scan of the ``nprobe`` nearest cells, ~3 % of rows: recall@20
 against the exact scan ~0.99 on BANKING77 grown to 100k rows, ~1 ms a query. Rows are stored sorted
-by (cell, bucket), so a cell's rows of one bucket are a contiguous slice: the bucket prefilter costs
-nothing and never drops a row an unfiltered search would have ranked (cells are widened until k rows
-are found).
+by (cell, bucket), so a cell's rows of one bucket are a contiguous slice: the bucket prefilter is a
+choice of slices, not a scan, and the probe widens to more cells until it has k rows of the allowed
+buckets.
 
 BM25 (k1 1.2, b 0.75) over lower-cased word tokens without English stop words, as a sparse
 term x row matrix of precomputed per-posting scores; a query sums its terms' rows.
@@ -92,7 +92,6 @@ class SearchIndex:
         self.nprobe = min(cells, max(MIN_PROBES, int(np.ceil(PROBE_SHARE * cells))))
         # Sorted by (cell, bucket): slices[c][b] .. slices[c][b + 1] are cell c's rows of bucket b.
         order = np.lexsort((buckets, cell))
-        self.row = order  # sorted position -> original row
         self.vectors = vectors[order]
         keys = cell[order] * (self.num_buckets + 1) + buckets[order]
         grid = np.arange(cells)[:, None] * (self.num_buckets + 1) + np.arange(self.num_buckets + 1)[None, :]
@@ -116,16 +115,14 @@ class SearchIndex:
         return cls(vectors, payload["user"], data["bucket"].to_numpy(), payload)
 
     def _build_bm25(self, users: list[str]) -> None:
+        from scipy import sparse
         from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
-        # Negations carry meaning in support messages ("card not working"): not stop words here.
         counter = CountVectorizer(token_pattern=r"(?u)\w+", stop_words=sorted(ENGLISH_STOP_WORDS - _KEEP), dtype=np.float32)
         try:
             tf = counter.fit_transform(users).tocoo()  # (rows, terms)
             self.vocab: dict[str, int] = counter.vocabulary_
         except ValueError:  # no row has a single indexable word
-            from scipy import sparse
-
             tf, self.vocab = sparse.coo_matrix((len(users), 0), dtype=np.float32), {}
         self.analyze = counter.build_analyzer()
         n = len(users)
@@ -135,8 +132,6 @@ class SearchIndex:
         avg = float(lengths.mean()) if n and lengths.mean() > 0 else 1.0
         norm = BM25_K1 * (1.0 - BM25_B + BM25_B * lengths[tf.row] / avg)
         weight = idf[tf.col] * tf.data * (BM25_K1 + 1.0) / (tf.data + norm)
-        from scipy import sparse
-
         # term x row, CSR: a query term's postings are one contiguous slice.
         self.postings = sparse.csr_matrix((weight.astype(np.float32), (tf.col, tf.row)), shape=(len(self.vocab), n))
 
