@@ -129,12 +129,11 @@ class BucketHead(nn.Module):
             nn.init.zeros_(self.lexical.weight)
             # IDF of the training rows: data, not a learned weight (set by the trainer, saved with it).
             self.register_buffer("lexical_idf", torch.ones(cfg.lexical_features))
-        # (C,) bucket of each candidate; and (K, C) membership, to normalise candidates per bucket.
+        # (C,) bucket of each candidate, to normalise candidates per bucket.
         self.register_buffer("candidate_bucket", candidate_bucket.long())
         # (C,) False for a bucket's "other" slot (responses left to retrieval), True for a response.
         learned = torch.ones_like(candidate_bucket, dtype=torch.bool) if candidate_learned is None else candidate_learned.bool()
         self.register_buffer("candidate_learned", learned)
-        self.register_buffer("membership", F.one_hot(candidate_bucket.long(), cfg.num_buckets).T.bool(), persistent=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = self.trunk(self.norm(x))

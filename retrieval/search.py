@@ -147,7 +147,7 @@ class SearchIndex:
         weights = np.concatenate([p.data[s] for s in parts])
         return np.bincount(docs, weights=weights, minlength=n)
 
-    def _vector_top(self, vec: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _vector_top(self, vec: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
         """Sorted positions of the ``k`` rows nearest ``vec`` (in the allowed buckets), best first."""
         cells = len(self.centroids)
         by_cell = np.argsort(-(self.centroids @ vec)).tolist() if cells > 1 else [0]
@@ -163,7 +163,7 @@ class SearchIndex:
                 break
             nprobe = min(cells, nprobe * 2)  # too few rows of the allowed buckets nearby: widen
         if not spans:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return np.zeros(0, np.int64)
         sims = np.concatenate([self.vectors[a:b] @ vec for a, b in spans])
         top = np.argpartition(-sims, k - 1)[:k] if len(sims) > k else np.arange(len(sims))
         # Index into the concatenated spans -> sorted position: span start + offset within it.
@@ -172,8 +172,7 @@ class SearchIndex:
         ends = np.cumsum(lengths)
         span = np.searchsorted(ends, top, side="right")
         pos = starts[span] + top - (ends[span] - lengths[span])
-        order = np.lexsort((pos, -sims[top]))
-        return pos[order], sims[top][order]
+        return pos[np.lexsort((pos, -sims[top]))]
 
     def _text_top(self, text: str, k: int, allowed: np.ndarray | None) -> np.ndarray:
         scores = self.bm25(text)
@@ -195,7 +194,7 @@ class SearchIndex:
         allowed = None if buckets is None else np.asarray(sorted({int(b) for b in buckets if 0 <= int(b) < self.num_buckets}), np.int64)
         if allowed is not None and len(allowed) == 0:
             return []
-        dense, _ = self._vector_top(vector, k, allowed)
+        dense = self._vector_top(vector, k, allowed)
         lexical = self._text_top(text, k, allowed) if text.strip() else np.zeros(0, np.int64)
         fused: dict[int, float] = {}
         for ranking in (dense, lexical):

@@ -34,7 +34,8 @@ def test_within_bucket_normalisation_equals_the_masked_log_sum_exp_and_its_gradi
     buckets = torch.tensor([0, 2, 2, 0, 3, 2, 3])  # bucket 1 has no candidate
     head = BucketHead(HeadConfig(num_candidates=7, num_buckets=4, hidden_dim=8, lexical_features=0), buckets)
     x = (torch.randn(6, 7) * 40).requires_grad_()  # spread enough that a shared max would underflow
-    masked = x[:, None, :].masked_fill(~head.membership[None], float("-inf"))
+    membership = torch.nn.functional.one_hot(buckets, 4).T.bool()  # (K, C)
+    masked = x[:, None, :].masked_fill(~membership[None], float("-inf"))
     expected = x - torch.logsumexp(masked, dim=-1)[:, buckets]
     got = head.within_bucket_log_probs(x)
     assert torch.allclose(got, expected, atol=1e-5)

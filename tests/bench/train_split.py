@@ -4,7 +4,8 @@
 
 ``full``: 90 % of each intent trains, 10 % evaluates. ``few``: 10 rows per intent train, 2,000 other
 train rows evaluate. ``few_expanded``: the same, with the 770 training rows grown to 5,000 by
-`bucketchat expand` first, as `bucketchat pipeline` grows small data by default. Both splits are drawn with seed 0, so every run sees the same rows. The table is
+`bucketchat expand` first, as `bucketchat pipeline` grows small data by default. The splits are
+drawn with seed 0, so every run sees the same rows. The table is
 built once per split (under ``--work``); each variant is a ``tasks.training.fit`` with some options
 changed from the defaults, scored on the held-out rows like chat would (argmax response; a fallback
 counts as wrong). This is how the defaults of ``TrainConfig`` were chosen.
