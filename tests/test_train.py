@@ -47,10 +47,24 @@ def test_lr_schedules():
 def test_auto_batch_and_rate_follow_the_data_size():
     from models.train import SMALL_DATA_ROWS
 
-    small, big = TrainConfig().resolve(SMALL_DATA_ROWS - 1), TrainConfig().resolve(SMALL_DATA_ROWS)
+    small, big = TrainConfig().resolve(SMALL_DATA_ROWS - 1, 0), TrainConfig().resolve(SMALL_DATA_ROWS, 0)
     assert (small.batch_size, small.lr) == (64, 1e-3) and (big.batch_size, big.lr) == (512, 3e-3)
-    assert TrainConfig(batch_size=256).resolve(100).lr == 2e-3  # a given batch gets the rate of its size
-    assert TrainConfig(batch_size=256, lr=0.01).resolve(100).lr == 0.01  # a given rate is kept
+    assert TrainConfig(batch_size=256).resolve(100, 0).lr == 2e-3  # a given batch gets the rate of its size
+    assert TrainConfig(batch_size=256, lr=0.01).resolve(100, 0).lr == 0.01  # a given rate is kept
+
+
+def test_epoch_selection_and_refit_follow_the_validation_size():
+    from models.train import SELECT_MIN_VAL_ROWS
+
+    few, many = TrainConfig().resolve(700, SELECT_MIN_VAL_ROWS - 1), TrainConfig().resolve(9000, SELECT_MIN_VAL_ROWS)
+    # Too few validation rows to tell epochs apart: the whole schedule runs and its last epoch is kept.
+    assert (few.select_metric, few.early_stop_patience) == ("last", 0)
+    assert (many.select_metric, many.early_stop_patience) == ("response_acc", 6)
+    # Refit on small data only (where the validation rows are a real share of it), never with train_all.
+    assert few.refit and not many.refit and not TrainConfig(train_all=True).resolve(700, 70).refit
+    # What the user gave is kept.
+    given = TrainConfig(select_metric="loss", early_stop_patience=2, refit=False).resolve(700, 10)
+    assert (given.select_metric, given.early_stop_patience, given.refit) == ("loss", 2, False)
 
 
 def test_training_separates_toy_clusters_and_picks_best_epoch():
@@ -62,7 +76,7 @@ def test_training_separates_toy_clusters_and_picks_best_epoch():
     head = BucketHead(HeadConfig(num_candidates=4, input_dim=16, num_buckets=10, hidden_dim=32, dropout=0.0), torch.tensor([0, 0, 1, 1]))
     tr, va = split_indices([str(i) for i in y], [str(i) for i in range(120)], 0.25, "stratified", 0)
     seen = []
-    res = train(head, x, buckets, y, tr, va, TrainConfig(epochs=15, batch_size=16, lr=5e-3), on_epoch=seen.append)
+    res = train(head, x, buckets, y, tr, va, TrainConfig(epochs=15, batch_size=16, lr=5e-3, select_metric="response_acc", early_stop_patience=6), on_epoch=seen.append)
     assert [r["epoch"] for r in seen] == list(range(1, len(seen) + 1))
     best = res.history[res.best_epoch - 1]
     assert best["val_response_acc"] == max(r["val_response_acc"] for r in res.history) == 1.0
@@ -159,6 +173,18 @@ def test_warmup_steps_ramp_the_learning_rate():
     train(_toy_head(), x, yb, yc, np.arange(120), np.array([], dtype=np.int64), TrainConfig(epochs=1, batch_size=10, lr=0.1, warmup_steps=4, lr_schedule="constant"), on_step=steps.append)
     assert [round(s["lr"], 4) for s in steps[:5]] == [0.05, 0.075, 0.1, 0.1, 0.1]  # (step+1)/4 after each step
     assert [s["step"] for s in steps] == list(range(1, 13))
+
+
+def test_until_epoch_stops_early_on_the_full_schedule():
+    # A refit stops at the epoch validation chose, on the schedule of the whole run: its learning
+    # rate at the stop is the cosine's value there, not zero.
+    x, yb, yc = _toy()
+    cfg = TrainConfig(epochs=10, batch_size=40, lr=0.01, lr_schedule="cosine")  # 3 steps per epoch
+    res = train(_toy_head(), x, yb, yc, np.arange(120), None, cfg, until_epoch=4)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3, 4] and res.best_epoch == 4
+    assert res.history[-1]["lr"] == pytest.approx(0.01 * lr_lambda("cosine", 0, 30)(12))
+    whole = train(_toy_head(), x, yb, yc, np.arange(120), None, cfg)
+    assert [round(a["train_loss"], 6) for a in whole.history[:4]] == [round(b["train_loss"], 6) for b in res.history]
 
 
 @pytest.mark.parametrize("options", [{}, {"ema_decay": 0.9, "pref_weight": 0.3, "pref_group_size": 2, "balanced_sampler": True, "grad_accum_steps": 2}])
