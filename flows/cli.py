@@ -60,7 +60,7 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--train_all", action="store_true", help="fine-tune the sentence encoder too (minutes per epoch on CPU); the table then gets a new version embedded by the fine-tuned encoder, which the model pins")
     _arg(g, "--encoder_lr", type=float, default=d.encoder_lr, help=f"learning rate of the encoder with --train_all (default {d.encoder_lr})")
     g = p.add_argument_group("optimisation")
-    _arg(g, "--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs}; early stopping usually ends sooner)")
+    _arg(g, "--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs}; with 500+ validation rows early stopping usually ends sooner)")
     _arg(g, "--batch_size", type=int, default=d.batch_size, help="examples per micro-batch (default auto: 64 below 8,192 training rows, else 512)")
     _arg(g, "--grad_accum_steps", type=int, default=d.grad_accum_steps, help="micro-batches per optimizer step: effective batch = batch_size x this (default 1)")
     _arg(g, "--lr", type=float, default=d.lr, help="AdamW learning rate of the head (default auto: 0.001 with batches of 64 or less, 0.002 up to 256, else 0.003)")
@@ -72,8 +72,10 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--label_smoothing", type=float, default=d.label_smoothing, help=f"bucket cross-entropy label smoothing (default {d.label_smoothing})")
     _arg(g, "--ema_decay", type=float, default=d.ema_decay, help="keep an EMA shadow of the weights with this decay (e.g. 0.999); the best checkpoint is then picked and kept on the EMA weights (default 0 = off)")
     _arg(g, "--no_ema_select", dest="ema_select", action="store_false", help="with --ema_decay, pick the best checkpoint on the live weights instead of the EMA ones")
-    _arg(g, "--select_metric", choices=["response_acc", "loss", "last"], default=d.select_metric, help="which epoch's weights are kept: best validation response accuracy (default), lowest validation loss, or the last")
-    _arg(g, "--early_stop_patience", type=int, default=d.early_stop_patience, help=f"epochs without a better validation score before stopping; the best checkpoint is kept; 0 = off (default {d.early_stop_patience})")
+    _arg(g, "--select_metric", choices=["response_acc", "loss", "last"], default=d.select_metric, help="which epoch's weights are kept: best validation response accuracy, lowest validation loss, or the last (default auto: response_acc with 500+ validation rows, else last: fewer rows cannot tell epochs apart)")
+    _arg(g, "--early_stop_patience", type=int, default=d.early_stop_patience, help="epochs without a better validation score before stopping; the best checkpoint is kept; 0 = off (default auto: 6 with 500+ validation rows, else 0)")
+    _arg(g, "--refit", dest="refit", action="store_true", default=d.refit, help="after validation has chosen the epoch and calibrated the fallback, train again on every row (validation included) up to that epoch and ship that model (default auto: on below 8,192 training rows, except with --train_all)")
+    _arg(g, "--no_refit", dest="refit", action="store_false", help="ship the held-out run's model itself (trained without the validation rows)")
     _arg(g, "--balanced_sampler", action="store_true", help="draw batches so every bucket is equally likely (for skewed buckets)")
     _arg(g, "--split_mode", choices=["stratified", "random"], default=d.split_mode, help="validation split: per response (stratified, default) or per family at random")
     _arg(g, "--val_split", type=float, default=d.val_split, help=f"fraction held out for validation, checkpoint choice and fallback calibration (default {d.val_split})")
@@ -94,7 +96,7 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--pref_warmup_epochs", type=float, default=d.pref_warmup_epochs, help="ramp the preference weight linearly from 0 over this many epochs (default 0)")
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "select_metric", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device")
+TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "select_metric", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device", "refit")
 HEAD_KEYS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim", "lexical_features")
 
 

@@ -33,5 +33,5 @@ def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, tab
     trained = train_head(db, table, table_version, train, head, output, meta, weights, resume, progress)
     # With --train_all the model pins a new version (vectors from its fine-tuned encoder).
     pinned = trained["table_version"]
-    promotion = register_and_promote(trained["run_id"], db, table, pinned, trained["val_ids"], trained["val_response_acc"], found["key"])
-    return {"table": {"db": db, "name": table, "version": pinned}, "build": built, "train": {k: v for k, v in trained.items() if k != "val_ids"}, "registry": promotion}
+    promotion = register_and_promote(trained["run_id"], db, table, pinned, trained["val_ids"], trained["val_response_acc"], found["key"], trained["val_right"])
+    return {"table": {"db": db, "name": table, "version": pinned}, "build": built, "train": {k: v for k, v in trained.items() if k not in ("val_ids", "val_right")}, "registry": promotion}

@@ -122,39 +122,65 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         y_cand = cands.targets(rows["responses"], rows["buckets"].tolist())
         tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed, rows["parents"])
         cfg = head_config(head_cfg, source, len(cands.texts), rows["vectors"].shape[1])
-        torch.manual_seed(train_cfg.seed)  # the initial weights too: the same data and seed give the same model
-        head = BucketHead(cfg, torch.tensor(cands.buckets), torch.tensor(cands.learned))
-        report = None
-        if source is not None:
-            old_texts = (source.meta or {}).get("candidates", {}).get("texts")
-            report = warm_start(head, source.state, old_texts, cands.texts)
-            report["source"] = source.spec
-            if logger:
-                logger.info("warm start from %s: %d tensors matched, %d remapped by response, %d new, %d skipped%s", source.spec, len(report["matched"]), len(report["remapped"]), len(report["new"]), len(report["skipped"]), "".join(f"\n  skipped {s}" for s in report["skipped"]))
-        encoder = None
+        encoder_start = None
         if train_cfg.train_all:
-            from models.encoder import TrainableEncoder
-
             # Start from the checkpoint's fine-tuned encoder when it has one, else from the table's.
-            start = source.encoder_path if source and source.encoder_path else _table_encoder_path(db, rows["encoder"])
-            encoder = TrainableEncoder(start, device=train_cfg.device)
+            encoder_start = source.encoder_path if source and source.encoder_path else _table_encoder_path(db, rows["encoder"])
         elif source is not None and source.meta and source.meta.get("encoder", TORCH_ID) != rows["encoder"] and logger:
             logger.warning("--weights %s was trained on vectors of encoder %s, this table holds %s: its tensors load, but expect it to need more training", source.spec, source.meta.get("encoder"), rows["encoder"])
-        lex = None
-        if head.lexical is not None:
-            # Hash every row once; IDF from the training rows only: validation stays unseen.
-            hasher = head.hasher()
-            counts = hasher.counts(rows["users"])
-            head.lexical_idf.copy_(torch.from_numpy(hasher.idf(counts[tr])))
-            lex = hasher.weigh(counts, head.lexical_idf.numpy())
-        data = TrainData(rows["buckets"], y_cand, x=None if encoder else rows["vectors"], texts=rows["users"] if encoder else None, lex=lex)
-        result = train(Trainable(head, encoder), data, train_idx=tr, val_idx=va, cfg=train_cfg, on_epoch=on_epoch, on_step=on_step, state_path=state_path, resume=resume, progress=progress)
+
+        def fresh(log: bool) -> tuple[Trainable, dict | None]:
+            """What every run starts from: the seeded initial weights (the same data and seed give the
+            same model), the warm start, and with train_all the encoder to fine-tune."""
+            torch.manual_seed(train_cfg.seed)
+            head = BucketHead(cfg, torch.tensor(cands.buckets), torch.tensor(cands.learned))
+            report = None
+            if source is not None:
+                old_texts = (source.meta or {}).get("candidates", {}).get("texts")
+                report = warm_start(head, source.state, old_texts, cands.texts)
+                report["source"] = source.spec
+                if log and logger:
+                    logger.info("warm start from %s: %d tensors matched, %d remapped by response, %d new, %d skipped%s", source.spec, len(report["matched"]), len(report["remapped"]), len(report["new"]), len(report["skipped"]), "".join(f"\n  skipped {s}" for s in report["skipped"]))
+            encoder = None
+            if train_cfg.train_all:  # encoder_start None: the stock encoder
+                from models.encoder import TrainableEncoder
+
+                encoder = TrainableEncoder(encoder_start, device=train_cfg.device)
+            return Trainable(head, encoder), report
+
+        model, report = fresh(log=True)
+        hasher = model.head.hasher()
+        counts = hasher.counts(rows["users"]) if hasher else None  # every row hashed once
+
+        def lexical(head: BucketHead, idx: np.ndarray):
+            """The rows' n-gram TF-IDF, with IDF from the rows ``idx`` trains on (validation stays unseen)."""
+            if counts is None:
+                return None
+            head.lexical_idf.copy_(torch.from_numpy(hasher.idf(counts[idx])))
+            return hasher.weigh(counts, head.lexical_idf.numpy())
+
+        data = TrainData(rows["buckets"], y_cand, x=None if train_cfg.train_all else rows["vectors"], texts=rows["users"] if train_cfg.train_all else None, lex=lexical(model.head, tr))
+        result = train(model, data, train_idx=tr, val_idx=va, cfg=train_cfg, on_epoch=on_epoch, on_step=on_step, state_path=state_path, resume=resume, progress=progress)
+        # Held-out predictions of this run: the fallback thresholds, the score and the plots use them.
+        log_pr = _log_probs(model, data, va)
+        refit = None
+        if result.config.refit and len(va):
+            # Validation chose the epoch; now every row trains, from the same start, on the same
+            # schedule, up to that epoch. The shipped model has seen all the data.
+            everything = np.arange(len(rows["ids"]))
+            if logger:
+                logger.info("refit: training again on all %d rows (validation included) for the %d epoch(s) validation chose", len(everything), result.best_epoch)
+            model, _ = fresh(log=False)
+            data.lex = lexical(model.head, everything)
+            refit_state = f"{state_path}.refit" if state_path else None
+            done = train(model, data, train_idx=everything, val_idx=None, cfg=result.config, on_epoch=_prefixed(on_epoch), on_step=_prefixed(on_step), state_path=refit_state, resume=bool(resume and refit_state and Path(refit_state).is_file()), progress=progress, until_epoch=result.best_epoch, label="refit")
+            refit = {"rows": int(len(everything)), "epochs": int(result.best_epoch), "examples_per_second": done.examples_per_second}
+        head, encoder = model.head, model.encoder
     finally:
         if source is not None:
             source.cleanup()
     head.cpu().eval()
     pinned, encoder_id, saved_encoder = int(version), rows["encoder"], None
-    vectors = rows["vectors"]
     if encoder is not None:
         # The table the model pins must hold vectors from the model's own encoder: write them as a
         # new table version, and keep the encoder beside the table for later builds and heads.
@@ -168,16 +194,11 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
                 with atomic_dir(folder) as dst:
                     shutil.copytree(tmp, dst, dirs_exist_ok=True)
         pinned = reembed_table(db, table, version, str(folder), encoder_id, progress=progress)
-        vectors = table_rows(db, table, pinned)["vectors"]
         saved_encoder = EncoderFolder(folder, encoder_id)
     elif encoder_id not in STOCK_IDS:
         saved_encoder = EncoderFolder(_table_encoder_path(db, encoder_id), encoder_id)
-    from models.lexical import to_bag
-
-    with torch.no_grad():
-        # The validation rows' n-grams were hashed with the rest before training: reuse them.
-        _, log_pr = head.response_log_probs(torch.from_numpy(vectors[va]), to_bag(lex[va]) if lex is not None else None)
     y_va = torch.from_numpy(y_cand[va])
+    right = (log_pr.argmax(1) == y_va) & head.candidate_learned[log_pr.argmax(1)]
     best = result.history[result.best_epoch - 1]
     meta = {
         "encoder": encoder_id,
@@ -186,13 +207,72 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
         "all_responses_learned": not cands.other,
         "calibration": {**(calibrate_thresholds(log_pr, y_va, head.candidate_learned) if len(va) else {"min_confidence": 0.0, "min_margin": 0.0}), "val_rows": int(len(va))},
-        "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second},
+        # Validation scores are those of the held-out run, also when the shipped model is its refit.
+        "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second} | ({"refit_rows": refit["rows"], "refit_epochs": refit["epochs"]} if refit else {}),
+        "validation": {"rows": int(len(va)), "ids_digest": ids_digest([rows["ids"][i] for i in va]), "held_out_of_shipped_model": refit is None},
+        "refit": refit,
         "train_config": result.config.to_dict(),
         "warm_start": report,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    extras = {"ids": [rows["ids"][i] for i in va], "accuracy": best.get("val_response_acc"), "encoder": saved_encoder, "log_pr": log_pr, "y_val": y_va, "buckets_val": rows["buckets"][va], "resumed_from_epoch": result.resumed_from_epoch}
+    extras = {"ids": [rows["ids"][i] for i in va], "right": right.tolist(), "accuracy": best.get("val_response_acc"), "encoder": saved_encoder, "log_pr": log_pr, "y_val": y_va, "buckets_val": rows["buckets"][va], "resumed_from_epoch": result.resumed_from_epoch}
     return head, meta, extras
+
+
+def champion_score(weights: str, meta_path: str, db: str, table: str, version: int, val_ids: list[str], val_right: list[bool] | None, val_acc: float) -> tuple[float | None, float | None, str]:
+    """(champion's score, challenger's score, on what) for a fair promotion decision.
+
+    A refit champion trained on every row of its table version, validation rows included, so its
+    score on those would be inflated. It is scored on the validation rows it never saw (new data),
+    with the challenger's held-out answers (``val_right``) on the same rows; when it saw them all and
+    both validated on the very same rows, the two held-out scores recorded at training are compared.
+    (None, None, why) when no fair comparison exists. A champion that was not refit is scored on the
+    whole validation set, as its own split held those rows out."""
+    meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
+    if not meta.get("refit"):
+        return response_accuracy(weights, meta_path, db, table, version, val_ids), val_acc, f"{len(val_ids)} validation rows"
+    src = meta.get("table", {})
+    seen: set[str] = set()  # a table in another db or under another name: none of these rows
+    if src.get("db") == db_key(db) and src.get("name") == table and src.get("trained_on_version") is not None:
+        from retrieval.store import read_columns
+
+        try:
+            seen = set(read_columns(open_table(db, table, int(src["trained_on_version"])), ["id"])["id"].to_pylist())
+        except Exception:  # its version is gone (cleaned up): what it saw cannot be told
+            seen = set(val_ids)
+    unseen = [i for i in val_ids if i not in seen]
+    if unseen and val_right is not None and len(val_right) == len(val_ids):
+        right = dict(zip(val_ids, val_right))
+        return response_accuracy(weights, meta_path, db, table, version, unseen), float(np.mean([right[i] for i in unseen])), f"{len(unseen)} validation rows the refit champion never trained on"
+    recorded = meta.get("metrics", {}).get("val_response_acc")
+    if meta.get("validation", {}).get("ids_digest") == ids_digest(val_ids) and recorded is not None:
+        return float(recorded), val_acc, f"the same {len(val_ids)} validation rows, both held out at training"
+    return None, None, f"it was refit on table version {src.get('trained_on_version')}"
+
+
+def _log_probs(model: Trainable, data: TrainData, idx: np.ndarray) -> torch.Tensor:
+    """log p(response) (len(idx), C) of rows ``idx`` under ``model`` as it is now, on the CPU."""
+    from models.lexical import to_bag
+
+    model.cpu().eval()
+    with torch.no_grad():
+        if not len(idx):
+            return torch.zeros((0, model.head.cfg.num_candidates))
+        x = torch.from_numpy(data.x[idx]) if model.encoder is None else model.encoder([data.texts[i] for i in idx])
+        lex = to_bag(data.lex[idx]) if data.lex is not None and model.head.lexical is not None else None
+        return model.head.response_log_probs(x, lex)[1]
+
+
+def _prefixed(callback):
+    """``callback`` with every metric of the refit named ``refit_*`` (its epoch/step kept)."""
+    if callback is None:
+        return None
+    return lambda row: callback({k if k in ("epoch", "step") else f"refit_{k}": v for k, v in row.items()})
+
+
+def ids_digest(ids: list[str]) -> str:
+    """A short hash of a set of row ids: two runs validated on the same rows iff these match."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 def _table_encoder_path(db: str, encoder_id: str) -> str | None:
@@ -338,9 +418,9 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
         if output or meta:
             checkpoint.save(model, meta_dict, output or "champion_model_chat_ft.pth", meta or "chat_model_meta.json", encoder=extras["encoder"])
     # Finished: nothing left to resume.
-    state_path.unlink(missing_ok=True)
-    state_path.with_suffix(".run").unlink(missing_ok=True)
-    return {"run_id": run.info.run_id, "table_version": pinned, "val_ids": extras["ids"], "val_response_acc": extras["accuracy"], "metrics": meta_dict["metrics"], "candidates": len(meta_dict["candidates"]["texts"]), "model_size": size, "warm_start": meta_dict["warm_start"], "resumed_from_epoch": extras["resumed_from_epoch"]}
+    for done in (state_path, Path(f"{state_path}.refit"), state_path.with_suffix(".run")):
+        done.unlink(missing_ok=True)
+    return {"run_id": run.info.run_id, "table_version": pinned, "val_ids": extras["ids"], "val_right": extras["right"], "val_response_acc": extras["accuracy"], "metrics": meta_dict["metrics"], "candidates": len(meta_dict["candidates"]["texts"]), "model_size": size, "warm_start": meta_dict["warm_start"], "resumed_from_epoch": extras["resumed_from_epoch"]}
 
 
 def _code_digest() -> str:
@@ -381,29 +461,32 @@ def previous_training(db: str, table: str, version: int, train: dict, head: dict
 
 
 @task(retries=2, retry_delay_seconds=1)  # registry writes are I/O against the tracking store
-def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None, train_key: str | None = None) -> dict:
-    """Register the run's model; move ``champion`` to it only if it beats the current champion on this
-    run's validation rows (the champion is scored there with its own encoder). Returns the new version, whether it was promoted, and why."""
+def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None, train_key: str | None = None, val_right: list[bool] | None = None) -> dict:
+    """Register the run's model; move ``champion`` to it only if it beats the current champion on
+    validation rows neither has trained on (``champion_score``). Returns the new version, whether it
+    was promoted, and why."""
     logger = run_logger()
     tags = {"val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a", "table_version": str(version), **({"train_key": train_key} if train_key else {})}
     new_version = registry.register(run_id, tags)
     current = registry.champion_version()
-    champion_acc = None
-    if current is not None:
+    champion_acc, challenger_acc, basis = None, val_response_acc, "its validation rows"
+    if current is not None and val_response_acc is not None:
         with tempfile.TemporaryDirectory() as tmp:
             weights, meta = registry.download_model(f"models:/{registry.MODEL_NAME}/{current}", tmp)
-            champion_acc = response_accuracy(str(weights), str(meta), db, table, version, val_ids)
+            champion_acc, challenger_acc, basis = champion_score(str(weights), str(meta), db, table, version, val_ids, val_right, val_response_acc)
     if current is None:
         promoted, reason = True, "no champion yet"
     elif val_response_acc is None:
         promoted, reason = False, "no validation rows to compare on (raise --val_split); champion kept"
+    elif champion_acc is None and challenger_acc is None:
+        promoted, reason = False, f"champion v{current} trained on every validation row of this run ({basis}), so no fair comparison exists; champion kept (`bucketchat registry rollback --version {new_version}` promotes this one by hand)"
     elif champion_acc is None:
         promoted, reason = True, "the champion cannot be scored on this validation set"
-    elif val_response_acc > champion_acc:
-        promoted, reason = True, f"validation response accuracy {val_response_acc:.4f} > champion v{current}'s {champion_acc:.4f}"
+    elif challenger_acc > champion_acc:
+        promoted, reason = True, f"validation response accuracy {challenger_acc:.4f} > champion v{current}'s {champion_acc:.4f} on {basis}"
     else:
         # Only a better score moves the alias: an equal one is noise, and churn has a cost (caches, audits).
-        promoted, reason = False, f"validation response accuracy {val_response_acc:.4f} is not above champion v{current}'s {champion_acc:.4f}; champion kept"
+        promoted, reason = False, f"validation response accuracy {challenger_acc:.4f} is not above champion v{current}'s {champion_acc:.4f} on {basis}; champion kept"
     failpoint("registry:registered")
     registry.tag_version(new_version, {"champion_val_acc_at_registration": f"{champion_acc:.6f}" if champion_acc is not None else "n/a", "promotion": reason})
     if promoted:

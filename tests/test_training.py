@@ -10,9 +10,21 @@ from retrieval.encoder import INT8_ID
 from retrieval.store import build_table
 from tasks import registry
 from tasks.records import load_records
-from tasks.training import fit, register_and_promote, response_accuracy, train_head
+from tasks.training import fit, ids_digest, register_and_promote, response_accuracy, train_head
+from retrieval.store import open_table, read_columns
 from models.train import TrainConfig
 from tests.conftest import INTENTS
+
+
+def load_records_list(records: list[dict]) -> list:
+    """Records -> the pairs ``build_table`` takes, through the real loader."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "records.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        return load_records(path)[0]
 
 
 @pytest.fixture
@@ -40,6 +52,43 @@ def test_same_data_and_seed_give_the_same_model(table):
     a, _, _ = fit(db, name, version, cfg, {"hidden_dim": 32})
     b, _, _ = fit(db, name, version, cfg, {"hidden_dim": 32})
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_refit_ships_a_model_trained_on_every_row(table):
+    db, name, version = table
+    head, meta, val = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.2), {"hidden_dim": 32})
+    # 4 validation rows are too few to pick an epoch: the whole schedule, then a refit on all 26 rows.
+    assert meta["train_config"]["select_metric"] == "last" and meta["metrics"]["best_epoch"] == 6
+    assert (meta["refit"]["rows"], meta["refit"]["epochs"]) == (26, 6) and meta["metrics"]["refit_rows"] == 26
+    # The scores are the held-out run's, row by row.
+    assert len(val["right"]) == len(val["ids"]) == 4 and sum(val["right"]) / 4 == val["accuracy"]
+    assert meta["validation"] == {"rows": 4, "ids_digest": ids_digest(val["ids"]), "held_out_of_shipped_model": False}
+    # Trained on every row for the chosen epochs from the same start: exactly a run without validation.
+    everything, _, _ = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.0), {"hidden_dim": 32})
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), everything.state_dict().values()))
+    held_out, meta_off, _ = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.2, refit=False), {"hidden_dim": 32})
+    assert meta_off["refit"] is None and meta_off["validation"]["held_out_of_shipped_model"] is True
+    assert not all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), held_out.state_dict().values()))
+
+
+def test_a_refit_champion_is_scored_only_on_rows_it_never_trained_on(tmp_path, tiny_records, mlflow_store, prefect_harness):
+    db = str(tmp_path / "db")
+    v1 = build_table(load_records_list(tiny_records), db, "conversations").version
+    first = train_head.fn(db, "conversations", v1, {"epochs": 20, "lr": 5e-3, "val_split": 0.3}, {"hidden_dim": 32})
+    assert register_and_promote.fn(first["run_id"], db, "conversations", v1, first["val_ids"], first["val_response_acc"], val_right=first["val_right"])["promoted"]
+    # The same data again: the refit champion saw every validation row, so the two held-out scores
+    # recorded at training are compared (equal here: same data and seed), and the champion stays.
+    again = train_head.fn(db, "conversations", v1, {"epochs": 20, "lr": 5e-3, "val_split": 0.3}, {"hidden_dim": 32})
+    same = register_and_promote.fn(again["run_id"], db, "conversations", v1, again["val_ids"], again["val_response_acc"], val_right=again["val_right"])
+    assert not same["promoted"] and f"the same {len(again['val_ids'])} validation rows, both held out at training" in same["reason"]
+    # New rows arrive: only the validation rows the champion never trained on count.
+    grown = tiny_records + [{**r, "user": f"hey, {r['user']} please"} for r in tiny_records]
+    v2 = build_table(load_records_list(grown), db, "conversations").version
+    new = train_head.fn(db, "conversations", v2, {"epochs": 20, "lr": 5e-3, "val_split": 0.3}, {"hidden_dim": 32})
+    unseen = [i for i in new["val_ids"] if i not in set(read_columns(open_table(db, "conversations", v1), ["id"])["id"].to_pylist())]
+    assert 0 < len(unseen) < len(new["val_ids"])
+    result = register_and_promote.fn(new["run_id"], db, "conversations", v2, new["val_ids"], new["val_response_acc"], val_right=new["val_right"])
+    assert f"on {len(unseen)} validation rows the refit champion never trained on" in result["reason"]
 
 
 def test_champion_moves_only_on_a_better_validation_score(table, mlflow_store, prefect_harness):
@@ -139,9 +188,10 @@ def test_train_all_pins_a_table_version_embedded_by_the_fine_tuned_encoder(table
 
 
 @pytest.mark.slow
-def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table, tmp_path, prefect_api_env):
-    """A real `bucketchat finetune` killed with SIGKILL after epoch 3 of 8, then `--resume`d: same
-    weights as a run that was never interrupted, in the same MLflow run."""
+@pytest.mark.parametrize("killed_at", ["train:epoch3", "refit:epoch3"])
+def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table, tmp_path, prefect_api_env, killed_at):
+    """A real `bucketchat finetune` killed with SIGKILL after epoch 3 of 8 of the held-out run or of
+    the refit, then `--resume`d: same weights as a run that was never interrupted, in the same MLflow run."""
     import os
     import signal
     import subprocess
@@ -158,14 +208,15 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table,
         return [exe, "finetune", "--db", db, "--table", name, "--epochs", "8", "--early_stop_patience", "0", "--hidden_dim", "64", "--output", str(tmp_path / f"{out}.pth"), "--meta", str(tmp_path / f"{out}.json"), *extra]
 
     # SIGKILL from inside, right after epoch 3 (BUCKETCHAT_FAILPOINT): deterministic, unlike a timer.
-    proc = subprocess.Popen(cmd("killed"), env={**env, "BUCKETCHAT_FAILPOINT": "train:epoch3"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd("killed"), env={**env, "BUCKETCHAT_FAILPOINT": killed_at}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.wait(timeout=300) == -signal.SIGKILL
     state = tmp_path / "killed.pth.state"
     assert state.is_file() and not (tmp_path / "killed.pth").exists()
+    assert (tmp_path / "killed.pth.state.refit").is_file() == killed_at.startswith("refit")
     run_id = state.with_suffix(".run").read_text()
     subprocess.run(cmd("killed", "--resume"), env=env, check=True, capture_output=True)
     subprocess.run(cmd("whole"), env=env, check=True, capture_output=True)
     resumed, whole = load_file(str(tmp_path / "killed.pth")), load_file(str(tmp_path / "whole.pth"))
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
     assert json.loads((tmp_path / "killed.json").read_text())["mlflow_run_id"] == run_id
-    assert not state.exists()  # finished: nothing left to resume
+    assert not state.exists() and not (tmp_path / "killed.pth.state.refit").exists()  # finished: nothing left to resume
