@@ -56,10 +56,9 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
 
 
 @task(**CACHED)
-def expand_dataset(input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False, best_effort: bool = False) -> dict:
-    """Grow a dataset to exactly ``target`` pairs with synthetic variants (see tasks/augment.py);
-    ``best_effort``: as close to ``target`` as the data allows."""
+def expand_dataset(input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False) -> dict:
+    """Grow a dataset to exactly ``target`` pairs with synthetic variants (see tasks/augment.py)."""
     pairs, rejected, rejects_file = read_input(input, output, strict)
-    grown, inconsistent = expand(pairs, target, creative_prob=creative_prob, blend_prob=blend_prob, seed=seed, best_effort=best_effort)
+    grown, inconsistent = expand(pairs, target, creative_prob=creative_prob, blend_prob=blend_prob, seed=seed)
     run_logger().info("expanded %d -> %d records; %d variants dropped as inconsistent: %s", len(pairs), len(grown), sum(inconsistent.values()), dict(inconsistent))
     return {**write_dataset(grown, output), "rejects": rejects_file, "records": len(grown), "input_records": len(pairs), "rejected_lines": rejected, "inconsistent_variants": dict(inconsistent)}

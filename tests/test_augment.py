@@ -62,9 +62,3 @@ def test_impossible_targets_fail_clearly_unless_best_effort():
         expand(pairs, 500, max_tries_per_record=2)
     grown, _ = expand(pairs, 500, max_tries_per_record=2, best_effort=True)
     assert 2 <= len(grown) < 500 and grown[:2] == pairs
-
-
-def test_auto_target_grows_only_small_data():
-    from flows.build_super import auto_target
-
-    assert [auto_target(n) for n in (26, 770, 4999, 5000, 10003)] == [208, 5000, 5000, None, None]

@@ -46,10 +46,10 @@ def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, p
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name / 'mlflow.db'}")
         out = pipeline_flow([str(tiny_jsonl)], workdir=str(tmp_path / name / "work"), train={"epochs": 30, "lr": 5e-3}, head={"hidden_dim": 64, "dropout": 0.0})
         assert out["registry"] == {"version": 1, "promoted": True, "reason": "no champion yet", "previous_champion": None, "champion_val_acc": None}
-        assert (out["dataset"]["input_records"], out["dataset"]["records"]) == (26, 208)  # small data grows 8x by default
+        assert out["dataset"]["records"] == 26 and "input_records" not in out["dataset"]  # no expansion unless --target
         assert registry.champion_version() == 1
         work = tmp_path / name / "work"
-        assert {p.name for p in work.iterdir()} >= {"dataset.jsonl", "dataset.parquet", "dataset.merged.rejects.jsonl", "llm_chat.db", "champion_model_chat_ft.pth", "chat_model_meta.json"}
+        assert {p.name for p in work.iterdir()} >= {"dataset.jsonl", "dataset.parquet", "dataset.rejects.jsonl", "llm_chat.db", "champion_model_chat_ft.pth", "chat_model_meta.json"}
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("I forgot my password\nhow do I undo a commit in git\n"))
     assert main(["chat", "--json"]) == 0  # the champion of store "two"

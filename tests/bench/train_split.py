@@ -4,7 +4,7 @@
 
 ``full``: 90 % of each intent trains, 10 % evaluates. ``few``: 10 rows per intent train, 2,000 other
 train rows evaluate. ``few_expanded``: the same, with the 770 training rows grown to 5,000 by
-`bucketchat expand` first, as `bucketchat pipeline` grows small data by default. The splits are
+`bucketchat expand --target 5000` first (what `bucketchat pipeline --target 5000` does). The splits are
 drawn with seed 0, so every run sees the same rows. The table is
 built once per split (under ``--work``); each variant is a ``tasks.training.fit`` with some options
 changed from the defaults, scored on the held-out rows like chat would (argmax response; a fallback
@@ -91,9 +91,7 @@ def main() -> None:
         if not train_file.is_file():
             import subprocess
 
-            from flows.build_super import AUTO_EXPAND_TO
-
-            subprocess.run([Path(sys.executable).parent / "bucketchat", "expand", "--input", str(files["few"][0]), "--output", str(train_file), "--target", str(AUTO_EXPAND_TO)], check=True)
+            subprocess.run([Path(sys.executable).parent / "bucketchat", "expand", "--input", str(files["few"][0]), "--output", str(train_file), "--target", "5000"], check=True)
     else:
         train_file, eval_file = files[a.split]
     db = a.work / f"db_{a.split}"
