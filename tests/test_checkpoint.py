@@ -102,6 +102,12 @@ def test_state_trees_round_trip_without_pickle(tmp_path):
     assert back["optimizer"]["param_groups"][0]["betas"] == opt.state_dict()["param_groups"][0]["betas"]
     assert all(torch.equal(back["model"][k], v) for k, v in head.state_dict().items())
     torch.optim.AdamW(head.parameters(), lr=1e-3).load_state_dict(back["optimizer"])  # loads as torch expects
+    # The file is written tensor by tensor (no copies); safetensors' own loader reads every dtype and
+    # shape back exactly, views and empty tensors included.
+    odd = {"bf16": torch.randn(3, 2).to(torch.bfloat16), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "view": torch.arange(12.0).reshape(3, 4)[:, 1], "empty": torch.zeros(0, 4)}
+    checkpoint.save_tree(odd, tmp_path / "odd.state")
+    back = checkpoint.load_tree(tmp_path / "odd.state")
+    assert all(back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v) for k, v in odd.items())
 
 
 def test_a_pickled_resume_state_is_refused_and_runs_no_code(tmp_path):
