@@ -126,6 +126,8 @@ def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefe
     run = client.get_run(out["run_id"])
     assert run.data.params["lr"] == "0.005" and run.data.params["head.hidden_dim"] == "32"
     assert run.data.params["resolved.batch_size"] == "64"  # auto: small data gets small batches
+    # 4 validation rows: the whole schedule, its last epoch, then a refit on every row.
+    assert (run.data.params["resolved.select_metric"], run.data.params["resolved.early_stop_patience"], run.data.params["resolved.refit"]) == ("last", "0", "True")
     assert run.data.tags["model_size"] == "base" and run.data.tags["table_version"] == str(version)
     assert [m.step for m in client.get_metric_history(out["run_id"], "train_loss")] == [1, 2, 3, 4, 5]
     files = {f.path for f in client.list_artifacts(out["run_id"], "model")}
