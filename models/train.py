@@ -350,6 +350,12 @@ def batch_loss(head: BucketHead, out: tuple[torch.Tensor, torch.Tensor], yb: tor
     return loss, parts
 
 
+def answered_right(pred: torch.Tensor, y_cand: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """Whether each predicted candidate is the row's own learned response: an "other" slot names no
+    response, so it never counts as right."""
+    return (pred == y_cand) & learned[pred]
+
+
 @torch.no_grad()
 def evaluate(model: Trainable, data: TrainData, idx: torch.Tensor, cache: dict, cfg: TrainConfig, chunk: int = 2048) -> dict[str, float]:
     """Validation loss, bucket accuracy and response accuracy: the argmax is the row's own learned
@@ -367,7 +373,7 @@ def evaluate(model: Trainable, data: TrainData, idx: torch.Tensor, cache: dict, 
         log_pr = log_pb[:, head.candidate_bucket] + head.within_bucket_log_probs(out[1])
         pred = log_pr.argmax(1)
         bucket_ok += int((log_pb.argmax(1) == yb).sum())
-        resp_ok += int(((pred == yc) & head.candidate_learned[pred]).sum())
+        resp_ok += int(answered_right(pred, yc, head.candidate_learned).sum())
     n = max(1, len(idx))
     return {"loss": sum(losses) / n, "bucket_acc": bucket_ok / n, "response_acc": resp_ok / n}
 
@@ -580,7 +586,7 @@ def calibrate_thresholds(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: to
     top2 = probs.topk(min(2, probs.shape[1]), dim=1)
     conf, pred = top2.values[:, 0], top2.indices[:, 0]
     margin = conf - (top2.values[:, 1] if probs.shape[1] > 1 else 0.0)
-    right = (pred == y_cand) & learned[pred]
+    right = answered_right(pred, y_cand, learned)
     conf_ok, margin_ok = torch.sort(conf[right]).values, torch.sort(margin[right]).values
     if len(conf_ok) == 0:
         return {"min_confidence": 0.0, "min_margin": 0.0}

@@ -18,7 +18,7 @@ from prefect import task
 from models import checkpoint
 from models.atomic import failpoint
 from models.heads import BucketHead, HeadConfig, warm_start
-from models.train import Candidates, TrainConfig, TrainData, Trainable, calibrate_thresholds, split_indices, train
+from models.train import Candidates, TrainConfig, TrainData, Trainable, answered_right, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
 from retrieval.store import db_key, local_dir, open_table, reembed_table, table_encoder
 from tasks import registry, run_logger
@@ -198,7 +198,7 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     elif encoder_id not in STOCK_IDS:
         saved_encoder = EncoderFolder(_table_encoder_path(db, encoder_id), encoder_id)
     y_va = torch.from_numpy(y_cand[va])
-    right = (log_pr.argmax(1) == y_va) & head.candidate_learned[log_pr.argmax(1)]
+    right = answered_right(log_pr.argmax(1), y_va, head.candidate_learned)
     best = result.history[result.best_epoch - 1]
     meta = {
         "encoder": encoder_id,
@@ -337,7 +337,7 @@ class MetricBuffer:
 def bucket_report(log_pr: torch.Tensor, y_val: torch.Tensor, buckets_val: np.ndarray, cand_bucket: list[int], learned: torch.Tensor, num_buckets: int, folder: Path) -> dict:
     """Per-bucket validation accuracy (JSON) and a bucket confusion matrix (PNG) for the run."""
     pred = log_pr.argmax(1)
-    right = ((pred == y_val) & learned[pred]).numpy()
+    right = answered_right(pred, y_val, learned).numpy()
     pred_bucket = np.asarray(cand_bucket)[pred.numpy()]
     conf = np.zeros((num_buckets, num_buckets), dtype=np.int64)
     np.add.at(conf, (buckets_val, pred_bucket), 1)

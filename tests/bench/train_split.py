@@ -44,6 +44,10 @@ VARIANTS = {
     "no_weight_decay": ({"weight_decay": 0.0}, {}),
     "select_loss": ({"select_metric": "loss"}, {}),
     "patience12": ({"early_stop_patience": 12}, {}),
+    # The epoch-choice and refit rules (models/train.py), each switched off in turn:
+    "no_refit": ({"refit": False}, {}),
+    "best_epoch_no_refit": ({"refit": False, "select_metric": "response_acc", "early_stop_patience": 6}, {}),
+    "batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {}),
     "seed1": ({"seed": 1}, {}),
     "seed2": ({"seed": 2}, {}),
 }
