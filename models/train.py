@@ -32,6 +32,18 @@ from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, preference_l
 SCHEDULES = ("cosine", "linear", "constant")
 SPLIT_MODES = ("stratified", "random")
 SELECT_METRICS = ("response_acc", "loss", "last")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_is_fast(device: str) -> bool:
+    """Whether bfloat16 matmuls beat float32 on ``device``: CUDA with bf16 support, or a CPU with AMX
+    tiles (on this 2-core Xeon a 512 x 384 x 1024 matmul takes 0.6 ms in bf16 against 1.8 ms in
+    fp32, ad hoc). CPUs without AMX emulate bf16 and would get slower, so they keep fp32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device == "cpu":
+        return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+    return False
 
 
 @dataclass
@@ -86,6 +98,9 @@ class TrainConfig:
     lexical_lr: float = 0.01  # lazy Adam rate of the n-gram weights (models/lexical.py)
     seed: int = 42
     device: str = "cpu"
+    # Mixed precision of the training forward and backward passes (weights, optimizer state, loss and
+    # every evaluation stay float32). auto = bf16 where it is fast (``bf16_is_fast``), else fp32.
+    precision: str = "auto"
 
     def __post_init__(self):
         checks = [
@@ -113,6 +128,7 @@ class TrainConfig:
             (self.pref_warmup_epochs >= 0, "--pref_warmup_epochs", self.pref_warmup_epochs, "use 0 (no ramp) or more"),
             (self.encoder_lr > 0, "--encoder_lr", self.encoder_lr, "use a small positive rate such as 2e-5"),
             (self.lexical_lr > 0, "--lexical_lr", self.lexical_lr, "use a positive rate such as 0.01"),
+            (self.precision in PRECISIONS, "--precision", self.precision, f"choose one of {', '.join(PRECISIONS)}"),
         ]
         for ok, flag, value, fix in checks:
             if not ok:
@@ -140,6 +156,7 @@ class TrainConfig:
             select_metric=self.select_metric or ("response_acc" if selects else "last"),
             early_stop_patience=self.early_stop_patience if self.early_stop_patience is not None else (6 if selects else 0),
             refit=self.refit if self.refit is not None else (small and not self.train_all),
+            precision=self.precision if self.precision != "auto" else ("bf16" if bf16_is_fast(self.device) else "fp32"),
         )
 
 
@@ -456,6 +473,7 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     opt_lex = LazyAdam(sparse, lr=cfg.lexical_lr) if sparse else None
     sched_lex = torch.optim.lr_scheduler.LambdaLR(opt_lex, schedule) if opt_lex else None
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    mixed = cfg.precision == "bf16"
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     if cfg.balanced_sampler:
         # Every bucket equally likely per draw; rows within a bucket equally likely.
@@ -511,7 +529,10 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
             pref_w = pref_weight_at(step, steps_per_epoch, cfg.pref_weight, cfg.pref_warmup_epochs)
             for j in range(0, len(chunk), cfg.batch_size):
                 b = chunk[j : j + cfg.batch_size]
-                out = head(*model.inputs(data, b, cache))
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed):
+                    out = head(*model.inputs(data, b, cache))
+                if mixed:  # the losses (log-softmax, sigmoid) in float32
+                    out = tuple(o.float() for o in out)
                 loss, parts = batch_loss(head, out, cache["YB"][b], cache["YC"][b], cfg, pref_w, gen)
                 # Weighted by size, the micro-batch losses add up to the whole group's mean loss.
                 (loss * (len(b) / len(chunk))).backward()

@@ -398,7 +398,7 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
         buffer.flush()
         # The automatic settings as they were resolved for this data (the params above say "None").
         resolved = meta_dict["train_config"]
-        mlflow.log_params({f"resolved.{k}": resolved[k] for k in ("batch_size", "lr", "select_metric", "early_stop_patience", "refit")})
+        mlflow.log_params({f"resolved.{k}": resolved[k] for k in ("batch_size", "lr", "select_metric", "early_stop_patience", "refit", "precision")})
         meta_dict["mlflow_run_id"] = run.info.run_id
         pinned = meta_dict["table"]["version"]
         mlflow.set_tags({"size": size, "model_size": size, "data_version": meta_dict["table"]["data_version"], "pinned_table_version": str(pinned), "encoder": meta_dict["encoder"]})

@@ -100,7 +100,7 @@ def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
     assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.5) == pytest.approx({"min_confidence": 0.6, "min_margin": 0.2})
 
 
-@pytest.mark.parametrize("kwargs, flag", [({"epochs": 0}, "--epochs"), ({"val_split": 1.0}, "--val_split"), ({"lr_schedule": "step"}, "--lr_schedule"), ({"split_mode": "x"}, "--split_mode")])
+@pytest.mark.parametrize("kwargs, flag", [({"epochs": 0}, "--epochs"), ({"val_split": 1.0}, "--val_split"), ({"lr_schedule": "step"}, "--lr_schedule"), ({"split_mode": "x"}, "--split_mode"), ({"precision": "fp16"}, "--precision")])
 def test_train_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         TrainConfig(**kwargs)
@@ -143,11 +143,34 @@ def test_gradient_accumulation_equals_the_big_batch():
     tr, va = np.arange(120), np.array([], dtype=np.int64)
     a, b = _toy_head(), _toy_head()
     # Without the preference term: its negatives are sampled per micro-batch, so draws differ.
-    common = dict(epochs=2, lr=1e-2, early_stop_patience=0, seed=3, pref_weight=0.0)
+    # fp32: the claim is about exact arithmetic; bf16 rounds each micro-batch's matmuls differently.
+    common = dict(epochs=2, lr=1e-2, early_stop_patience=0, seed=3, pref_weight=0.0, precision="fp32")
     ra = train(a, x, yb, yc, tr, va, TrainConfig(batch_size=40, grad_accum_steps=1, **common))
     rb = train(b, x, yb, yc, tr, va, TrainConfig(batch_size=10, grad_accum_steps=4, **common))
     for k in ra.state:
         assert torch.allclose(ra.state[k], rb.state[k], atol=1e-5), k
+
+
+def test_precision_auto_follows_the_hardware_and_bf16_keeps_float32_weights(monkeypatch):
+    import models.train as train_module
+
+    # The hardware cannot change here: pretend each answer of the capability check in turn.
+    monkeypatch.setattr(train_module, "bf16_is_fast", lambda device: False)
+    assert TrainConfig().resolve(100, 0).precision == "fp32"
+    monkeypatch.setattr(train_module, "bf16_is_fast", lambda device: True)
+    assert TrainConfig().resolve(100, 0).precision == "bf16"
+    assert TrainConfig(precision="fp32").resolve(100, 0).precision == "fp32"  # what the user gave is kept
+    x, yb, yc = _toy()
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        head, seen = _toy_head(), set()
+        head.candidate.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+        runs[precision] = train(head, x, yb, yc, np.arange(120), None, TrainConfig(epochs=4, batch_size=16, lr=5e-3, early_stop_patience=0, precision=precision))
+        # The training passes run in the asked precision; evaluation and the weights stay float32.
+        assert (torch.bfloat16 in seen) == (precision == "bf16")
+        assert all(v.dtype == torch.float32 for v in runs[precision].state.values() if v.is_floating_point())
+    bf16, fp32 = ([r["train_loss"] for r in runs[p].history] for p in ("bf16", "fp32"))
+    assert bf16[-1] < bf16[0] and bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
 
 
 def test_balanced_sampler_draws_buckets_equally_often(monkeypatch):

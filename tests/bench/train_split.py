@@ -48,6 +48,9 @@ VARIANTS = {
     "no_refit": ({"refit": False}, {}),
     "best_epoch_no_refit": ({"refit": False, "select_metric": "response_acc", "early_stop_patience": 6}, {}),
     "batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {}),
+    # bf16 mixed precision is the default where it is fast (models/train.py): its float32 control.
+    "fp32": ({"precision": "fp32"}, {}),
+    "batch512_no_refit_fp32": ({"batch_size": 512, "lr": 3e-3, "refit": False, "precision": "fp32"}, {}),
     "seed1": ({"seed": 1}, {}),
     "seed2": ({"seed": 2}, {}),
 }
