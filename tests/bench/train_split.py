@@ -51,6 +51,10 @@ VARIANTS = {
     # bf16 mixed precision is the default where it is fast (models/train.py): its float32 control.
     "fp32": ({"precision": "fp32"}, {}),
     "batch512_no_refit_fp32": ({"batch_size": 512, "lr": 3e-3, "refit": False, "precision": "fp32"}, {}),
+    "epochs100": ({"epochs": 100}, {}),
+    "epochs30": ({"epochs": 30}, {}),
+    "hidden2048": ({}, {"hidden_dim": 2048}),
+    "pref05": ({"pref_weight": 0.5}, {}),
     "seed1": ({"seed": 1}, {}),
     "seed2": ({"seed": 2}, {}),
 }
