@@ -55,6 +55,12 @@ VARIANTS = {
     "epochs30": ({"epochs": 30}, {}),
     "hidden2048": ({}, {"hidden_dim": 2048}),
     "pref05": ({"pref_weight": 0.5}, {}),
+    "xlarge": ({}, {"model_size": "xlarge"}),
+    "xxlarge": ({}, {"model_size": "xxlarge"}),
+    # The full split's ~8.1k training rows fall just under SMALL_DATA_ROWS; the real full train (9k) does not.
+    "large_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "large"}),
+    "xlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xlarge"}),
+    "xxlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xxlarge"}),
     "seed1": ({"seed": 1}, {}),
     "seed2": ({"seed": 2}, {}),
 }
