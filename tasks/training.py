@@ -238,7 +238,7 @@ def champion_score(weights: str, meta_path: str, db: str, table: str, version: i
 
         try:
             seen = set(read_columns(open_table(db, table, int(src["trained_on_version"])), ["id"])["id"].to_pylist())
-        except Exception:  # its version is gone (cleaned up): what it saw cannot be told
+        except ValueError:  # its version (or table) is gone, cleaned up: what it saw cannot be told
             seen = set(val_ids)
     unseen = [i for i in val_ids if i not in seen]
     if unseen and val_right is not None and len(val_right) == len(val_ids):

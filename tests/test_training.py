@@ -91,6 +91,21 @@ def test_a_refit_champion_is_scored_only_on_rows_it_never_trained_on(tmp_path, t
     assert f"on {len(unseen)} validation rows the refit champion never trained on" in result["reason"]
 
 
+def test_a_refit_champion_whose_table_version_is_gone_is_compared_only_on_recorded_scores(table, tmp_path):
+    from retrieval.store import db_key
+    from tasks.training import champion_score
+
+    db, name, version = table
+    val_ids = read_columns(open_table(db, name, version), ["id"])["id"].to_pylist()[:5]
+    meta = {"refit": {"rows": 40, "epochs": 3}, "table": {"db": db_key(db), "name": name, "trained_on_version": 999}, "metrics": {"val_response_acc": 0.8}, "validation": {"ids_digest": ids_digest(val_ids)}}
+    path = tmp_path / "champion.json"
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    # Version 999 is gone, so every validation row may have been trained on: only the two held-out
+    # scores recorded on the very same rows are comparable (the weights are never loaded).
+    assert champion_score("unused.safetensors", str(path), db, name, version, val_ids, [True] * 5, 0.9) == (0.8, 0.9, "the same 5 validation rows, both held out at training")
+    assert champion_score("unused.safetensors", str(path), db, name, version, val_ids[:4], [True] * 4, 0.9) == (None, None, "it was refit on table version 999")
+
+
 def test_champion_moves_only_on_a_better_validation_score(table, mlflow_store, prefect_harness):
     db, name, version = table
     # One epoch at a tiny learning rate cannot separate four intents: a weak first champion.
