@@ -193,13 +193,12 @@ class ConsistencyFilter:
         return reasons
 
 
-def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, max_tries_per_record: int = 50, check: bool = True, best_effort: bool = False) -> tuple[list[Pair], Counter]:
+def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, max_tries_per_record: int = 50, check: bool = True) -> tuple[list[Pair], Counter]:
     """Return exactly ``target`` pairs (the originals first, then new distinct variants) and the
     count of variants dropped by the consistency check, by reason.
 
     Raises ``ValueError`` when ``target`` is below the input size or the input cannot yield enough
-    distinct, consistent variants (e.g. a handful of one-word messages asked to become thousands);
-    with ``best_effort`` it returns as many as it could make instead.
+    distinct, consistent variants (e.g. a handful of one-word messages asked to become thousands).
     """
     for name, p in (("--creative_prob", creative_prob), ("--blend_prob", blend_prob)):
         if not 0.0 <= p <= 1.0:
@@ -237,7 +236,5 @@ def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_pro
             elif len(out) < target:
                 out.append(dataclasses.replace(child, line=len(out)))
         if exhausted and len(out) < target:
-            if best_effort:
-                break
             raise ValueError(f"could only make {len(out)} distinct consistent records from {len(pairs)} inputs after {limit} tries ({sum(dropped.values())} variants failed the consistency check); lower --target to at most {len(out)} or add more varied data")
     return out, dropped

@@ -54,11 +54,9 @@ def test_expand_reports_dropped_variants(tiny_jsonl):
     assert set(dropped) <= {"drifted from its parent", "nearer another response"}
 
 
-def test_impossible_targets_fail_clearly_unless_best_effort():
+def test_impossible_targets_fail_clearly():
     from tasks.records import Pair
 
     pairs = [Pair("hi", "hello"), Pair("yo", "hey")]  # two one-word messages cannot become 500
     with pytest.raises(ValueError, match="lower --target to at most"):
         expand(pairs, 500, max_tries_per_record=2)
-    grown, _ = expand(pairs, 500, max_tries_per_record=2, best_effort=True)
-    assert 2 <= len(grown) < 500 and grown[:2] == pairs
