@@ -195,11 +195,16 @@ class BucketHead(nn.Module):
         lse = top + cand_logits.new_zeros((b, k)).scatter_add(1, idx, shifted).clamp_min(1e-30).log()
         return cand_logits - lse.gather(1, idx)
 
+    def response_scores(self, log_pb: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+        """log p(r) = log p(bucket(r)) + log p(r | bucket(r)) (B, C), from log p(bucket) (B, K) and
+        ``within_bucket_log_probs`` (B, C)."""
+        return log_pb.index_select(1, self.candidate_bucket) + within
+
     def response_log_probs(self, x: torch.Tensor, lex=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(bucket) (B, K), log p(response) (B, C)); the latter sums to 1 over candidates."""
         bucket_logits, cand_logits = self(x, lex)
         log_pb = F.log_softmax(bucket_logits, dim=-1)
-        return log_pb, log_pb[:, self.candidate_bucket] + self.within_bucket_log_probs(cand_logits)
+        return log_pb, self.response_scores(log_pb, self.within_bucket_log_probs(cand_logits))
 
 
 CANDIDATE_TENSORS = ("candidate.weight", "candidate.bias")

@@ -349,12 +349,14 @@ def batch_loss(head: BucketHead, out: tuple[torch.Tensor, torch.Tensor], yb: tor
     ce = F.cross_entropy(bucket_logits, yb, label_smoothing=cfg.label_smoothing)
     has = yc >= 0
     within = head.within_bucket_log_probs(cand_logits)
-    # Usually every row has a learned response: then skip the boolean selection (its index_put
-    # backward was ~1 ms of a 6 ms loss step at batch 512, ad hoc).
-    every = bool(has.all())
-    sel = (lambda t: t) if every else (lambda t: t[has])
-    any_has = every or bool(has.any())
-    resp = -sel(within).gather(1, sel(yc)[:, None]).mean() if any_has else ce * 0.0
+    # The rows with a learned response. Usually that is every row: then no boolean selection (its
+    # index_put backward was ~1 ms of a 6 ms loss step at batch 512, ad hoc).
+    if bool(has.all()):
+        logits_r, within_r, y_r = bucket_logits, within, yc
+    else:
+        logits_r, within_r, y_r = bucket_logits[has], within[has], yc[has]
+    any_has = len(y_r) > 0
+    resp = -within_r.gather(1, y_r[:, None]).mean() if any_has else ce * 0.0
     parts = {"ce": float(ce.detach()), "response_nll": float(resp.detach())}
     loss = ce + resp
     if pref_w > 0:
@@ -362,12 +364,11 @@ def batch_loss(head: BucketHead, out: tuple[torch.Tensor, torch.Tensor], yb: tor
         neg, real = sample_negatives(bucket_logits, yb, cfg.pref_group_size, cfg.hard_negative_ratio, gen)
         pref = preference_loss(bucket_logits, yb, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, w, real)
         if any_has:
-            scores = F.log_softmax(sel(bucket_logits), dim=-1).index_select(1, head.candidate_bucket) + sel(within)
-            y_has = sel(yc)
+            scores = head.response_scores(F.log_softmax(logits_r, dim=-1), within_r)
             valid = head.candidate_learned[None].expand_as(scores)
-            wr = adaptive_weights(scores, y_has) if cfg.adaptive_pref_weighting else None
-            neg, real = sample_negatives(scores, y_has, cfg.pref_group_size, cfg.hard_negative_ratio, gen, valid=valid)
-            pref = pref + preference_loss(scores, y_has, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, wr, real)
+            wr = adaptive_weights(scores, y_r) if cfg.adaptive_pref_weighting else None
+            neg, real = sample_negatives(scores, y_r, cfg.pref_group_size, cfg.hard_negative_ratio, gen, valid=valid)
+            pref = pref + preference_loss(scores, y_r, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, wr, real)
         parts["pref"] = float(pref.detach())
         loss = loss + pref_w * pref
     return loss, parts
@@ -393,7 +394,7 @@ def evaluate(model: Trainable, data: TrainData, idx: torch.Tensor, cache: dict, 
         loss, _ = batch_loss(head, out, yb, yc, cfg, 0.0, None)
         losses.append(float(loss) * len(b))
         log_pb = F.log_softmax(out[0], dim=-1)
-        log_pr = log_pb[:, head.candidate_bucket] + head.within_bucket_log_probs(out[1])
+        log_pr = head.response_scores(log_pb, head.within_bucket_log_probs(out[1]))
         pred = log_pr.argmax(1)
         bucket_ok += int((log_pb.argmax(1) == yb).sum())
         resp_ok += int(answered_right(pred, yc, head.candidate_learned).sum())
