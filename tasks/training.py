@@ -20,7 +20,7 @@ from models.atomic import failpoint
 from models.heads import BucketHead, HeadConfig, warm_start
 from models.train import Candidates, TrainConfig, TrainData, Trainable, answered_right, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
-from retrieval.store import db_key, local_dir, open_table, reembed_table, table_encoder
+from retrieval.store import db_key, local_dir, open_table, read_columns, reembed_table, table_encoder
 from tasks import registry, run_logger
 
 ENCODERS_DIR = "_encoders"  # fine-tuned encoders a table version was embedded with, by id hash
@@ -234,8 +234,6 @@ def champion_score(weights: str, meta_path: str, db: str, table: str, version: i
     src = meta.get("table", {})
     seen: set[str] = set()  # a table in another db or under another name: none of these rows
     if src.get("db") == db_key(db) and src.get("name") == table and src.get("trained_on_version") is not None:
-        from retrieval.store import read_columns
-
         try:
             seen = set(read_columns(open_table(db, table, int(src["trained_on_version"])), ["id"])["id"].to_pylist())
         except ValueError:  # its version (or table) is gone, cleaned up: what it saw cannot be told

@@ -13,7 +13,7 @@ from tasks.records import load_records
 from tasks.training import fit, ids_digest, register_and_promote, response_accuracy, train_head
 from retrieval.store import open_table, read_columns
 from models.train import TrainConfig
-from tests.conftest import INTENTS
+from tests.conftest import INTENTS, write_jsonl
 
 
 def load_records_list(records: list[dict]) -> list:
@@ -22,9 +22,7 @@ def load_records_list(records: list[dict]) -> list:
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "records.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        return load_records(path)[0]
+        return load_records(write_jsonl(Path(tmp) / "records.jsonl", records))[0]
 
 
 @pytest.fixture
