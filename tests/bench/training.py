@@ -1,6 +1,6 @@
 """Training throughput and memory: head training on frozen embeddings (every size), and --train_all.
 
-    python tests/bench/training.py [--data TRAIN.jsonl] [--repeats 3] [--train_all_rows 10000] [--json OUT]
+    python tests/bench/training.py [--data TRAIN.jsonl] [--repeats 3] [--train_all_rows 10000] [--precision auto|fp32|bf16] [--json OUT]
 
 The table is built once from ``--data`` (default BANKING77 train, 10,003 rows) in a temp folder.
 Each measurement runs in its own process (so peak RSS is its own), through the same code as
@@ -42,12 +42,12 @@ def phase_build(data: str, db: str) -> dict:
     return {"version": res.version, "rows": res.rows, "build_s": time.perf_counter() - t0}
 
 
-def phase_head(db: str, version: int, size: str, epochs: int) -> dict:
+def phase_head(db: str, version: int, size: str, epochs: int, precision: str) -> dict:
     from models.train import TrainConfig
     from tasks.training import fit
 
     t0 = time.perf_counter()
-    head, meta, _ = fit(db, "conversations", version, TrainConfig(epochs=epochs, early_stop_patience=0), {"model_size": size})
+    head, meta, _ = fit(db, "conversations", version, TrainConfig(epochs=epochs, early_stop_patience=0, precision=precision), {"model_size": size})
     return {"size": size, "examples_per_second": meta["metrics"]["examples_per_second"], "fit_s": time.perf_counter() - t0, "val_response_acc": meta["metrics"].get("val_response_acc"), "peak_rss_mb": peak_mb(), "batch_size": meta["train_config"]["batch_size"]}
 
 
@@ -63,7 +63,7 @@ def phase_baseline(db: str, version: int) -> dict:
     return {"fit_s": time.perf_counter() - t0, "peak_rss_mb": peak_mb()}
 
 
-def phase_train_all(db: str, version: int, rows: int) -> dict:
+def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
     """One epoch of --train_all over ``rows`` training examples (encoder + head), progress shown."""
     import numpy as np
     import torch
@@ -81,7 +81,7 @@ def phase_train_all(db: str, version: int, rows: int) -> dict:
     head = BucketHead(HeadConfig(num_candidates=len(cands.texts), lexical_features=0), torch.tensor(cands.buckets), torch.tensor(cands.learned))
     data = TrainData(r["buckets"][:n], y_cand, texts=r["users"][:n])
     t0 = time.perf_counter()
-    res = train(Trainable(head, TrainableEncoder()), data, train_idx=np.arange(n), val_idx=np.array([], dtype=np.int64), cfg=TrainConfig(epochs=1, batch_size=32, train_all=True), progress=True)
+    res = train(Trainable(head, TrainableEncoder()), data, train_idx=np.arange(n), val_idx=np.array([], dtype=np.int64), cfg=TrainConfig(epochs=1, batch_size=32, train_all=True, precision=precision), progress=True)
     return {"rows": n, "epoch_s": time.perf_counter() - t0, "examples_per_second": res.examples_per_second, "peak_rss_mb": peak_mb()}
 
 
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs per head fit (early stopping off)")
     p.add_argument("--sizes", nargs="+", default=["base", "large", "xlarge", "xxlarge"])
     p.add_argument("--train_all_rows", type=int, default=10000, help="rows of the --train_all epoch (0 skips it)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training arithmetic, as `bucketchat finetune --precision` (run fp32 and bf16 to compare them)")
     p.add_argument("--json", type=Path)
     p.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -115,7 +116,7 @@ def main() -> None:
         for i in range(a.repeats):
             report["baseline"].append(run_phase("baseline", db, str(built["version"])))
             for size in a.sizes:
-                r = run_phase("head", db, str(built["version"]), size, str(a.epochs))
+                r = run_phase("head", db, str(built["version"]), size, str(a.epochs), a.precision)
                 report["heads"].setdefault(size, []).append(r)
                 print(f"repeat {i + 1} {size}: {r['examples_per_second']:,.0f} examples/s, fit {r['fit_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB (baseline LR fit {report['baseline'][-1]['fit_s']:.1f} s)", flush=True)
         lr_fit = statistics.median(b["fit_s"] for b in report["baseline"])
@@ -125,7 +126,7 @@ def main() -> None:
             fit_s = statistics.median(r["fit_s"] for r in runs)
             print(f"  {size:<8} {statistics.median(eps):>9,.0f} examples/s (min {min(eps):,.0f}, max {max(eps):,.0f})  fit {fit_s:.1f} s = {fit_s / lr_fit:.2f}x LR  peak {max(r['peak_rss_mb'] for r in runs):.0f} MB")
         if a.train_all_rows:
-            r = run_phase("train_all", db, str(built["version"]), str(a.train_all_rows))
+            r = run_phase("train_all", db, str(built["version"]), str(a.train_all_rows), a.precision)
             report["train_all"] = r
             print(f"  --train_all: one epoch of {r['rows']} rows in {r['epoch_s']:.0f} s ({r['examples_per_second']:.0f} examples/s), peak {r['peak_rss_mb']:.0f} MB")
         if a.json:
