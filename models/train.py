@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from models import checkpoint
 from models.atomic import failpoint
@@ -530,20 +531,28 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
             pref_w = pref_weight_at(step, steps_per_epoch, cfg.pref_weight, cfg.pref_warmup_epochs)
             for j in range(0, len(chunk), cfg.batch_size):
                 b = chunk[j : j + cfg.batch_size]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed):
-                    out = head(*model.inputs(data, b, cache))
+                # The record_function ranges name a step's parts for tests/bench/step.py (a few µs
+                # each; nothing is recorded unless a profiler runs).
+                with record_function("step.inputs"):
+                    inputs = model.inputs(data, b, cache)
+                with record_function("step.forward"), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed):
+                    out = head(*inputs)
                 if mixed:  # the losses (log-softmax, sigmoid) in float32
                     out = tuple(o.float() for o in out)
-                loss, parts = batch_loss(head, out, cache["YB"][b], cache["YC"][b], cfg, pref_w, gen)
-                # Weighted by size, the micro-batch losses add up to the whole group's mean loss.
-                (loss * (len(b) / len(chunk))).backward()
+                with record_function("step.loss"):
+                    loss, parts = batch_loss(head, out, cache["YB"][b], cache["YC"][b], cfg, pref_w, gen)
+                with record_function("step.backward"):
+                    # Weighted by size, the micro-batch losses add up to the whole group's mean loss.
+                    (loss * (len(b) / len(chunk))).backward()
                 total += loss.item() * len(b)
                 parts_sum.update({k: v * len(b) for k, v in parts.items()})
-            opt.step()
-            sched.step()
+            with record_function("step.optimizer"):
+                opt.step()
+                sched.step()
             if opt_lex is not None:
-                opt_lex.step()
-                sched_lex.step()
+                with record_function("step.lexical_optimizer"):
+                    opt_lex.step()
+                    sched_lex.step()
             step += 1
             if ema is not None:
                 ema.update(model)
