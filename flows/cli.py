@@ -82,6 +82,7 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--max_candidates_per_bucket", type=int, default=d.max_candidates_per_bucket, help=f"responses the head learns per bucket; the rest stay reachable by retrieval (default {d.max_candidates_per_bucket})")
     _arg(g, "--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
     _arg(g, "--precision", choices=["auto", "fp32", "bf16"], default=d.precision, help="arithmetic of the training passes: bf16 mixed precision (float32 weights, optimizer and loss) or fp32 (default auto: bf16 on CUDA with bf16 and on CPUs with AMX, where it is faster; fp32 elsewhere)")
+    _arg(g, "--neighbour_weight", type=float, default=d.neighbour_weight, help=f"weight of the neighbour vote in the answers: the 10 stored messages nearest a new one vote for their responses, mixed with the head's probabilities as (1 - w) * head + w * vote; the fallback is calibrated with it; 0 answers from the head alone (default {d.neighbour_weight})")
     _arg(g, "--resume", action="store_true", help="continue a killed run from its last epoch (state saved beside --output); same flags required")
     if not sweep:
         _arg(g, "--force", action="store_true", help="train even when a registered version was already trained on this table content with these settings and this code (by default that run is skipped: nothing changed)")
@@ -97,7 +98,7 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--pref_warmup_epochs", type=float, default=d.pref_warmup_epochs, help="ramp the preference weight linearly from 0 over this many epochs (default 0)")
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "select_metric", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device", "refit", "precision")
+TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "select_metric", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device", "refit", "precision", "neighbour_weight")
 HEAD_KEYS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim", "lexical_features")
 
 

@@ -94,6 +94,9 @@ class TrainConfig:
     hard_negative_ratio: float = 0.7
     adaptive_pref_weighting: bool = False
     pref_warmup_epochs: float = 0.0
+    # Weight of the neighbour vote in the answers (retrieval/neighbours.py): chat mixes it in, so the
+    # fallback thresholds are calibrated with it. 0 answers from the head alone.
+    neighbour_weight: float = 0.2
     train_all: bool = False
     encoder_lr: float = 2e-5
     lexical_lr: float = 0.01  # lazy Adam rate of the n-gram weights (models/lexical.py)
@@ -127,6 +130,7 @@ class TrainConfig:
             (0.0 <= self.hard_negative_ratio <= 1.0, "--hard_negative_ratio", self.hard_negative_ratio, "use a probability in [0, 1]"),
             (self.select_metric is None or self.select_metric in SELECT_METRICS, "--select_metric", self.select_metric, f"choose one of {', '.join(SELECT_METRICS)}"),
             (self.pref_warmup_epochs >= 0, "--pref_warmup_epochs", self.pref_warmup_epochs, "use 0 (no ramp) or more"),
+            (0.0 <= self.neighbour_weight < 1.0, "--neighbour_weight", self.neighbour_weight, "use a weight in [0, 1): 0 answers from the head alone"),
             (self.encoder_lr > 0, "--encoder_lr", self.encoder_lr, "use a small positive rate such as 2e-5"),
             (self.lexical_lr > 0, "--lexical_lr", self.lexical_lr, "use a positive rate such as 0.01"),
             (self.precision in PRECISIONS, "--precision", self.precision, f"choose one of {', '.join(PRECISIONS)}"),

@@ -1,6 +1,7 @@
 """Answering a message with a stored response (DESIGN.md §4).
 
-p(bucket) and p(response) come from the head over the message embedding; the learned candidates are
+p(bucket) and p(response) come from the head over the message embedding, with the vote of the
+nearest stored messages mixed into p(response) (retrieval/neighbours.py); the learned candidates are
 scored in memory. The pinned table adds responses the head did not learn (hybrid BM25 + vector
 search, in memory: retrieval/search.py): those of a bucket share the probability of that bucket's
 "other" slot, split by similarity among the retrieved rows of that bucket (rows of a foreign
@@ -25,6 +26,9 @@ import torch
 
 from models import checkpoint
 from retrieval.encoder import TORCH_ID, embed
+from retrieval.neighbours import K as NEIGHBOURS_K
+from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
+from retrieval.neighbours import mix, row_slots, vote
 from retrieval.search import SearchIndex
 from retrieval.store import db_key, hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
@@ -145,19 +149,31 @@ class ChatEngine:
         # ~27 ms a turn at 100k rows, the whole turn budget is 10 ms; retrieval/search.py). Only when it
         # is searched, and only while it fits (~1.6 KB a row): a bigger table is searched through LanceDB.
         self.index = None
-        if self.searches_table and self.table.count_rows() <= MEMORY_SEARCH_MAX_ROWS:
+        # The neighbour vote (retrieval/neighbours.py) reads the model's own pinned table: rows of
+        # another --llm_db do not speak for this head's candidates, so there the head answers alone.
+        votes = self.meta.get("neighbours") or {}  # metas without it predate the vote
+        self.neighbour_weight = float(votes.get("weight", 0.0)) if self.own_table else 0.0
+        self.neighbour_k, self.neighbour_temperature = int(votes.get("k", NEIGHBOURS_K)), float(votes.get("temperature", NEIGHBOURS_TEMPERATURE))
+        if (self.searches_table or self.neighbour_weight > 0) and self.table.count_rows() <= MEMORY_SEARCH_MAX_ROWS:
             self.index = SearchIndex.from_table(self.table)
+        if self.index is None:
+            self.neighbour_weight = 0.0  # no table, or one too big to hold in memory
+        else:
+            self.row_slot = row_slots(self.index.payload["assistant"], self.index.buckets, self.texts, self.cand_bucket)
         embed(["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads
 
     def _open_table(self):
+        """The table chat searches (None without one); sets ``own_table``: it is the model's own, pinned."""
+        self.own_table = False
         pinned = self.meta.get("table") or {}
         db = self.opts.llm_db or pinned.get("db")
         if not db:
             return None
         # The pinned version when it is the model's own table; the latest version of any other --llm_db.
         same = self.opts.llm_db is None or (pinned.get("db") is not None and db_key(self.opts.llm_db) == db_key(pinned["db"]))
+        self.own_table = same
         try:
             return open_table(db, pinned.get("name", "conversations"), pinned.get("version") if same else None)
         except (ValueError, OSError) as exc:
@@ -200,6 +216,9 @@ class ChatEngine:
         vec = embed([query], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)[0]  # (384,)
         log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([query]))
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
+        if self.neighbour_weight > 0:
+            cos, pos = self.index.nearest(vec, self.neighbour_k)
+            log_pr = mix(log_pr[None], vote(cos[None], self.row_slot[pos][None], len(log_pr), self.neighbour_temperature), self.neighbour_weight)[0]
         order = np.argsort(-log_pb)
         allowed = order[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))
         scores: dict[str, tuple[float, int, str]] = {}  # response -> (log score, bucket, where from)

@@ -174,6 +174,14 @@ class SearchIndex:
         pos = starts[span] + top - (ends[span] - lengths[span])
         return pos[np.lexsort((pos, -sims[top]))]
 
+    def nearest(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines (k',), row positions (k',)) of the ``k`` rows nearest ``vector``, best first:
+        the neighbour vote's rows (retrieval/neighbours.py). Positions index ``payload`` and ``buckets``."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        pos = self._vector_top(np.asarray(vector, dtype=np.float32), k, None)
+        return self.vectors[pos] @ np.asarray(vector, dtype=np.float32), pos
+
     def _text_top(self, text: str, k: int, allowed: np.ndarray | None) -> np.ndarray:
         scores = self.bm25(text)
         if allowed is not None:

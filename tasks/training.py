@@ -20,6 +20,9 @@ from models.atomic import failpoint
 from models.heads import BucketHead, HeadConfig, warm_start
 from models.train import Candidates, TrainConfig, TrainData, Trainable, answered_right, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
+from retrieval.neighbours import K as NEIGHBOURS_K
+from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
+from retrieval.neighbours import neighbour_log_probs
 from retrieval.store import db_key, local_dir, open_table, read_columns, reembed_table, table_encoder
 from tasks import registry, run_logger
 
@@ -198,7 +201,13 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     elif encoder_id not in STOCK_IDS:
         saved_encoder = EncoderFolder(_table_encoder_path(db, encoder_id), encoder_id)
     y_va = torch.from_numpy(y_cand[va])
+    # Promotion compares heads on their own answers (``right``, ``response_accuracy``); the calibration
+    # and the report take what chat answers: the head with the neighbour vote of the training rows,
+    # embedded as the pinned table holds them (retrieval/neighbours.py).
     right = answered_right(log_pr.argmax(1), y_va, head.candidate_learned)
+    vectors = rows["vectors"] if pinned == int(version) else _vectors_by_id(db, table, pinned, rows["ids"])
+    answer_log_pr = torch.from_numpy(neighbour_log_probs(log_pr.numpy(), vectors[va], vectors[tr], y_cand[tr], train_cfg.neighbour_weight)) if len(va) else log_pr
+    answer_acc = float(answered_right(answer_log_pr.argmax(1), y_va, head.candidate_learned).float().mean()) if len(va) else None
     best = result.history[result.best_epoch - 1]
     meta = {
         "encoder": encoder_id,
@@ -206,16 +215,17 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
         "candidates": {"texts": cands.texts, "buckets": cands.buckets, "counts": cands.counts},
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
         "all_responses_learned": not cands.other,
-        "calibration": {**(calibrate_thresholds(log_pr, y_va, head.candidate_learned) if len(va) else {"min_confidence": 0.0, "min_margin": 0.0}), "val_rows": int(len(va))},
+        "calibration": {**(calibrate_thresholds(answer_log_pr, y_va, head.candidate_learned) if len(va) else {"min_confidence": 0.0, "min_margin": 0.0}), "val_rows": int(len(va))},
+        "neighbours": {"weight": train_cfg.neighbour_weight, "k": NEIGHBOURS_K, "temperature": NEIGHBOURS_TEMPERATURE},
         # Validation scores are those of the held-out run, also when the shipped model is its refit.
-        "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second} | ({"refit_rows": refit["rows"], "refit_epochs": refit["epochs"]} if refit else {}),
+        "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second} | ({"val_answer_acc": answer_acc} if answer_acc is not None else {}) | ({"refit_rows": refit["rows"], "refit_epochs": refit["epochs"]} if refit else {}),
         "validation": {"rows": int(len(va)), "ids_digest": ids_digest([rows["ids"][i] for i in va]), "held_out_of_shipped_model": refit is None},
         "refit": refit,
         "train_config": result.config.to_dict(),
         "warm_start": report,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    extras = {"ids": [rows["ids"][i] for i in va], "right": right.tolist(), "accuracy": best.get("val_response_acc"), "encoder": saved_encoder, "log_pr": log_pr, "y_val": y_va, "buckets_val": rows["buckets"][va], "resumed_from_epoch": result.resumed_from_epoch}
+    extras = {"ids": [rows["ids"][i] for i in va], "right": right.tolist(), "accuracy": best.get("val_response_acc"), "encoder": saved_encoder, "log_pr": answer_log_pr, "y_val": y_va, "buckets_val": rows["buckets"][va], "resumed_from_epoch": result.resumed_from_epoch}
     return head, meta, extras
 
 
@@ -259,6 +269,14 @@ def _log_probs(model: Trainable, data: TrainData, idx: np.ndarray) -> torch.Tens
         x = torch.from_numpy(data.x[idx]) if model.encoder is None else model.encoder([data.texts[i] for i in idx])
         lex = to_bag(data.lex[idx]) if data.lex is not None and model.head.lexical is not None else None
         return model.head.response_log_probs(x, lex)[1]
+
+
+def _vectors_by_id(db: str, table: str, version: int, ids: list[str]) -> np.ndarray:
+    """The vectors of rows ``ids``, in that order, from ``table@version`` (a re-embedded version
+    holds the same rows, not necessarily in the same order)."""
+    other = table_rows(db, table, version)
+    where = {i: n for n, i in enumerate(other["ids"])}
+    return other["vectors"][[where[i] for i in ids]]
 
 
 def _prefixed(callback):

@@ -138,11 +138,6 @@ def test_search_is_skipped_only_when_it_cannot_change_the_answer(model):
 def test_a_retrieved_response_gets_the_summed_share_of_its_rows(tmp_path):
     """Rows of a response the head did not learn share their bucket's "other" slot; a response asked
     four ways gets the four rows' shares together, not the best single row's (which made it fall back)."""
-    import math
-
-    import torch
-
-    from retrieval.encoder import embed
     from tests.conftest import GIFT_CARDS, train_chat_model
 
     records = [{"user": u, "assistant": r, "intent": n} for n, (r, asks) in INTENTS.items() for u in asks]
@@ -151,10 +146,54 @@ def test_a_retrieved_response_gets_the_summed_share_of_its_rows(tmp_path):
     q = "do you sell gift cards?"
     ans = engine.answer(q)
     assert ans.searched and ans.chosen == GIFT_CARDS and ans.candidates[0]["from"].startswith("table:")
-    with torch.no_grad():
-        _, log_pr = engine.head.response_log_probs(torch.from_numpy(embed([q], encoder_id=engine.encoder_id)), engine.head.lex([q]))
-    slot = math.exp(float(log_pr[0, engine.other_slot[ans.bucket]]))
+    slot = float(answer_probs(engine, q)[engine.other_slot[ans.bucket]])
     assert ans.confidence == pytest.approx(slot, rel=0.02)  # all four rows' shares: the whole slot
+
+
+def answer_probs(engine: ChatEngine, q: str, weight: float | None = None):
+    """p(response) of ``q`` as chat should score it: the head's, with the vote of the ``k`` nearest
+    rows of the engine's table mixed in (retrieval/neighbours.py, tested on its own)."""
+    import numpy as np
+    import torch
+
+    from retrieval.encoder import embed
+    from retrieval.neighbours import mix, vote
+
+    vec = embed([q], encoder_id=engine.encoder_id)
+    with torch.no_grad():
+        _, log_pr = engine.head.response_log_probs(torch.from_numpy(vec), engine.head.lex([q]))
+    log_pr = log_pr.numpy()
+    weight = engine.neighbour_weight if weight is None else weight
+    if weight > 0:
+        cos, pos = engine.index.nearest(vec[0], engine.neighbour_k)
+        log_pr = mix(log_pr, vote(cos[None], engine.row_slot[pos][None], log_pr.shape[1], engine.neighbour_temperature), weight)
+    return np.exp(log_pr[0])
+
+
+def test_answers_mix_in_the_vote_of_the_nearest_stored_messages(model, tmp_path):
+    import json
+    from pathlib import Path
+
+    from retrieval.store import build_table
+    from tasks.records import load_records
+    from tests.conftest import write_jsonl
+
+    engine = ChatEngine(*model)
+    assert (engine.neighbour_weight, engine.neighbour_k) == (0.2, 10) and engine.index is not None
+    q = "how do I get back into my account"
+    ans = engine.answer(q)
+    voted, alone = answer_probs(engine, q), answer_probs(engine, q, weight=0.0)
+    j = engine.known[ans.chosen]
+    assert ans.confidence == pytest.approx(float(voted[j]), abs=1e-4) and abs(voted[j] - alone[j]) > 1e-3
+    # A meta with the vote off (or one from before it) answers from the head alone.
+    meta = json.loads(Path(model[1]).read_text(encoding="utf-8"))
+    meta["neighbours"]["weight"] = 0.0
+    (tmp_path / "off.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert ChatEngine(model[0], str(tmp_path / "off.json")).answer(q).confidence == pytest.approx(float(alone[j]), abs=1e-4)
+    # Rows of another --llm_db do not vote for this head's candidates.
+    pairs, _ = load_records(write_jsonl(tmp_path / "other.jsonl", [{"user": "hello there", "assistant": "Hi!"}, {"user": "good morning", "assistant": "Morning!"}]))
+    build_table(pairs, tmp_path / "other_db", "conversations")
+    assert ChatEngine(*model, ChatOptions(llm_db=str(tmp_path / "other_db"))).neighbour_weight == 0.0
 
 
 def test_sampling_never_trips_the_margin_gate_of_a_sure_message(model):

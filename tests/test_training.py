@@ -44,6 +44,34 @@ def test_fit_meta_pins_table_and_explains_the_model(table):
     assert 0.0 < meta["calibration"]["min_confidence"] <= 0.5
 
 
+def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
+    """Validation rows are answered as chat will answer them: the head's p(response) with the vote of
+    their nearest *training* rows mixed in; the thresholds and the reported answer accuracy use that."""
+    import numpy as np
+
+    from models.train import answered_right, calibrate_thresholds
+    from retrieval.neighbours import neighbour_log_probs
+    from tasks.training import table_rows
+
+    db, name, version = table
+    head, meta, val = fit(db, name, version, TrainConfig(epochs=3, lr=5e-3, val_split=0.2, refit=False), {"hidden_dim": 32})
+    assert meta["neighbours"] == {"weight": 0.2, "k": 10, "temperature": 0.05}
+    rows = table_rows(db, name, version)
+    where = {i: n for n, i in enumerate(rows["ids"])}
+    va = np.array([where[i] for i in val["ids"]])
+    tr = np.setdiff1d(np.arange(len(rows["ids"])), va)
+    with torch.no_grad():
+        _, alone = head.response_log_probs(torch.from_numpy(rows["vectors"][va]), head.lex([rows["users"][i] for i in va]))
+    slots = np.array([meta["candidates"]["texts"].index(rows["responses"][i]) for i in tr])
+    expected = neighbour_log_probs(alone.numpy(), rows["vectors"][va], rows["vectors"][tr], slots, 0.2)
+    np.testing.assert_allclose(val["log_pr"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected, alone.numpy())
+    calibrated = calibrate_thresholds(val["log_pr"], val["y_val"], head.candidate_learned)
+    assert {k: meta["calibration"][k] for k in calibrated} == calibrated
+    right = answered_right(val["log_pr"].argmax(1), val["y_val"], head.candidate_learned)
+    assert meta["metrics"]["val_answer_acc"] == pytest.approx(float(right.float().mean()))
+
+
 def test_same_data_and_seed_give_the_same_model(table):
     db, name, version = table
     cfg = TrainConfig(epochs=3, lr=5e-3, val_split=0.2)

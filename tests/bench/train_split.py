@@ -61,6 +61,9 @@ VARIANTS = {
     "large_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "large"}),
     "xlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xlarge"}),
     "xxlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xxlarge"}),
+    # The neighbour vote (retrieval/neighbours.py) off: the head answers alone.
+    "no_neighbours": ({"neighbour_weight": 0.0}, {}),
+    "batch512_no_refit_no_neighbours": ({"batch_size": 512, "lr": 3e-3, "refit": False, "neighbour_weight": 0.0}, {}),
     "seed1": ({"seed": 1}, {}),
     "seed2": ({"seed": 2}, {}),
 }
@@ -97,9 +100,10 @@ def main() -> None:
 
     from models.train import TrainConfig
     from retrieval.encoder import embed
+    from retrieval.neighbours import neighbour_log_probs, row_slots
     from retrieval.store import build_table, open_table
     from tasks.records import load_records
-    from tasks.training import fit
+    from tasks.training import fit, table_rows
 
     a.work.mkdir(parents=True, exist_ok=True)
     files = splits(a.work)
@@ -117,6 +121,7 @@ def main() -> None:
     version = int(open_table(db, "conversations").version)
     held = [json.loads(line) for line in eval_file.read_text(encoding="utf-8").splitlines()]
     vectors = embed([r["user"] for r in held])
+    memory = table_rows(str(db), "conversations", version)
     print(f"{a.split}: {train_file.name} -> {len(held)} held-out rows of BANKING77 train")
     for name in a.variants:
         train_opts, head_opts = VARIANTS[name]
@@ -126,8 +131,11 @@ def main() -> None:
             head, meta, extras = fit(str(db), "conversations", version, TrainConfig(**{"seed": seed, **train_opts}), head_opts)
             with torch.no_grad():
                 _, log_pr = head.response_log_probs(torch.from_numpy(vectors), head.lex([r["user"] for r in held]))
+            # The neighbour vote of the split's stored rows, as chat casts it (retrieval/answer.py).
+            texts, nb = meta["candidates"]["texts"], meta["neighbours"]
+            slots = row_slots(memory["responses"], memory["buckets"], texts, meta["candidates"]["buckets"])
+            log_pr = torch.from_numpy(neighbour_log_probs(log_pr.numpy(), vectors, memory["vectors"], slots, nb["weight"], nb["k"], nb["temperature"]))
             conf, pred = log_pr.exp().max(1)
-            texts = meta["candidates"]["texts"]
             right = np.array([texts[j] == r["assistant"] for j, r in zip(pred.tolist(), held)])
             fallback = (conf < meta["calibration"]["min_confidence"]).numpy()
             scores.append((np.mean(right & ~fallback), right.mean(), fallback.mean(), time.perf_counter() - t0, meta["metrics"]["examples_per_second"]))
