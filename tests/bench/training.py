@@ -1,6 +1,6 @@
 """Training throughput and memory: head training on frozen embeddings (every size), and --train_all.
 
-    python tests/bench/training.py [--data TRAIN.jsonl] [--repeats 3] [--train_all_rows 10000] [--precision auto|fp32|bf16] [--json OUT]
+    python tests/bench/training.py [--data TRAIN.jsonl] [--repeats 3] [--train_all_rows 10000] [--precision auto|fp32|bf16] [--no_lexical] [--json OUT]
 
 The table is built once from ``--data`` (default BANKING77 train, 10,003 rows) in a temp folder.
 Each measurement runs in its own process (so peak RSS is its own), through the same code as
@@ -42,12 +42,12 @@ def phase_build(data: str, db: str) -> dict:
     return {"version": res.version, "rows": res.rows, "build_s": time.perf_counter() - t0}
 
 
-def phase_head(db: str, version: int, size: str, epochs: int, precision: str) -> dict:
+def phase_head(db: str, version: int, size: str, epochs: int, precision: str, lexical: str = "on") -> dict:
     from models.train import TrainConfig
     from tasks.training import fit
 
     t0 = time.perf_counter()
-    head, meta, _ = fit(db, "conversations", version, TrainConfig(epochs=epochs, early_stop_patience=0, precision=precision), {"model_size": size})
+    head, meta, _ = fit(db, "conversations", version, TrainConfig(epochs=epochs, early_stop_patience=0, precision=precision), {"model_size": size, **({} if lexical == "on" else {"lexical_features": 0})})
     return {"size": size, "examples_per_second": meta["metrics"]["examples_per_second"], "fit_s": time.perf_counter() - t0, "val_response_acc": meta["metrics"].get("val_response_acc"), "peak_rss_mb": peak_mb(), "batch_size": meta["train_config"]["batch_size"]}
 
 
@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["base", "large", "xlarge", "xxlarge"])
     p.add_argument("--train_all_rows", type=int, default=10000, help="rows of the --train_all epoch (0 skips it)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training arithmetic, as `bucketchat finetune --precision` (run fp32 and bf16 to compare them)")
+    p.add_argument("--no_lexical", action="store_true", help="heads without the n-gram path (`--lexical_features 0`), to see what it costs")
     p.add_argument("--json", type=Path)
     p.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -116,7 +117,7 @@ def main() -> None:
         for i in range(a.repeats):
             report["baseline"].append(run_phase("baseline", db, str(built["version"])))
             for size in a.sizes:
-                r = run_phase("head", db, str(built["version"]), size, str(a.epochs), a.precision)
+                r = run_phase("head", db, str(built["version"]), size, str(a.epochs), a.precision, "off" if a.no_lexical else "on")
                 report["heads"].setdefault(size, []).append(r)
                 print(f"repeat {i + 1} {size}: {r['examples_per_second']:,.0f} examples/s, fit {r['fit_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB (baseline LR fit {report['baseline'][-1]['fit_s']:.1f} s)", flush=True)
         lr_fit = statistics.median(b["fit_s"] for b in report["baseline"])
