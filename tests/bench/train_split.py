@@ -61,6 +61,8 @@ VARIANTS = {
     "large_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "large"}),
     "xlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xlarge"}),
     "xxlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xxlarge"}),
+    # The lexical path off, at the full split's real batch size.
+    "batch512_no_refit_no_lexical": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"lexical_features": 0}),
     # The neighbour vote (retrieval/neighbours.py) off: the head answers alone.
     "no_neighbours": ({"neighbour_weight": 0.0}, {}),
     "batch512_no_refit_no_neighbours": ({"batch_size": 512, "lr": 3e-3, "refit": False, "neighbour_weight": 0.0}, {}),
