@@ -2,14 +2,13 @@
 
 Sentence embeddings blur exact wording ("top up" vs "top-up limit", a card brand, an error code); a
 sparse n-gram path straight to the logits keeps it. On held-out splits *of BANKING77 train* (the test
-file untouched; tests/bench/train_split.py): +0.85 points of response accuracy with ten examples per
-intent; with 90 % of train, +0.83 after fallbacks and +1.0 ranking (91.78 against 90.95 %,
-`batch512_no_refit` vs `batch512_no_refit_no_lexical`, seeds 42/1/2, the head alone, before the
-neighbour vote; an earlier measurement, before
-the batch-512 default, had found it neutral there). It costs half a training step (tests/bench/step.py).
-A low-rank path through the hidden layer gained nothing in an ad-hoc comparison; feeding a fixed sparse
-random projection of the n-grams (1,024 or 4,096 dims) to a dense layer instead lost most of the gain
-(seed 42: 90.4-90.9 % against 91.5 %, ad hoc), as did word n-grams alone (91.47 against 91.78 %).
+file untouched; tests/bench/train_split.py; the head alone, before the neighbour vote): +0.85 points
+of response accuracy with ten examples per intent; with 90 % of train +0.83 after fallbacks and +1.0
+ranking (91.78 against 90.95 %, `batch512_no_refit` vs `batch512_no_refit_no_lexical`, seeds 42/1/2;
+before the batch-512 default it had measured neutral there). It costs half a training step
+(tests/bench/step.py). Ad hoc alternatives, all worse: a low-rank path through the hidden layer (no
+gain); a fixed sparse random projection of the n-grams (1,024 or 4,096 dims) into a dense layer (seed
+42: 90.4-90.9 % against 91.5 %); word n-grams alone (91.47 against 91.78 %, seeds 42/1/2).
 
 Hashing (scikit-learn's murmurhash, deterministic across processes) needs no vocabulary, so the head
 carries only the IDF vector (a buffer) and the n-gram weights.
