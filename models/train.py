@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -433,6 +434,53 @@ def _save_state(path: Path, state: dict) -> None:
     checkpoint.save_tree(state, path)  # atomic, and no pickle: reading it back cannot run code
 
 
+def _snapshot(x):
+    """``x`` with every tensor copied: what training will not change under a writer's feet."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _snapshot(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_snapshot(v) for v in x)
+    return x
+
+
+class StateWriter:
+    """Writes each epoch's resume state on a worker thread while the next epoch trains.
+
+    Written in line, the states took 4.7 s of a 13 s fit on the bundled sample (120 epochs with the
+    refit, ~38 ms each, ad hoc), against 8.6 s for the training itself. The training thread now only
+    copies the tensors (the snapshot), and the thread serialises and writes them. One state is in
+    flight at a time: ``save`` first waits for the one before, so a kill loses at most the latest
+    epoch's state, and the one before it is whole on disk (the write is atomic); resuming from it
+    gives the same result. ``close`` waits for the last one; a write's error is raised there or at
+    the next ``save``.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.thread, self.error = path, None, None
+
+    def save(self, state: dict) -> None:
+        self.close()
+        snapshot = _snapshot(state)
+        self.thread = threading.Thread(target=self._write, args=(snapshot,), name="bucketchat-resume-state")
+        self.thread.start()
+
+    def _write(self, state: dict) -> None:
+        try:
+            _save_state(self.path, state)
+        except BaseException as exc:  # raised on the training thread, at the next save or close
+            self.error = exc
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 def _load_state(path: Path) -> dict:
     try:
         return checkpoint.load_tree(path)
@@ -445,7 +493,7 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     loss; the last epoch without a validation set).
 
     ``model`` is a ``Trainable`` (or a bare head with ``data`` an (N, D) embedding array and the targets
-    given separately). ``state_path``: write a resume state there after every epoch; ``resume``:
+    given separately). ``state_path``: write a resume state there after every epoch (on a worker thread, ``StateWriter``); ``resume``:
     continue from it. ``until_epoch``: the last epoch to run, on the schedule of ``cfg.epochs`` (a
     refit stops where the held-out run chose). ``stop_after_epoch`` ends the run early as a kill
     would (tests). ``label`` names the run in the progress bar and failpoints.
@@ -511,6 +559,7 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     resumed_from = start_epoch - 1
     stopped = bool(history) and cfg.early_stop_patience > 0 and bad >= cfg.early_stop_patience
     seen, seconds = 0, 0.0
+    writer = StateWriter(state_path) if state_path is not None else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -587,8 +636,8 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
         history.append(row)
         if on_epoch:
             on_epoch(row)
-        if state_path is not None:
-            _save_state(state_path, {
+        if writer is not None:
+            writer.save({
                 "fingerprint": fp, "epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "optimizer_lexical": opt_lex.state_dict() if opt_lex else {}, "scheduler_lexical": sched_lex.state_dict() if sched_lex else {}, "ema": ema.state_dict() if ema else {}, "sampler_rng": gen.get_state(),
                 "torch_rng": torch.get_rng_state(), "best": best, "best_score": torch.tensor(best_score, dtype=torch.float64),
@@ -597,6 +646,8 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
         failpoint(f"{label}:epoch{epoch}")
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
+    if writer is not None:
+        writer.close()
     if bar is not None:
         bar.close()
     model.load_state_dict(best)

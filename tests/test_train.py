@@ -234,3 +234,24 @@ def test_preference_loss_and_ema_train_and_select_on_the_shadow():
     res = train(_toy_head(), x, yb, yc, tr, va, cfg)
     assert res.history[-1]["val_response_acc"] == 1.0
     assert res.history[0]["train_pref"] > 0 and "train_ce" in res.history[0]
+
+
+def test_state_writer_writes_a_snapshot_on_a_thread_and_raises_its_errors(tmp_path):
+    from models.checkpoint import load_tree
+    from models.train import StateWriter, _snapshot
+
+    w = torch.ones(3)
+    snap = _snapshot({"model": {"w": w}, "rng": (w, 3)})
+    assert snap["model"]["w"] is not w and snap["rng"][0] is not w and snap["rng"][1] == 3
+    assert torch.equal(snap["model"]["w"], w) and w.untyped_storage().data_ptr() != snap["model"]["w"].untyped_storage().data_ptr()
+    writer = StateWriter(tmp_path / "s.state")
+    writer.save({"epoch": 1, "model": {"w": w}})
+    w.add_(1.0)  # the next epoch trains on while the state is written: the file keeps epoch 1's values
+    writer.close()
+    back = load_tree(tmp_path / "s.state")
+    assert back["epoch"] == 1 and torch.equal(back["model"]["w"], torch.ones(3))
+    (tmp_path / "a_folder").mkdir()
+    bad = StateWriter(tmp_path / "a_folder")  # a folder where the file should go: the write fails
+    bad.save({"epoch": 1})
+    with pytest.raises(OSError):
+        bad.close()
