@@ -217,6 +217,15 @@ class Candidates:
                 counts.append(n)
         return cls(texts, bks, counts, index, other)
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Candidates":
+        """A trained model's candidates from its meta's ``candidates`` block (texts, buckets, counts;
+        None naming a bucket's "other" slot)."""
+        texts, buckets = meta["texts"], [int(b) for b in meta["buckets"]]
+        index = {t: i for i, t in enumerate(texts) if t is not None}
+        other = {b: i for i, (t, b) in enumerate(zip(texts, buckets)) if t is None}
+        return cls(texts, buckets, meta.get("counts", [0] * len(texts)), index, other)
+
     @property
     def learned(self) -> list[bool]:
         return [t is not None for t in self.texts]

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from models import checkpoint
+from models.train import Candidates
 from retrieval.encoder import TORCH_ID, embed
 from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
-from retrieval.neighbours import mix, row_slots, vote
+from retrieval.neighbours import mix, vote
 from retrieval.search import SearchIndex
 from retrieval.store import db_key, hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
@@ -133,8 +134,8 @@ class ChatEngine:
         cands = self.meta["candidates"]
         self.texts: list[str | None] = cands["texts"]  # None: the bucket's "other" slot
         self.cand_bucket = np.asarray(cands["buckets"], dtype=np.int64)
-        self.known = {t: i for i, t in enumerate(self.texts) if t is not None}
-        self.other_slot = {int(b): j for j, (t, b) in enumerate(zip(self.texts, self.cand_bucket)) if t is None}
+        self.candidates = Candidates.from_meta(cands)
+        self.known, self.other_slot = self.candidates.index, self.candidates.other  # response -> id, bucket -> "other" slot id
         calibration = self.meta.get("calibration", {})
         self.min_confidence = float(calibration.get("min_confidence", 0.0) if self.opts.min_confidence is None else self.opts.min_confidence)
         self.min_margin = float(calibration.get("min_margin", 0.0) if self.opts.min_margin is None else self.opts.min_margin)
@@ -159,7 +160,8 @@ class ChatEngine:
         if self.index is None:
             self.neighbour_weight = 0.0  # no table, or one too big to hold in memory
         else:
-            self.row_slot = row_slots(self.index.payload["assistant"], self.index.buckets, self.texts, self.cand_bucket)
+            # Each stored row votes through the slot training gave it.
+            self.row_slot = self.candidates.targets(self.index.payload["assistant"], self.index.buckets.tolist())
         embed(["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads

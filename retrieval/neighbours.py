@@ -6,7 +6,7 @@ is mixed into the head's p(response) (DESIGN.md §4, "bucket probabilities plus 
 a k-nearest-neighbour interpolation in the manner of kNN-LM (Khandelwal et al., ICLR 2020). The head
 generalises; the neighbours remember wordings it has seen, including the rare ones it underfits.
 
-The rows vote through the head's candidate slots: a row whose response the head learned votes for
+The rows vote through the head's candidate slots (``Candidates.targets``): a row whose response the head learned votes for
 that response, one whose response was left to retrieval votes for its bucket's "other" slot (whose
 probability chat then shares among the retrieved rows, as before). Rows with neither do not vote; a
 message without any voting neighbour keeps the head's probabilities.
@@ -25,15 +25,6 @@ import numpy as np
 
 K = 10
 TEMPERATURE = 0.05  # the same softmax temperature chat uses on retrieved rows' cosines
-
-
-def row_slots(responses: list[str], buckets, texts: list[str | None], candidate_buckets) -> np.ndarray:
-    """(N,) the candidate slot each stored row votes through (the rule of ``Candidates.targets``):
-    its response's, else its bucket's "other" slot, else -1 (no vote). ``texts``/``candidate_buckets``
-    are a model's candidates (meta ``candidates``), None naming an "other" slot."""
-    known = {t: i for i, t in enumerate(texts) if t is not None}
-    other = {int(b): i for i, (t, b) in enumerate(zip(texts, candidate_buckets)) if t is None}
-    return np.array([known.get(r, other.get(int(b), -1)) for r, b in zip(responses, buckets)], dtype=np.int64)
 
 
 def nearest(queries: np.ndarray, memory: np.ndarray, k: int = K, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:

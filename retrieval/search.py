@@ -179,8 +179,9 @@ class SearchIndex:
         the neighbour vote's rows (retrieval/neighbours.py). Positions index ``payload`` and ``buckets``."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        pos = self._vector_top(np.asarray(vector, dtype=np.float32), k, None)
-        return self.vectors[pos] @ np.asarray(vector, dtype=np.float32), pos
+        vector = np.asarray(vector, dtype=np.float32)
+        pos = self._vector_top(vector, k, None)
+        return self.vectors[pos] @ vector, pos
 
     def _text_top(self, text: str, k: int, allowed: np.ndarray | None) -> np.ndarray:
         scores = self.bm25(text)

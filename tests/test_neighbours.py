@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from retrieval.neighbours import mix, nearest, neighbour_log_probs, row_slots, vote
+from retrieval.neighbours import mix, nearest, neighbour_log_probs, vote
 
 
 def test_vote_is_the_softmax_of_cosines_over_temperature_summed_per_slot():
@@ -40,12 +40,6 @@ def test_nearest_is_the_exact_top_k_by_cosine_best_first():
     assert idx[0, 0] == 3 and idx[1, 0] == 7
     cos, idx = nearest(queries, memory[:3], k=5)  # fewer rows than k: all of them
     assert idx.shape == (2, 3)
-
-
-def test_row_slots_follow_the_candidates():
-    texts, buckets = ["a", "b", None], [0, 1, 1]  # bucket 1 also has an "other" slot
-    got = row_slots(["a", "b", "c", "d"], [0, 1, 1, 0], texts, buckets)
-    np.testing.assert_array_equal(got, [0, 1, 2, -1])  # c: bucket 1's other slot; d: bucket 0 has none
 
 
 def test_neighbour_log_probs_pull_toward_what_the_nearest_rows_answered():

@@ -11,6 +11,18 @@ def test_candidates_keep_the_most_frequent_per_bucket_plus_an_other_slot():
     assert (c.texts, c.buckets, c.counts) == (["b", "c", None, None], [0, 1, 0, 1], [2, 3, 1, 1])
     assert c.learned == [True, True, False, False]
     assert c.targets(["a", "b", "c", "d"], [0, 0, 1, 1]).tolist() == [2, 0, 1, 3]
+
+
+def test_candidates_from_a_meta_give_rows_the_slots_training_gave_them():
+    """What chat and the neighbour vote rebuild from a model's meta: the same slot per row."""
+    trained = Candidates.select(["a", "b", "b", "c", "c", "c", "d"], [0, 0, 0, 1, 1, 1, 1], max_per_bucket=1)
+    back = Candidates.from_meta({"texts": trained.texts, "buckets": trained.buckets, "counts": trained.counts})
+    rows = (["a", "b", "c", "d", "e"], [0, 0, 1, 1, 1])
+    assert back.targets(*rows).tolist() == trained.targets(*rows).tolist() == [2, 0, 1, 3, 3]
+    assert (back.index, back.other) == (trained.index, trained.other)
+    # learned responses, else the bucket's "other" slot, else no slot (-1)
+    got = Candidates.from_meta({"texts": ["a", "b", None], "buckets": [0, 1, 1]}).targets(["a", "b", "c", "d"], [0, 1, 1, 0])
+    assert got.tolist() == [0, 1, 2, -1]
     everything = Candidates.select(["a", "b"], [0, 1], max_per_bucket=5)
     assert (everything.texts, everything.other) == (["a", "b"], {})
 

@@ -100,9 +100,9 @@ def main() -> None:
         sys.exit(f"{TRAIN} not found; this benchmark needs ../shared/data/banking77 beside the checkout")
     import torch
 
-    from models.train import TrainConfig
+    from models.train import Candidates, TrainConfig
     from retrieval.encoder import embed
-    from retrieval.neighbours import neighbour_log_probs, row_slots
+    from retrieval.neighbours import neighbour_log_probs
     from retrieval.store import build_table, open_table
     from tasks.records import load_records
     from tasks.training import fit, table_rows
@@ -135,7 +135,7 @@ def main() -> None:
                 _, log_pr = head.response_log_probs(torch.from_numpy(vectors), head.lex([r["user"] for r in held]))
             # The neighbour vote of the split's stored rows, as chat casts it (retrieval/answer.py).
             texts, nb = meta["candidates"]["texts"], meta["neighbours"]
-            slots = row_slots(memory["responses"], memory["buckets"], texts, meta["candidates"]["buckets"])
+            slots = Candidates.from_meta(meta["candidates"]).targets(memory["responses"], memory["buckets"].tolist())
             log_pr = torch.from_numpy(neighbour_log_probs(log_pr.numpy(), vectors, memory["vectors"], slots, nb["weight"], nb["k"], nb["temperature"]))
             conf, pred = log_pr.exp().max(1)
             right = np.array([texts[j] == r["assistant"] for j, r in zip(pred.tolist(), held)])
