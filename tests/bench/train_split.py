@@ -63,6 +63,12 @@ VARIANTS = {
     "xxlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xxlarge"}),
     # The lexical path off, at the full split's real batch size.
     "batch512_no_refit_no_lexical": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"lexical_features": 0}),
+    # Fewer hash buckets for the n-gram path than n_features_for's 32,768 (models/lexical.py).
+    "lex8192": ({}, {"lexical_features": 8192}),
+    "lex16384": ({}, {"lexical_features": 16384}),
+    "batch512_no_refit_lex4096": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"lexical_features": 4096}),
+    "batch512_no_refit_lex8192": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"lexical_features": 8192}),
+    "batch512_no_refit_lex16384": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"lexical_features": 16384}),
     # The neighbour vote (retrieval/neighbours.py) off: the head answers alone.
     "no_neighbours": ({"neighbour_weight": 0.0}, {}),
     "batch512_no_refit_no_neighbours": ({"batch_size": 512, "lr": 3e-3, "refit": False, "neighbour_weight": 0.0}, {}),
