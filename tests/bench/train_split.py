@@ -70,6 +70,11 @@ VARIANTS = {
     "xxlarge_batch512_no_refit": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"model_size": "xxlarge"}),
     # The lexical path off, at the full split's real batch size.
     "batch512_no_refit_no_lexical": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"lexical_features": 0}),
+    # Defaults first chosen with the full split under the confidence-only rule (module doc), rechecked.
+    "batch256_no_refit": ({"batch_size": 256, "lr": 2e-3, "refit": False}, {}),
+    "batch512_no_refit_no_pref": ({"batch_size": 512, "lr": 3e-3, "refit": False, "pref_weight": 0.0}, {}),
+    "batch512_no_refit_no_label_smoothing": ({"batch_size": 512, "lr": 3e-3, "refit": False, "label_smoothing": 0.0}, {}),
+    "batch512_refit": ({"batch_size": 512, "lr": 3e-3, "refit": True}, {}),
     # Fewer hash buckets for the n-gram path than n_features_for's 32,768 (models/lexical.py).
     "lex8192": ({}, {"lexical_features": 8192}),
     "lex16384": ({}, {"lexical_features": 16384}),
