@@ -9,14 +9,15 @@ fallbacks and +0.90 ranking (91.74 against 90.81 %, `batch512_no_refit` vs
 there). It costs half a training step (tests/bench/step.py). Ad hoc alternatives, all worse: a
 low-rank path through the hidden layer (no gain); a fixed sparse random projection of the n-grams
 (1,024 or 4,096 dims) into a dense layer (seed 42: 90.4-90.9 % against 91.5 %); word n-grams alone
-(91.47 against 91.78 %, seeds 42/1/2). With the neighbour vote (seeds 42/1/2, 90 % of train / ten per
-intent, after fallbacks: with 90 % of train the confidence gate only, see train_split.py): fixed
-nearest-centroid scores instead of learned weights (each output's mean TF-IDF row, leave-one-out on
-training rows, only a learned scale per output) trained twice as fast but scored 91.61 / 84.50 against
-92.09 / 84.83 %; building the next batch's bag on a worker thread did not speed a step on 2 cores.
-Fewer hash buckets (``--lexical_features``, train_split.py `batch512_no_refit_lex*`, `lex*`): 4,096
-lost (91.47 %), 16,384 lost (91.74 / 84.50 %), 8,192 tied (92.16 / 84.70 %) with no clear speed gain
-(median of 3 interleaved, ad hoc), so ``n_features_for`` keeps up to 32,768.
+(91.47 against 91.78 %, seeds 42/1/2). Two more, tried with code not kept in the repo, with the
+neighbour vote (seeds 42/1/2, 90 % of train / ten per intent, after fallbacks: with 90 % of train the
+confidence gate only, see train_split.py): fixed nearest-centroid scores instead of learned weights
+(each output's mean TF-IDF row, leave-one-out on training rows, only a learned scale per output)
+trained twice as fast but scored 91.61 / 84.50 against 92.09 / 84.83 %; building the next batch's bag
+on a worker thread did not speed a step on 2 cores. Fewer hash buckets (``--lexical_features``,
+train_split.py `batch512_no_refit_lex*`, `lex*`): 4,096 lost (91.47 %), 16,384 lost (91.74 / 84.50 %),
+8,192 tied (92.16 / 84.70 %) with no clear speed gain (median of 3 interleaved, ad hoc), so
+``n_features_for`` keeps up to 32,768.
 
 Hashing (scikit-learn's murmurhash, deterministic across processes) needs no vocabulary, so the head
 carries only the IDF vector (a buffer) and the n-gram weights.

@@ -505,10 +505,10 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     loss; the last epoch without a validation set).
 
     ``model`` is a ``Trainable`` (or a bare head with ``data`` an (N, D) embedding array and the targets
-    given separately). ``state_path``: write a resume state there after every epoch (on a worker thread, ``StateWriter``); ``resume``:
-    continue from it. ``until_epoch``: the last epoch to run, on the schedule of ``cfg.epochs`` (a
-    refit stops where the held-out run chose). ``stop_after_epoch`` ends the run early as a kill
-    would (tests). ``label`` names the run in the progress bar and failpoints.
+    given separately). ``state_path``: write a resume state there after every epoch (on a worker thread,
+    ``StateWriter``); ``resume``: continue from it. ``until_epoch``: the last epoch to run, on the
+    schedule of ``cfg.epochs`` (a refit stops where the held-out run chose). ``stop_after_epoch`` ends
+    the run early as a kill would (tests). ``label`` names the run in the progress bar and failpoints.
     """
     if isinstance(model, BucketHead):
         model = Trainable(model)

@@ -134,8 +134,7 @@ class ChatEngine:
         cands = self.meta["candidates"]
         self.texts: list[str | None] = cands["texts"]  # None: the bucket's "other" slot
         self.cand_bucket = np.asarray(cands["buckets"], dtype=np.int64)
-        self.candidates = Candidates.from_meta(cands)
-        self.known, self.other_slot = self.candidates.index, self.candidates.other  # response -> id, bucket -> "other" slot id
+        self.candidates = Candidates.from_meta(cands)  # .index: response -> id; .other: bucket -> "other" slot id
         calibration = self.meta.get("calibration", {})
         self.min_confidence = float(calibration.get("min_confidence", 0.0) if self.opts.min_confidence is None else self.opts.min_confidence)
         self.min_margin = float(calibration.get("min_margin", 0.0) if self.opts.min_margin is None else self.opts.min_margin)
@@ -195,7 +194,7 @@ class ChatEngine:
         change the answer and is skipped (at 100k rows ~2 ms of a ~9 ms turn in memory, ~27 ms
         through LanceDB on tables over MEMORY_SEARCH_MAX_ROWS)."""
         pool = set(allowed.tolist())
-        slots = [log_pr[j] for b, j in self.other_slot.items() if b in pool]
+        slots = [log_pr[j] for b, j in self.candidates.other.items() if b in pool]
         if not slots:
             return False
         best = max((s for s, _, _ in learned.values()), default=-math.inf)
@@ -236,14 +235,14 @@ class ChatEngine:
             else:
                 rows = hybrid_search(self.table, vec, query, self.opts.db_top_k, buckets=pool)
             # The head's own score is better calibrated than retrieval's for responses it learned.
-            rows = [r for r in rows if r["assistant"] not in self.known]
+            rows = [r for r in rows if r["assistant"] not in self.candidates.index]
             by_bucket: dict[int, list[dict]] = {}
             for r in rows:
                 by_bucket.setdefault(int(r["bucket"]), []).append(r)
             for b, group in by_bucket.items():
                 sims = np.array([r["cosine"] for r in group]) / RETRIEVAL_TEMPERATURE
                 share = sims - np.logaddexp.reduce(sims)  # log softmax within this bucket's rows
-                mass = log_pr[self.other_slot[b]] if b in self.other_slot else log_pb[b]
+                mass = log_pr[self.candidates.other[b]] if b in self.candidates.other else log_pb[b]
                 # A response's share is the sum over its rows (the best row names the source): with
                 # the max instead, a response asked 15 ways split its mass 15 ways and fell back.
                 per_response: dict[str, tuple[float, str]] = {}

@@ -6,10 +6,10 @@ is mixed into the head's p(response) (DESIGN.md §4, "bucket probabilities plus 
 a k-nearest-neighbour interpolation in the manner of kNN-LM (Khandelwal et al., ICLR 2020). The head
 generalises; the neighbours remember wordings it has seen, including the rare ones it underfits.
 
-The rows vote through the head's candidate slots (``Candidates.targets``): a row whose response the head learned votes for
-that response, one whose response was left to retrieval votes for its bucket's "other" slot (whose
-probability chat then shares among the retrieved rows, as before). Rows with neither do not vote; a
-message without any voting neighbour keeps the head's probabilities.
+The rows vote through the head's candidate slots (``Candidates.targets``): a row whose response the
+head learned votes for that response, one whose response was left to retrieval votes for its bucket's
+"other" slot (whose probability chat then shares among the retrieved rows, as before). Rows with
+neither do not vote; a message without any voting neighbour keeps the head's probabilities.
 
 On held-out rows of BANKING77 *train* (tests/bench/train_split.py, the test file unread; mean of seeds
 42/1/2, the thresholds calibrated with the vote): with ten rows per intent 84.83 against 84.38 % for
@@ -17,8 +17,8 @@ the head alone after fallbacks (`default` vs `no_neighbours`), no seed lost; wit
 ranking rose from 92.16 to 92.47 %, but more answers fall back (1.62 against 1.11 %), so after both
 fallback gates it gains only 0.10 points, 91.74 against 91.64 % (`batch512_no_refit` vs
 `batch512_no_refit_no_neighbours`; the BANKING77 test file showed the same: README, Benchmarks).
-Chosen ad hoc on the same splits, ranking alone: w = 0.1 gained less with 90 % of train, w = 0.3 less with ten per intent;
-k = 20 and T = 0.02 or 0.1 did no better than k = 10, T = 0.05.
+Chosen ad hoc on the same splits, ranking alone: w = 0.1 gained less with 90 % of train, w = 0.3 less
+with ten per intent; k = 20 and T = 0.02 or 0.1 did no better than k = 10, T = 0.05.
 """
 
 from __future__ import annotations

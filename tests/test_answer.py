@@ -146,7 +146,7 @@ def test_a_retrieved_response_gets_the_summed_share_of_its_rows(tmp_path):
     q = "do you sell gift cards?"
     ans = engine.answer(q)
     assert ans.searched and ans.chosen == GIFT_CARDS and ans.candidates[0]["from"].startswith("table:")
-    slot = float(answer_probs(engine, q)[engine.other_slot[ans.bucket]])
+    slot = float(answer_probs(engine, q)[engine.candidates.other[ans.bucket]])
     assert ans.confidence == pytest.approx(slot, rel=0.02)  # all four rows' shares: the whole slot
 
 
@@ -183,7 +183,7 @@ def test_answers_mix_in_the_vote_of_the_nearest_stored_messages(model, tmp_path)
     q = "how do I get back into my account"
     ans = engine.answer(q)
     voted, alone = answer_probs(engine, q), answer_probs(engine, q, weight=0.0)
-    j = engine.known[ans.chosen]
+    j = engine.candidates.index[ans.chosen]
     assert ans.confidence == pytest.approx(float(voted[j]), abs=1e-4) and abs(voted[j] - alone[j]) > 1e-3
     # A meta with the vote off (or one from before it) answers from the head alone.
     meta = json.loads(Path(model[1]).read_text(encoding="utf-8"))
