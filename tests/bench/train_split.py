@@ -137,8 +137,10 @@ def append_encoder(folder: Path) -> str:
 
     @functools.wraps(base)
     def embed(texts, *args, **kwargs):
+        if not len(texts):
+            return np.zeros((0, encoder.DIM), np.float32)
         a = base(texts, *args, **kwargs)
-        b = extra.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True) if len(texts) else np.zeros((0, width), np.float32)
+        b = extra.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         return (np.hstack([a, b]) / np.sqrt(2.0)).astype(np.float32)
 
     encoder.DIM = store.DIM = encoder.DIM + width
