@@ -128,10 +128,7 @@ def append_encoder(folder: Path) -> str:
 
     if not (folder / "config.json").is_file():
         sys.exit(f"--extra_encoder {folder}: no config.json there; pass a sentence-transformers model folder on local disk")
-    encoder.load_encoder()  # sets the hub offline before sentence-transformers is imported
-    from sentence_transformers import SentenceTransformer
-
-    extra = SentenceTransformer(str(folder), device="cpu")
+    extra = encoder.load_encoder("cpu", str(folder))  # the project's loader: hub off, local folder only
     width = extra.get_embedding_dimension()
     base = encoder.embed
 
