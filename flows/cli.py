@@ -7,11 +7,17 @@ Heavy imports happen inside each command, so ``--help`` is instant and ``chat`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
-from tasks.settings import DEFAULT_MODEL_URI, TABLE_NAME
+from tasks.settings import CHAMPION_ALIAS, MODEL_NAME, TABLE_NAME
 
 EXAMPLES = """examples:
   bucketchat pipeline --data conversation_data.sample.jsonl
@@ -38,6 +44,21 @@ def _expansion_args(p: argparse.ArgumentParser, target_required: bool) -> None:
     _arg(p, "--strict", action="store_true", help="stop at the first malformed line instead of writing it to the rejects file")
 
 
+def _model_name_arg(p: argparse.ArgumentParser, promote: bool = True) -> None:
+    """The bot a command works on: its registered model, whose ``champion`` alias is what chat serves."""
+    _arg(p, "--model_name", type=_model_name, default=MODEL_NAME, help=f"the bot: the registered model its versions and champion belong to; one name per bot, so two bots never replace each other's champion (default {MODEL_NAME})")
+    if promote:
+        _arg(p, "--replace_champion", action="store_true", help="let the new model become champion even when it shares under half of its responses with the current champion (by default such a model is registered but not promoted: it looks like another bot)")
+
+
+def _model_name(value: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a usable model name; use letters, digits, '_', '.' and '-' (e.g. support-bot)")
+    return value
+
+
 def _near_dup_arg(p: argparse.ArgumentParser, action: str = "drop a pair") -> None:
     _arg(p, "--near_dup_threshold", type=float, default=0.9, help=f"{action} whose user and assistant text are both at least this similar (character edit similarity, 0-1) to an earlier pair with the same context (default 0.9)")
 
@@ -48,6 +69,7 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     from models.train import TrainConfig
 
     d = TrainConfig()
+    _model_name_arg(p)
     g = p.add_argument_group("model")
     if not sweep:
         _arg(g, "--model_size", choices=SIZES, default="base", help="head size: base (MLP), large (+1 adapter branch), xlarge (+2, learned router), xxlarge (+3) (default base)")
@@ -119,7 +141,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     from models.heads import SIZES
     from retrieval.styles import STYLES
 
-    _arg(p, "--model", default=DEFAULT_MODEL_URI, help=f"MLflow model URI (default {DEFAULT_MODEL_URI})")
+    _arg(p, "--model", help=f"MLflow model URI (default models:/MODEL_NAME@{CHAMPION_ALIAS}: the champion of --model_name)")
+    _model_name_arg(p, promote=False)
     _arg(p, "--weights", help="local weights file (with --meta) instead of --model")
     _arg(p, "--meta", help="local meta JSON (with --weights)")
     _arg(p, "--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -189,14 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="list registered model versions, or roll the champion back")
     rsub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     r = rsub.add_parser("list", help="versions with their validation scores, sizes and aliases")
+    _model_name_arg(r, promote=False)
     _arg(r, "--json", action="store_true", help="print JSON")
     r = rsub.add_parser("rollback", help="point the champion alias at an earlier version")
+    _model_name_arg(r, promote=False)
     _arg(r, "--version", type=int, help="version to make champion (default: the newest one older than the current champion)")
 
     p = sub.add_parser("chat", help="answer messages with the champion (or given weights)", description="Interactive on a terminal: the conversation keeps its history, so short follow-ups are read with the turn before; /why explains the last answer, /reset starts over, /help lists commands, `exit` quits. With piped input, answers each line as its own conversation.")
     _engine_args(p)
     _arg(p, "--json", action="store_true", help="print one JSON object per answer")
     _arg(p, "--echo", action="store_true", help="with piped input, print each message before its answer")
+    _arg(p, "--strict", action="store_true", help="with piped input, exit with status 1 when any line could not be answered (every other line is still answered)")
 
     p = sub.add_parser("eval", help="score a model on labelled test data (and out-of-scope messages)", description="Ask every line of --data through the chat engine and report response accuracy (a fallback counts as wrong), bucket accuracy, fallback rate, latency percentiles and, with --oos, the share of out-of-scope messages that fall back.")
     _arg(p, "--data", required=True, help="test JSONL: each line's assistant text is the expected response")
@@ -230,20 +256,37 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(p, "--workdir", help="as in `bucketchat pipeline` (default .bucketchat/work in the project)")
     _arg(p, "--target", type=int, help="as in `bucketchat pipeline` (default: no expansion)")
     _arg(p, "--force", action="store_true", help="train even when nothing changed")
+    _model_name_arg(p, promote=False)
+    _add_verbose(parser)
     return parser
 
 
-def _preflight(paths: list[str], strict: bool) -> None:
-    """Fail on a missing file (or, with --strict, the first bad line) before Prefect starts: a typo
-    should cost a second, not a server start and two tracebacks."""
-    from tasks.records import iter_records
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``-v/--verbose`` before or after the command name, on every subcommand."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS, help="stream Prefect's and MLflow's logs and show tracebacks")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose(sub, top=False)
+
+
+def _preflight(paths: list[str], strict: bool, flag: str = "--data") -> None:
+    """Fail on a path that is missing, a folder, unreadable, empty or without one usable line (or,
+    with --strict, on the first bad line) before anything is started or written: a typo should cost
+    a second, not a server start and two tracebacks."""
+    from tasks.records import iter_records, require_pairs
 
     for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"input file {path!r} does not exist; check the path")
-        if strict and Path(path).suffix != ".parquet":
+        if Path(path).suffix == ".parquet":
+            from tasks.records import check_input
+
+            check_input(path, flag)
+        elif strict:
             for _ in iter_records(path, strict=True):
                 pass
+            require_pairs(path, flag)
+        else:
+            require_pairs(path, flag)
 
 
 def _report_rejects(result: dict) -> None:
@@ -255,8 +298,9 @@ def _report_rejects(result: dict) -> None:
 def cmd_expand(a) -> None:
     from flows.expand import expand_flow
 
-    _preflight([a.input], a.strict)
-    r = expand_flow(a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
+    _preflight([a.input], a.strict, "--input")
+    with _orchestrated():
+        r = expand_flow(a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
     _report_rejects(r)
     print(f"wrote {r['records']} records ({r['records'] - r['input_records']} new) to {r['jsonl']} and {r['parquet']}")
     dropped = r["inconsistent_variants"]
@@ -266,8 +310,9 @@ def cmd_expand(a) -> None:
 def cmd_build_super(a) -> None:
     from flows.build_super import build_super_flow
 
-    _preflight(a.inputs, a.strict)
-    r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict, a.near_dup_threshold)
+    _preflight(a.inputs, a.strict, "--inputs")
+    with _orchestrated():
+        r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict, a.near_dup_threshold)
     _report_rejects(r)
     print(f"wrote {r['records']} records to {r['jsonl']} and {r['parquet']}")
     print("dropped: " + (", ".join(f"{n} {reason}" for reason, n in sorted(r["dropped"].items())) or "nothing") + f" (records in {r['rejects']}, counts in {r['report']})")
@@ -278,7 +323,8 @@ def cmd_db(a) -> None:
         from flows.build_db import build_db_flow
 
         _preflight([a.data], a.strict)
-        r = build_db_flow(a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict)
+        with _orchestrated():
+            r = build_db_flow(a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict)
         _report_rejects(r)
         print(f"table {r['table']} in {r['db']}: version {r['version']}, {r['rows']} rows, {r['embedded']} newly embedded")
         print("rows per bucket: " + ", ".join(f"{b}: {n}" for b, n in r["buckets"].items()))
@@ -313,8 +359,9 @@ def cmd_finetune(a) -> None:
     train, head = _train_dicts(a, a.seed)
     _check_weights(a.weights)
     _preflight([a.data] if a.data else [], a.strict)
-    r = finetune_flow(a.db, a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty(), a.force)
-    _report(r)
+    with _orchestrated():
+        r = finetune_flow(a.db, a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty(), a.force, a.model_name, a.replace_champion)
+    _report(r, a.model_name)
     print(f"local checkpoint: {a.output} + {a.meta}")
 
 
@@ -323,7 +370,8 @@ def cmd_size_sweep(a) -> None:
 
     train, head = _train_dicts(a, a.seed)
     _preflight([a.data] if a.data else [], False)
-    r = size_sweep_flow(a.db, a.data, a.table, a.table_version, a.sizes, train, head, a.num_buckets)
+    with _orchestrated():
+        r = size_sweep_flow(a.db, a.data, a.table, a.table_version, a.sizes, train, head, a.num_buckets, a.model_name, a.replace_champion)
     print(f"table {r['table']['name']} v{r['table']['version']}:")
     print(f"  {'size':<8} {'val response acc':>16} {'examples/s':>11}  registered")
     for size, v in r["sizes"].items():
@@ -337,15 +385,15 @@ def cmd_registry(a) -> None:
     from tasks import registry
 
     if a.registry_command == "rollback":
-        before, after = registry.rollback(a.version)
+        before, after = registry.rollback(a.version, a.model_name)
         print(f"champion: v{before} -> v{after}")
         return
-    versions = registry.list_versions()
+    versions = registry.list_versions(a.model_name)
     if a.json:
         print(json.dumps(versions, indent=2))
         return
     if not versions:
-        print(f"no versions of {registry.MODEL_NAME!r} registered yet; run `bucketchat pipeline --data FILE`")
+        print(f"no versions of {a.model_name!r} registered yet; run `bucketchat pipeline --data FILE --model_name {a.model_name}`")
         return
     print(f"{'version':>7}  {'aliases':<10} {'size':<8} {'val acc':>8} {'bucket acc':>10} {'table':>6}  run")
     for v in versions:
@@ -353,7 +401,7 @@ def cmd_registry(a) -> None:
         print(f"{v['version']:>7}  {','.join(v['aliases']) or '-':<10} {v['model_size'] or '?':<8} {acc(v['val_response_acc']):>8} {acc(v['val_bucket_acc']):>10} {('v' + v['table_version']) if v['table_version'] else '?':>6}  {v['run_id']}")
 
 
-def _report(r: dict) -> None:
+def _report(r: dict, name: str) -> None:
     t, reg = r["train"], r["registry"]
     acc = t["val_response_acc"]
     where = f"{r['table']['name']} v{r['table']['version']}"
@@ -364,10 +412,10 @@ def _report(r: dict) -> None:
         print(f"resumed after epoch {t['resumed_from_epoch']}")
     if t.get("skipped"):
         print(f"{where}: {reg['reason']} (--force trains anyway)")
-        print(f"MLflow run {t['run_id']}; bucketchat v{reg['version']} stays as it was")
+        print(f"MLflow run {t['run_id']}; {name} v{reg['version']} stays as it was")
         return
     print(f"trained on {where}: validation response accuracy {acc:.4f}" if acc is not None else f"trained on {where} (no validation rows)")
-    print(f"MLflow run {t['run_id']}; registered bucketchat v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
+    print(f"MLflow run {t['run_id']}; registered {name} v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})")
 
 
 def _report_table(b: dict) -> None:
@@ -380,23 +428,25 @@ def cmd_pipeline(a) -> None:
     train, head = _train_dicts(a, a.seed)
     _preflight(a.data, a.strict)
     _check_weights(a.weights)
-    r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume, a.force, a.db)
+    with _orchestrated():
+        r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume, a.force, a.db, a.model_name, a.replace_champion)
     d = r["dataset"]
     if d["rejected_lines"]:
         print(f"{d['rejected_lines']} malformed line(s) skipped; see {d['rejects']}", file=sys.stderr)
     print(f"dataset: {d['records']} pairs ({d['duplicates']} duplicates and {d['low_quality']} low-quality dropped, {d.get('near_duplicates_linked', 0)} near duplicates kept with their twin) -> {d['parquet']}")
     _report_table(r["build"])
-    _report(r)
+    _report(r, a.model_name)
     print(f"workdir: {r['workdir']}")
 
 
 def cmd_retrain(a) -> None:
     from flows.retrain import retrain_flow
 
-    r = retrain_flow(a.data_dir, a.workdir, a.target, force=a.force)
+    with _orchestrated():
+        r = retrain_flow(a.data_dir, a.workdir, a.target, force=a.force, model_name=a.model_name)
     print(f"{len(r['drops'])} drop(s) in {a.data_dir}; dataset {r['dataset']['records']} pairs")
     _report_table(r["build"])
-    _report(r)
+    _report(r, a.model_name)
 
 
 def _load_engine(a):
@@ -405,6 +455,7 @@ def _load_engine(a):
 
     if bool(a.weights) != bool(a.meta):
         raise ValueError("--weights and --meta go together; pass both, or neither to use --model")
+    a.model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
     weights, meta = (a.weights, a.meta) if a.weights else registry.download_model(a.model)
     opts = ChatOptions(device=a.device, model_size=a.model_size, pool_mode=a.pool_mode, top_labels=a.top_labels, response_temperature=a.response_temperature, llm_db=a.llm_db, db_top_k=a.db_top_k, min_confidence=a.min_confidence, min_margin=a.min_margin, style_mode=a.style_mode, creativity=a.creativity, seed=a.seed)
     return ChatEngine(str(weights), str(meta), opts)
@@ -431,6 +482,7 @@ def _print_why(why: dict) -> None:
 
 def cmd_chat(a) -> None:
     from retrieval.answer import Conversation
+    from retrieval.text import TextError, json_line
 
     engine = _load_engine(a)
     if sys.stdin.isatty():
@@ -443,6 +495,9 @@ def cmd_chat(a) -> None:
             except (EOFError, KeyboardInterrupt):
                 print()
                 return
+            except UnicodeDecodeError:
+                print("(that line was not valid text in this terminal's encoding; type it again)")
+                continue
             if message.lower() in ("exit", "quit", "/exit", "/quit"):
                 return
             if not message:
@@ -464,18 +519,55 @@ def cmd_chat(a) -> None:
                 else:
                     print(f"unknown command {command}; /help lists them")
                 continue
-            ans = convo.say(message)
-            print(json.dumps({"message": message, **ans.to_dict()}, ensure_ascii=False) if a.json else f"bot> {ans.response}")
+            try:
+                ans = convo.say(message)
+            except TextError as exc:
+                print(f"({exc})")
+                continue
+            print(json_line({"message": message, **ans.to_dict()}), end="") if a.json else print(f"bot> {ans.response}")
         return
-    for number, line in enumerate(sys.stdin, start=1):
-        message = line.strip()
-        if not message:
-            continue  # blank lines separate nothing; each line is its own conversation anyway
-        ans = engine.answer(message)
-        if a.json:
-            print(json.dumps({"line": number, "message": message, **ans.to_dict()}, ensure_ascii=False), flush=True)
+    # Bytes, so that a line of invalid UTF-8 is one line's error rather than the end of the batch.
+    stdin = getattr(sys.stdin, "buffer", None) or io.BytesIO(sys.stdin.read().encode("utf-8", "surrogatepass"))
+    failed = answer_lines(engine, stdin, sys.stdout.buffer, a.json, a.echo)
+    if failed and a.strict:
+        raise SystemExit(1)
+
+
+def answer_lines(engine, stream, out, as_json: bool, echo: bool) -> int:
+    """Answer each line of a binary ``stream`` as its own conversation, writing UTF-8 to the binary
+    ``out`` whatever the locale; returns how many lines failed.
+
+    A line that cannot be answered (not UTF-8, a lone surrogate, over the length limit, nothing but
+    control characters) is reported on its own (``--json``: an ``error`` field; otherwise on stderr)
+    and the next line is answered: one bad line never ends a batch.
+    """
+    from retrieval.text import MAX_MESSAGE_CHARS, TextError, decode_line, json_line, read_lines
+
+    failed = 0
+    limit = 4 * MAX_MESSAGE_CHARS  # bytes: a character is at most 4
+    for number, (raw, size) in enumerate(read_lines(stream, limit), start=1):
+        shown = raw.decode("utf-8", "replace").rstrip("\r\n")
+        try:
+            if size > limit:
+                raise TextError("too_long", f"the message is {size:,} bytes, over the {limit:,}-byte limit", "send a shorter message")
+            message = decode_line(raw)
+            if not message.strip():
+                continue  # blank lines separate nothing; each line is its own conversation anyway
+            ans = engine.answer(message)
+        except TextError as exc:
+            failed += 1
+            if as_json:
+                out.write(json_line({"line": number, "message": shown[:200], "error": str(exc)}).encode())
+            else:
+                print(f"bucketchat chat: line {number}: {exc}", file=sys.stderr, flush=True)
+            out.flush()
+            continue
+        if as_json:
+            out.write(json_line({"line": number, "message": message, **ans.to_dict()}).encode())
         else:
-            print(f"you> {message}\nbot> {ans.response}\n" if a.echo else ans.response, flush=True)
+            out.write((f"you> {message}\nbot> {ans.response}\n\n" if echo else ans.response + "\n").encode())
+        out.flush()
+    return failed
 
 
 def cmd_eval(a) -> None:
@@ -491,6 +583,7 @@ def cmd_serve(a) -> None:
 
     from retrieval.server import ServerConfig, serve
 
+    a.model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
     cfg = ServerConfig(host=a.host, port=a.port, api_key=a.api_key or os.environ.get("BUCKETCHAT_API_KEY") or None, max_concurrency=a.max_concurrency, threads=a.workers_threads, model_name=a.weights or a.model)
     engine = _load_engine(a)
     serve(engine, cfg)
@@ -499,15 +592,134 @@ def cmd_serve(a) -> None:
 COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "eval": cmd_eval, "serve": cmd_serve, "pipeline": cmd_pipeline, "retrain": cmd_retrain}
 
 
+# Commands that run Prefect flows; the others (chat, serve, eval, registry, db stats) never start one.
+FLOW_COMMANDS = {"expand", "build-super", "finetune", "size-sweep", "pipeline", "retrain"}
+# After Ctrl-C or SIGTERM a command gets this long to record how its runs ended, then exits anyway.
+STOP_GRACE_S = 1.5
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised in the main thread (a KeyboardInterrupt, so Prefect records the
+    run as crashed by an interrupt and libraries unwind as they do for Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_NAME = ["bucketchat"]  # "bucketchat COMMAND" once main has parsed the arguments
+_stopping: list[str] = []  # the command's name, once a stop has begun
+_said = threading.Lock()
+
+
+def _stop_now(name: str, signum: int) -> None:
+    """Say once why the command stopped, and exit without waiting for anything else: what a run
+    must record (its crashed state) was recorded while the exception unwound, every file is written
+    atomically, and the local Prefect server goes with this process (flows/orchestration.py)."""
+    if _said.acquire(blocking=False):
+        sys.stderr.write(f"\n{name}: stopped by {signal.Signals(signum).name}; files it writes are replaced whole, so nothing half-written was kept (run it again to continue)\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    os._exit(128 + signum)
+
+
+def _begin_stop(name: str, signum: int) -> None:
+    """Start the grace period once: whatever is still unwinding when it ends is cut short."""
+    if not _stopping:
+        _stopping.append(name)
+        timer = threading.Timer(STOP_GRACE_S, _stop_now, args=(name, signum))
+        timer.daemon = True
+        timer.start()
+
+
+def _on_signal(signum: int, frame) -> None:
+    name = _NAME[0]
+    if _stopping:  # a second Ctrl-C: now
+        _stop_now(_stopping[0], signum)
+    _begin_stop(name, signum)
+    raise Interrupted(signum)
+
+
+def _signal_of(exc: BaseException) -> int | None:
+    if isinstance(exc, Interrupted):
+        return exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    if type(exc).__name__ == "TerminationSignal":  # Prefect's own SIGTERM handler, inside a flow run
+        return getattr(exc, "signal", signal.SIGTERM)
+    return None
+
+
+def _quiet(verbose: bool) -> None:
+    """Libraries log to the console only with --verbose; a failure is then our one line, not
+    Prefect's tracebacks. Must run before prefect is imported (it reads its settings once)."""
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+_API = []  # the LocalApi this command started, if any
+
+
+def _needs_flows(args) -> bool:
+    return args.command in FLOW_COMMANDS or (args.command == "db" and args.db_command == "build")
+
+
+def _run(args) -> None:
+    if _needs_flows(args) and not os.environ.get("PREFECT_API_URL"):
+        from flows.orchestration import LocalApi
+        from tasks.settings import state_home
+
+        api = LocalApi(state_home() / "logs" / "prefect-api.log")
+        api.start()  # boots while the command checks its inputs and imports torch, Prefect, LanceDB
+        _API.append(api)
+    COMMANDS[args.command](args)
+
+
+@contextlib.contextmanager
+def _orchestrated():
+    """Around a flow call: the API is up, runs of dead processes are marked crashed, and this
+    process's runs carry its runner tag."""
+    import prefect
+
+    from flows.orchestration import TAG, crash_dead_runs, runner_tag
+
+    for api in _API:
+        api.wait()
+    crash_dead_runs()
+    with prefect.tags(TAG, runner_tag()):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 1 failed, 2 bad input or arguments (one line saying
+    which and the fix), 128 + N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM)."""
     args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    _quiet(verbose)
+    name = _NAME[0] = f"bucketchat {args.command}"
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
     from tasks.records import RecordError
 
     try:
-        COMMANDS[args.command](args)
+        _run(args)
     except (ValueError, FileNotFoundError, RecordError) as exc:
-        print(f"bucketchat {args.command}: error: {exc}", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:
+        signum = _signal_of(exc)
+        if signum is not None:
+            _stop_now(name, signum)
+        if isinstance(exc, SystemExit):
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"{name}: failed: {type(exc).__name__}: {exc} (--verbose shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,5 +15,6 @@ from tasks.data import merge_sources, validate_source
 @flow(name="prepare")
 def prepare_flow(inputs: list[str], output: str, strict: bool = False, near_dup_threshold: float = 0.9, near_duplicates: str = "drop") -> dict:
     staging = Path(output).parent / f".{Path(output).stem}.shards"
-    shards = validate_source.map(inputs, unmapped(str(staging)), unmapped(strict))
+    # .result() raises a source's own error here, instead of merging without it.
+    shards = [f.result() for f in validate_source.map(inputs, unmapped(str(staging)), unmapped(strict))]
     return merge_sources.with_options(refresh_cache=outputs_missing(output))(shards, output, near_dup_threshold, near_duplicates)

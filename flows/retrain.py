@@ -13,17 +13,18 @@ from prefect import flow
 
 from flows.pipeline import pipeline_flow
 from tasks import run_logger
+from tasks.settings import MODEL_NAME
 
 
 @flow(name="retrain")
-def retrain_flow(data_dir: str, workdir: str | None = None, target: int | None = None, train: dict | None = None, head: dict | None = None, force: bool = False) -> dict:
-    """``target`` as in the pipeline (None: small data grows automatically; 0: never expand). Synthetic
+def retrain_flow(data_dir: str, workdir: str | None = None, target: int | None = None, train: dict | None = None, head: dict | None = None, force: bool = False, model_name: str = MODEL_NAME) -> dict:
+    """``target`` as in the pipeline (None or 0: no expansion). Synthetic
     variants are drawn over the whole dataset, so when a drop is added to small, expanded data they
     are redrawn and embedded anew; unchanged original rows always come from the embedding cache."""
     drops = sorted(str(p) for p in Path(data_dir).glob("*.jsonl") if not p.name.endswith(".rejects.jsonl"))
     if not drops:
         raise ValueError(f"data_dir {data_dir!r} holds no *.jsonl data drops; put conversation JSONL files there")
-    result = pipeline_flow(drops, workdir, target=target, train=train, head=head, force=force)
+    result = pipeline_flow(drops, workdir, target=target, train=train, head=head, force=force, model_name=model_name)
     build, reg = result["build"], result["registry"]
     table = f"table v{build['version']} " + ("unchanged" if build.get("reused") else f"written ({build['embedded']} rows newly embedded)")
     run_logger().info("retrain over %d drop(s): %s; model v%d: %s", len(drops), table, reg["version"], reg["reason"])

@@ -33,6 +33,7 @@ from retrieval.neighbours import mix, vote
 from retrieval.search import SearchIndex
 from retrieval.store import db_key, hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
+from retrieval.text import MAX_MESSAGE_CHARS, clean_text, clean_turns
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
 # Softmax temperature turning cosine similarities of retrieved rows into a distribution.
@@ -211,8 +212,8 @@ class ChatEngine:
     def answer(self, message: str, history: list[str] | None = None, style_mode: str | None = None, seed: int | None = None) -> Answer:
         """Answer ``message``; ``history``: the conversation's earlier user messages, oldest first."""
         start = time.perf_counter()
-        if not message.strip():
-            raise ValueError("the message is empty; type a question")
+        message = clean_text(message, "the message", MAX_MESSAGE_CHARS)  # TextError (a ValueError) names what is wrong
+        history = clean_turns(history or [])
         query, context = self._query(message, history)
         vec = embed([query], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)[0]  # (384,)
         log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([query]))

@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from retrieval.answer import ChatEngine
 from retrieval.styles import STYLES
+from retrieval.text import MAX_MESSAGE_CHARS, TextError, clean_text
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
@@ -50,7 +51,7 @@ class ServerConfig:
     threads: int = 2  # threads answering (torch runs one thread each)
     max_body_bytes: int = 64 * 1024
     max_messages: int = 64
-    max_message_chars: int = 4000
+    max_message_chars: int = MAX_MESSAGE_CHARS
     model_name: str = "bucketchat"
 
     def __post_init__(self):
@@ -85,9 +86,12 @@ def _text(content, i: int, limit: int) -> str:
         text = " ".join(str(p.get("text", "")) for p in content)
     else:
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-    if len(text) > limit:
-        raise ApiError(400, f"messages[{i}].content is {len(text)} characters; the limit is {limit}", f"messages[{i}].content", "message_too_long")
-    return text
+    try:
+        return clean_text(text, f"messages[{i}].content", limit)
+    except TextError as exc:
+        if exc.code == "empty":
+            return ""  # only the last (user) message must have text; checked by the caller
+        raise ApiError(400, str(exc), f"messages[{i}].content", "message_too_long" if exc.code == "too_long" else "invalid_text") from None
 
 
 def parse_request(body: dict, cfg: ServerConfig) -> dict:
@@ -103,7 +107,7 @@ def parse_request(body: dict, cfg: ServerConfig) -> dict:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
-        turns.append((m["role"], _text(m.get("content", ""), i, cfg.max_message_chars) if m.get("content") is not None else ""))
+        turns.append((m["role"], _text(m.get("content", ""), i, cfg.max_message_chars) if m.get("content") not in (None, "") else ""))
     if turns[-1][0] != "user" or not turns[-1][1].strip():
         raise ApiError(400, "the last message must be a non-empty user message: it is what gets answered", f"messages[{len(turns) - 1}]")
     for key, ok, why in (("n", body.get("n", 1) in (1, None), "only n=1 is supported: there is one best stored response"), ("tools", not body.get("tools") and not body.get("functions"), "tools and functions are not supported: answers are stored responses")):
@@ -113,8 +117,8 @@ def parse_request(body: dict, cfg: ServerConfig) -> dict:
     if fmt not in (None, {"type": "text"}):
         raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, "'seed' must be an integer", "seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+        raise ApiError(400, "'seed' must be an integer from 0 to 4294967295", "seed")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
@@ -124,7 +128,7 @@ def parse_request(body: dict, cfg: ServerConfig) -> dict:
         "stream": stream,
         "seed": seed,
         "explain": bool(body.get("explain", False)),
-        "style_mode": body.get("style_mode") if body.get("style_mode") in STYLES else None,
+        "style_mode": body.get("style_mode") if isinstance(body.get("style_mode"), str) and body["style_mode"] in STYLES else None,
     }
 
 

@@ -9,12 +9,17 @@ from pathlib import Path
 from prefect import task
 
 from models.atomic import atomic_path, write_text
+from retrieval.text import json_line
 from tasks import run_logger
 from tasks.augment import expand
 from tasks.caching import CACHED, file_digest
 from tasks.dataset import iter_parquet, read_input, read_pairs, rejects_path, sibling, write_dataset, write_rejects
 from tasks.dedupe import QualityConfig, filter_and_dedupe
 from tasks.records import Reject
+
+
+class NoUsablePairs(ValueError):
+    """Nothing survived reading and filtering: every later stage would fail less clearly."""
 
 
 @task(**CACHED)
@@ -41,7 +46,7 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
             rejects_file.write(Path(shard["rejects"]).read_text(encoding="utf-8"))
 
         def reject(r: Reject) -> None:
-            rejects_file.write(json.dumps(r.to_record(), ensure_ascii=False) + "\n")
+            rejects_file.write(json_line(r.to_record()))
 
         kept, report = filter_and_dedupe((p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject, near_duplicates=near_duplicates)
     malformed = sum(s["malformed"] for s in shards)
@@ -49,6 +54,8 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
     report_path = sibling(output, ".report.json")
     write_text(report_path, json.dumps(summary, indent=2))
     dups = report.dropped["exact duplicate"] + report.dropped["near duplicate"]
+    if not kept:
+        raise NoUsablePairs(f"no usable conversation pairs in {', '.join(s['source'] for s in shards)}: {malformed:,} malformed line(s) and {report.to_dict()['dropped_total']:,} pair(s) dropped, every one in {rejects_path(output)} with its reason; fix those lines, or add data")
     return {
         **write_dataset(kept, output), "rejects": str(rejects_path(output)), "report": str(report_path), "records": len(kept),
         "rejected_lines": malformed, "duplicates": dups, "low_quality": report.to_dict()["dropped_total"] - dups, "dropped": dict(report.dropped), "near_duplicates_linked": report.linked,

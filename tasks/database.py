@@ -10,9 +10,10 @@ from prefect import task
 from retrieval.store import build_table, is_uri, local_dir, stats
 from tasks import run_logger
 from tasks.dataset import read_input
+from tasks.retries import IO_RETRIES
 
 
-@task(retries=1, retry_delay_seconds=2)  # I/O on the table folder; a rebuild is safe to repeat
+@task(**IO_RETRIES)  # I/O on the table folder; a rebuild is safe to repeat
 def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False) -> dict:
     """Embed, bucket and write ``data`` as a new version of ``table``; rejects go beside the db."""
     logger = run_logger()

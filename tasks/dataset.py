@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.atomic import atomic_path
+from retrieval.text import json_line
 from tasks.records import Pair, Reject, load_records
 
 SCHEMA = pa.schema(
@@ -78,9 +79,10 @@ def read_input(path: str | Path, output: str | Path, strict: bool = False) -> tu
     earlier stage, which already wrote its rejects; rewriting them here would erase them.
     """
     pairs, rejects = read_pairs(path, strict=strict)
-    if Path(path).suffix == ".parquet":
-        return pairs, 0, None
-    return pairs, len(rejects), write_rejects(rejects, output)
+    written = None if Path(path).suffix == ".parquet" else write_rejects(rejects, output)
+    if not pairs:
+        raise ValueError(f"{str(path)!r} holds no usable conversation pairs" + (f" ({len(rejects):,} rejected lines, each in {written} with its reason)" if rejects else "") + "; add data or fix the rejected lines")
+    return pairs, len(rejects), written
 
 
 def pairs_table(pairs: Iterable[Pair]) -> pa.Table:
@@ -99,7 +101,7 @@ def pairs_table(pairs: Iterable[Pair]) -> pa.Table:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.write(json_line(rec))
 
 
 def write_dataset(pairs: list[Pair], output: str | Path) -> dict[str, str]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from retrieval.text import TextError, clean_text, decode_line, read_lines
+
 LABEL_FIELDS = ("intent", "label", "bucket")
 # A line longer than this is rejected unread: no real conversation is this long, and reading it
 # whole would let one bad line take the process's memory.
@@ -89,9 +91,10 @@ class _Bad(Exception):
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise _Bad(f"field '{where}' must be a string, got {type(value).__name__}", f"write '{where}' as a JSON string")
-    if not value.strip():
-        raise _Bad(f"field '{where}' is empty", f"give '{where}' some text or drop the line")
-    return value.strip()
+    try:
+        return clean_text(value, f"field '{where}'")
+    except TextError as exc:
+        raise _Bad(exc.reason, exc.fix + " or drop the line") from None
 
 
 def _label(obj: dict[str, Any]) -> str | None:
@@ -147,63 +150,104 @@ def parse_record(obj: Any, source: str, line: int) -> list[Pair]:
     return [Pair(user=user, assistant=assistant, context=context, **common)]
 
 
-def _lines(fh, limit: int) -> Iterator[tuple[bytes, int]]:
-    """(line, its full length) for each line; a line over ``limit`` bytes comes back cut to its first
-    200 bytes, and the rest of it is skipped in bounded chunks rather than read into memory."""
-    while True:
-        raw = fh.readline(limit + 1)
-        if not raw:
-            return
-        if len(raw) <= limit or raw.endswith(b"\n"):
-            yield raw, len(raw)
-            continue
-        size, chunk = len(raw), raw
-        while chunk and not chunk.endswith(b"\n"):
-            chunk = fh.readline(1 << 16)
-            size += len(chunk)
-        yield raw[:200], size
+def check_input(path: str | Path, flag: str = "--data") -> Path:
+    """``path`` as a readable file, or a ``ValueError`` that names the path, what is wrong and the fix.
+
+    A missing file, a folder and an unreadable file are errors, never "no records": the fix differs.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)")
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {str(path)!r} does not exist; check the path")
+    if not path.is_file():
+        raise ValueError(f"{flag} {str(path)!r} is not a regular file; pass a JSONL file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ValueError(f"{flag} {str(path)!r} cannot be read (permission denied); make it readable (`chmod u+r {path}`)") from None
+    return path
+
+
+def _surrogate_field(value: Any, where: str = "") -> str | None:
+    """Where a decoded JSON value holds a lone surrogate (only a ``\\u`` escape makes one), e.g.
+    ``messages[0].content``; "" for the value itself; None when it holds none."""
+    if isinstance(value, str):
+        return where if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        sub = f"{where}.{key}".lstrip(".") if isinstance(key, str) else f"{where}[{key}]"
+        if isinstance(key, str) and _surrogate_field(key) is not None:
+            return f"a key of {where or 'the record'}"
+        found = _surrogate_field(item, sub)
+        if found is not None:
+            return found
+    return None
 
 
 def iter_records(path: str | Path, strict: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Pair | Reject]:
     """Yield every pair in a JSONL file, and a ``Reject`` for every line that cannot be used: each
     non-blank line gives one or more pairs or exactly one reject.
 
-    Reads bytes so one line of invalid UTF-8 is reported rather than aborting the whole file.
+    Reads bytes so one line of invalid UTF-8 is reported rather than aborting the whole file; text
+    is checked and repaired by ``retrieval.text`` (the one rule for every way text comes in).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data/--input file {str(path)!r} does not exist; pass the path of a JSONL file")
+    path = check_input(path)
     source = path.stem
     with open(path, "rb") as fh:
-        for number, (raw, size) in enumerate(_lines(fh, max_line_bytes), start=1):
-            if size > max_line_bytes:
-                bad = Reject(str(path), number, f"line is {size:,} bytes, over the {max_line_bytes:,}-byte limit", "split the conversation or drop the line", raw.decode("utf-8", "replace") + "…")
-                if strict:
-                    raise RecordError(bad.message())
-                yield bad
+        for number, (raw, size) in enumerate(read_lines(fh, max_line_bytes), start=1):
+            bad = _read_line(raw, size, max_line_bytes, str(path), number)
+            if isinstance(bad, list):
+                yield from bad
                 continue
-            if not raw.strip():
+            if bad is None:
                 continue  # blank lines are layout, not records
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad = Reject(str(path), number, f"invalid UTF-8 at byte {exc.start}", "save the file as UTF-8", raw.decode("utf-8", "replace").rstrip("\n"))
-            else:
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    bad = Reject(str(path), number, f"invalid JSON ({exc.msg} at column {exc.colno})", "write one complete JSON object per line", text.rstrip("\n"))
-                except RecursionError:
-                    bad = Reject(str(path), number, "JSON nested too deeply", "flatten the record", text[:200])
-                else:
-                    try:
-                        yield from parse_record(obj, source, number)
-                        continue
-                    except _Bad as exc:
-                        bad = Reject(str(path), number, exc.reason, exc.fix, text.rstrip("\n"))
             if strict:
                 raise RecordError(bad.message())
             yield bad
+
+
+def _read_line(raw: bytes, size: int, limit: int, path: str, number: int) -> list[Pair] | Reject | None:
+    """The pairs of one line, its ``Reject``, or None for a blank line."""
+    if size > limit:
+        return Reject(path, number, f"line is {size:,} bytes, over the {limit:,}-byte limit", "split the conversation or drop the line", raw.decode("utf-8", "replace") + "…")
+    try:
+        text = decode_line(raw)
+    except TextError as exc:
+        return Reject(path, number, exc.reason, exc.fix, raw.decode("utf-8", "replace").rstrip("\r\n"))
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Reject(path, number, f"invalid JSON ({exc.msg} at column {exc.colno})", "write one complete JSON object per line", text)
+    except RecursionError:
+        return Reject(path, number, "JSON nested too deeply", "flatten the record", text[:200])
+    try:
+        where = _surrogate_field(obj) if "\\u" in text else None
+    except RecursionError:
+        return Reject(path, number, "JSON nested too deeply", "flatten the record", text[:200])
+    if where is not None:
+        return Reject(path, number, f"{f'field {where!r}' if where else 'the line'} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair)", "write the character itself in UTF-8, or escape it as a full surrogate pair", text)
+    try:
+        return parse_record(obj, Path(path).stem, number)
+    except _Bad as exc:
+        return Reject(path, number, exc.reason, exc.fix, text)
+
+
+def require_pairs(path: str | Path, flag: str = "--data") -> None:
+    """``ValueError`` unless ``path`` holds at least one usable pair; reads only up to the first one,
+    so a good file costs a line and a useless one is reported before any work starts."""
+    rejects = 0
+    for item in iter_records(path):
+        if isinstance(item, Pair):
+            return
+        first = first if rejects else item
+        rejects += 1
+    if not rejects:
+        raise ValueError(f"{flag} {str(path)!r} is empty; it needs one JSON object per line, e.g. " '{"user": "hi", "assistant": "hello"}')
+    raise ValueError(f"{flag} {str(path)!r} holds no usable conversation: all {rejects:,} of its non-blank lines were rejected, the first at line {first.line}: {first.reason}. Fix: {first.fix}")
 
 
 def load_records(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:

@@ -60,35 +60,44 @@ def client():
     return MlflowClient()
 
 
-def register(run_id: str, tags: dict[str, str]) -> int:
-    """Register the run's model folder as a new version of ``bucketchat``; returns its number."""
+def register(run_id: str, tags: dict[str, str], name: str = MODEL_NAME) -> int:
+    """Register the run's model folder as a version of the bot ``name``; returns its number.
+
+    Idempotent: a run already registered (a retry after a failure past this point) gets its version
+    back instead of a second one."""
     from mlflow.exceptions import MlflowException
 
     c = client()
     try:
-        c.get_registered_model(MODEL_NAME)
+        done = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        done = []
+    if done:
+        return min(int(mv.version) for mv in done)
+    try:
+        c.get_registered_model(name)
     except MlflowException:
         try:
-            c.create_registered_model(MODEL_NAME, description="bucketchat response-bucket heads; alias 'champion' is what chat serves")
+            c.create_registered_model(name, description="a bucketchat bot: response-bucket heads; alias 'champion' is what chat serves")
         except MlflowException as exc:  # another process created it since: use theirs
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
     run = c.get_run(run_id)
-    mv = c.create_model_version(MODEL_NAME, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags)
+    mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags)
     return int(mv.version)
 
 
-def champion_version() -> int | None:
+def champion_version(name: str = MODEL_NAME) -> int | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return int(client().get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version)
+        return int(client().get_model_version_by_alias(name, CHAMPION_ALIAS).version)
     except MlflowException:
         return None
 
 
-def set_champion(version: int) -> None:
-    client().set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, str(version))
+def set_champion(version: int, name: str = MODEL_NAME) -> None:
+    client().set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
 
 
 def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]:
@@ -101,6 +110,8 @@ def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]
         folder = local
     else:
         configure()
+        if dst:
+            Path(dst).mkdir(parents=True, exist_ok=True)
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
         except MlflowException as exc:
@@ -114,25 +125,25 @@ def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]
     return weights, meta
 
 
-def tag_version(version: int, tags: dict[str, str]) -> None:
+def tag_version(version: int, tags: dict[str, str], name: str = MODEL_NAME) -> None:
     c = client()
     for k, v in tags.items():
-        c.set_model_version_tag(MODEL_NAME, str(version), k, v)
+        c.set_model_version_tag(name, str(version), k, v)
 
 
-def list_versions() -> list[dict]:
+def list_versions(name: str = MODEL_NAME) -> list[dict]:
     """Every registered version, newest first, with its run's scores, size, aliases and tags."""
     from mlflow.exceptions import MlflowException
 
     c = client()
     try:
         aliases: dict[str, list[str]] = {}
-        for alias, version in c.get_registered_model(MODEL_NAME).aliases.items():
+        for alias, version in c.get_registered_model(name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
     except MlflowException:
         return []
     out = []
-    for mv in c.search_model_versions(f"name='{MODEL_NAME}'"):
+    for mv in c.search_model_versions(f"name='{name}'"):
         run = c.get_run(mv.run_id) if mv.run_id else None
         metrics = run.data.metrics if run else {}
         out.append({
@@ -150,12 +161,12 @@ def list_versions() -> list[dict]:
     return sorted(out, key=lambda v: -v["version"])
 
 
-def find_versions(tags: dict[str, str]) -> list[dict]:
+def find_versions(tags: dict[str, str], name: str = MODEL_NAME) -> list[dict]:
     """Registered versions carrying every one of ``tags``, newest first."""
     from mlflow.exceptions import MlflowException
 
     c = client()
-    query = " and ".join([f"name='{MODEL_NAME}'", *(f"tags.{k}='{v}'" for k, v in tags.items())])
+    query = " and ".join([f"name='{name}'", *(f"tags.{k}='{v}'" for k, v in tags.items())])
     try:
         found = c.search_model_versions(query)
     except MlflowException:
@@ -163,13 +174,13 @@ def find_versions(tags: dict[str, str]) -> list[dict]:
     return sorted(({"version": int(mv.version), "run_id": mv.run_id, "val_response_acc": float(mv.tags["val_response_acc"]) if mv.tags.get("val_response_acc", "n/a") != "n/a" else None} for mv in found), key=lambda v: -v["version"])
 
 
-def rollback(version: int | None = None) -> tuple[int | None, int]:
+def rollback(version: int | None = None, name: str = MODEL_NAME) -> tuple[int | None, int]:
     """Point ``champion`` at ``version`` (default: the newest version older than the current
     champion). Returns (previous champion, new champion)."""
-    versions = [v["version"] for v in list_versions()]
+    versions = [v["version"] for v in list_versions(name)]
     if not versions:
-        raise ValueError(f"no versions of {MODEL_NAME!r} are registered in {mlflow_tracking_uri()!r}; train one first")
-    current = champion_version()
+        raise ValueError(f"no versions of {name!r} are registered in {mlflow_tracking_uri()!r}; train one first (`bucketchat pipeline --data FILE --model_name {name}`)")
+    current = champion_version(name)
     if version is None:
         older = [v for v in versions if current is not None and v < current]
         if not older:
@@ -177,6 +188,6 @@ def rollback(version: int | None = None) -> tuple[int | None, int]:
         version = max(older)
     if version not in versions:
         raise ValueError(f"--version {version} is not registered; registered versions: {', '.join(map(str, sorted(versions)))}")
-    set_champion(version)
-    tag_version(version, {"promotion": f"rolled back to by `bucketchat registry rollback` (was v{current})"})
+    set_champion(version, name)
+    tag_version(version, {"promotion": f"rolled back to by `bucketchat registry rollback` (was v{current})"}, name)
     return current, version

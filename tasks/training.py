@@ -25,6 +25,7 @@ from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import neighbour_log_probs
 from retrieval.store import db_key, local_dir, open_table, read_columns, reembed_table, table_encoder
 from tasks import registry, run_logger
+from tasks.retries import IO_RETRIES
 
 ENCODERS_DIR = "_encoders"  # fine-tuned encoders a table version was embedded with, by id hash
 
@@ -462,36 +463,64 @@ def training_key(db: str, table: str, version: int, train: dict, head: dict) -> 
 
 
 @task
-def previous_training(db: str, table: str, version: int, train: dict, head: dict, outputs: list[str]) -> dict:
+def previous_training(db: str, table: str, version: int, train: dict, head: dict, outputs: list[str], model_name: str = registry.MODEL_NAME) -> dict:
     """This training's key, and the registered version already trained from exactly that key (newest)
     if there is one and the local ``outputs`` it wrote still exist: training again would only repeat
     the same work and register a duplicate."""
     key = training_key(db, table, version, train, head)
-    found = registry.find_versions({"train_key": key}) if key else []
+    found = registry.find_versions({"train_key": key}, model_name) if key else []
     if not found or not all(Path(p).exists() for p in outputs):
         return {"key": key, "previous": None}
     v = found[0]
     reason = f"unchanged: v{v['version']} was already trained on this table content with these settings and this code; nothing trained, champion kept"
     run_logger().info(reason)
-    return {"key": key, "previous": {"version": v["version"], "run_id": v["run_id"], "val_response_acc": v["val_response_acc"], "reason": reason, "champion": registry.champion_version()}}
+    return {"key": key, "previous": {"version": v["version"], "run_id": v["run_id"], "val_response_acc": v["val_response_acc"], "reason": reason, "champion": registry.champion_version(model_name)}}
 
 
-@task(retries=2, retry_delay_seconds=1)  # registry writes are I/O against the tracking store
-def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None, train_key: str | None = None, val_right: list[bool] | None = None) -> dict:
-    """Register the run's model; move ``champion`` to it only if it beats the current champion on
-    validation rows neither has trained on (``champion_score``). Returns the new version, whether it
-    was promoted, and why."""
+# A challenger sharing less than this with the champion's responses looks like another bot (a
+# second team's data, a quick experiment): the champion then scores ~0 on its validation rows, so
+# "better on validation" would always hold and say nothing.
+MIN_SHARED_RESPONSES = 0.5
+
+
+def shared_responses(meta_a: dict, meta_b: dict) -> float:
+    """The share of responses two models have in common, over the smaller set (1.0 when one bot's
+    responses all appear in the other's: grown data of the same bot), compared after case,
+    whitespace and Unicode normalisation."""
+    from tasks.dataset import normalise
+
+    a, b = ({normalise(t) for t in m["candidates"]["texts"] if t is not None} for m in (meta_a, meta_b))
+    return len(a & b) / min(len(a), len(b)) if a and b else 0.0
+
+
+@task(**IO_RETRIES)  # registry writes are I/O against the tracking store; registering is idempotent
+def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None, train_key: str | None = None, val_right: list[bool] | None = None, model_name: str = registry.MODEL_NAME, replace_champion: bool = False) -> dict:
+    """Register the run's model as a version of the bot ``model_name``; move its ``champion`` to it
+    only if it beats the current champion on validation rows neither has trained on
+    (``champion_score``) and shares at least ``MIN_SHARED_RESPONSES`` of its responses with it
+    (``replace_champion`` lifts that check). Returns the new version, whether it was promoted, and why.
+    """
     logger = run_logger()
     tags = {"val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a", "table_version": str(version), **({"train_key": train_key} if train_key else {})}
-    new_version = registry.register(run_id, tags)
-    current = registry.champion_version()
-    champion_acc, challenger_acc, basis = None, val_response_acc, "its validation rows"
-    if current is not None and val_response_acc is not None:
+    new_version = registry.register(run_id, tags, model_name)
+    current = registry.champion_version(model_name)
+    champion_acc, challenger_acc, basis, shared = None, val_response_acc, "its validation rows", None
+    if current is not None and current != new_version:
         with tempfile.TemporaryDirectory() as tmp:
-            weights, meta = registry.download_model(f"models:/{registry.MODEL_NAME}/{current}", tmp)
-            champion_acc, challenger_acc, basis = champion_score(str(weights), str(meta), db, table, version, val_ids, val_right, val_response_acc)
+            weights, meta = registry.download_model(f"models:/{model_name}/{current}", Path(tmp) / "champion")
+            _, new_meta = registry.download_model(f"runs:/{run_id}/{registry.MODEL_ARTIFACT}", Path(tmp) / "challenger")
+            shared = shared_responses(json.loads(Path(meta).read_text()), json.loads(Path(new_meta).read_text()))
+            if val_response_acc is not None:
+                champion_acc, challenger_acc, basis = champion_score(str(weights), str(meta), db, table, version, val_ids, val_right, val_response_acc)
     if current is None:
         promoted, reason = True, "no champion yet"
+    elif current == new_version:
+        promoted, reason = True, "already champion (a retry of this registration)"
+    elif shared < MIN_SHARED_RESPONSES and not replace_champion:
+        promoted, reason = False, (
+            f"it shares {shared:.0%} of its responses with champion v{current} (under {MIN_SHARED_RESPONSES:.0%}), so it looks like another bot; champion kept. "
+            f"Train it under its own --model_name, or pass --replace_champion if it is meant to take over"
+        )
     elif val_response_acc is None:
         promoted, reason = False, "no validation rows to compare on (raise --val_split); champion kept"
     elif champion_acc is None and challenger_acc is None:
@@ -503,10 +532,12 @@ def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids
     else:
         # Only a better score moves the alias: an equal one is noise, and churn has a cost (caches, audits).
         promoted, reason = False, f"validation response accuracy {challenger_acc:.4f} is not above champion v{current}'s {champion_acc:.4f} on {basis}; champion kept"
+    if promoted and shared is not None and shared < MIN_SHARED_RESPONSES:
+        reason += f" (replaces another bot's champion: {shared:.0%} of responses shared; --replace_champion)"
     failpoint("registry:registered")
-    registry.tag_version(new_version, {"champion_val_acc_at_registration": f"{champion_acc:.6f}" if champion_acc is not None else "n/a", "promotion": reason})
+    registry.tag_version(new_version, {"champion_val_acc_at_registration": f"{champion_acc:.6f}" if champion_acc is not None else "n/a", "shared_responses_with_champion": f"{shared:.4f}" if shared is not None else "n/a", "promotion": reason}, model_name)
     if promoted:
         failpoint("registry:promoting")
-        registry.set_champion(new_version)
-    logger.info("model version %d: %s", new_version, reason)
-    return {"version": new_version, "promoted": promoted, "reason": reason, "previous_champion": current, "champion_val_acc": champion_acc}
+        registry.set_champion(new_version, model_name)
+    logger.info("%s version %d: %s", model_name, new_version, reason)
+    return {"version": new_version, "promoted": promoted, "reason": reason, "previous_champion": current, "champion_val_acc": champion_acc, "shared_responses": shared}

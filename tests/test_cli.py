@@ -80,7 +80,7 @@ def test_chat_answers_each_piped_line_as_json(tmp_path, tiny_jsonl, monkeypatch,
     res = build_table(pairs, tmp_path / "db", "conversations")
     head, meta, _ = fit(str(tmp_path / "db"), "conversations", res.version, TrainConfig(epochs=30, lr=5e-3, val_split=0.0), {"hidden_dim": 64, "dropout": 0.0})
     checkpoint.save(head, meta, tmp_path / "w.pth", tmp_path / "m.json")
-    monkeypatch.setattr(sys, "stdin", io.StringIO("where is my parcel\n\nhow long to boil eggs\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"where is my parcel\n\nhow long to boil eggs\n")))
     assert main(["chat", "--weights", str(tmp_path / "w.pth"), "--meta", str(tmp_path / "m.json"), "--json"]) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [l["line"] for l in lines] == [1, 3]

@@ -45,7 +45,7 @@ def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, p
     for name in ("one", "two"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name / 'mlflow.db'}")
         out = pipeline_flow([str(tiny_jsonl)], workdir=str(tmp_path / name / "work"), train={"epochs": 30, "lr": 5e-3}, head={"hidden_dim": 64, "dropout": 0.0})
-        assert out["registry"] == {"version": 1, "promoted": True, "reason": "no champion yet", "previous_champion": None, "champion_val_acc": None}
+        assert out["registry"] == {"version": 1, "promoted": True, "reason": "no champion yet", "previous_champion": None, "champion_val_acc": None, "shared_responses": None}
         assert out["dataset"]["records"] == 26 and "input_records" not in out["dataset"]  # no expansion unless --target
         assert registry.champion_version() == 1
         work = tmp_path / name / "work"

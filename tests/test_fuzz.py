@@ -1,6 +1,9 @@
-"""Property-based fuzzing of the loaders (hypothesis): random bytes, truncated lines, huge lines,
+"""Property-based fuzzing of the loaders (hypothesis): random bytes, any Unicode (lone surrogates,
+NUL and control characters, byte-order marks, CRLF), other encodings, truncated lines, huge lines,
 deep JSON and wrong types never crash them, and every non-blank line is accounted for — loaded as
-pairs, or in the rejects with a reason and a fix; the counts add up, through to the merged dataset."""
+pairs, or in the rejects with a reason and a fix; the counts add up, through to the merged dataset.
+
+Piped chat and the server get the same inputs in tests/test_edges.py."""
 
 import json
 import tempfile
@@ -14,7 +17,12 @@ from tasks.records import iter_records
 
 LIMIT = 4096  # the loaders' line limit, scaled down so huge lines stay cheap to generate
 
-text = st.text(min_size=0, max_size=40)
+# Any code point, lone surrogates included (JSON escapes them as \\udXXX), plus the troublemakers.
+text = st.one_of(
+    st.text(min_size=0, max_size=40),
+    st.text(st.characters(codec=None, exclude_categories=()), max_size=40),
+    st.lists(st.sampled_from(["\ud800", "\udfff", "\x00", "\ufeff", "\r\n", "\x1b", "\x85", "ok", " "]), max_size=8).map("".join),
+)
 scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text)
 json_value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)), max_leaves=8)
 turn = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", 3]), "content": st.one_of(text, scalar)})
@@ -27,9 +35,15 @@ record = st.one_of(
 
 @st.composite
 def line(draw) -> bytes:
-    kind = draw(st.sampled_from(["record", "record", "truncated", "bytes", "huge", "deep", "blank"]))
+    kind = draw(st.sampled_from(["record", "record", "raw_unicode", "latin1", "bom_crlf", "truncated", "bytes", "huge", "deep", "blank"]))
     if kind == "record":
         return json.dumps(draw(record)).encode()
+    if kind == "raw_unicode":  # non-ASCII written as itself, not escaped (lone surrogates cannot be: escaped)
+        return json.dumps(draw(record), ensure_ascii=False).encode("utf-8", "backslashreplace")
+    if kind == "latin1":  # a line from a file saved in another encoding
+        return json.dumps({"user": "café " + draw(text), "assistant": "crème brûlée"}, ensure_ascii=False).encode("latin-1", "replace")
+    if kind == "bom_crlf":
+        return b"\xef\xbb\xbf" + json.dumps(draw(record)).encode() + b"\r"
     if kind == "truncated":
         full = json.dumps(draw(record)).encode()
         return full[: draw(st.integers(0, max(0, len(full) - 1)))]
@@ -72,14 +86,20 @@ def test_every_line_is_loaded_or_rejected_with_a_reason(lines):
 def test_counts_add_up_through_the_merged_dataset(first, second):
     """The pipeline's data stage on two fuzzed drops: the merged rejects file holds every bad line
     (with its file, line, reason and fix) and every dropped pair; kept + dropped = pairs read."""
-    from tasks.data import merge_sources, validate_source
+    from tasks.data import NoUsablePairs, merge_sources, validate_source
 
     paths, counted = zip(*(_write(lines) for lines in (first, second)))
     staging = paths[0].parent / "shards"
     shards = [validate_source.fn(str(p), str(staging)) for p in paths]
     pairs_read = sum(s["pairs"] for s in shards)
     out = paths[0].parent / "merged.jsonl"
-    merged = merge_sources.fn(shards, str(out))
+    try:
+        merged = merge_sources.fn(shards, str(out))
+    except NoUsablePairs:  # nothing kept: an error, with every line still in the rejects file
+        report = json.loads(out.with_name("merged.report.json").read_text())
+        rejects = out.with_name("merged.rejects.jsonl").read_text(encoding="utf-8").splitlines()
+        assert report["kept"] == 0 and len(rejects) == sum(s["malformed"] for s in shards) + report["dropped_total"]
+        return
     report = json.loads(Path(merged["report"]).read_text())
     rejects = [json.loads(l) for l in Path(merged["rejects"]).read_text(encoding="utf-8").splitlines()]
     malformed = [r for r in rejects if "line" in r and "reason" in r and r.get("file") in {str(p) for p in paths}]
