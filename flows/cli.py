@@ -587,6 +587,8 @@ def cmd_serve(a) -> None:
     cfg = ServerConfig(host=a.host, port=a.port, api_key=a.api_key or os.environ.get("BUCKETCHAT_API_KEY") or None, max_concurrency=a.max_concurrency, threads=a.workers_threads, model_name=a.weights or a.model)
     engine = _load_engine(a)
     serve(engine, cfg)
+    if _stopping:  # uvicorn finished its graceful shutdown and swallowed the interrupt
+        _stop_now(_NAME[0], _stopping[0])
 
 
 COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "eval": cmd_eval, "serve": cmd_serve, "pipeline": cmd_pipeline, "retrain": cmd_retrain}
@@ -608,7 +610,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 _NAME = ["bucketchat"]  # "bucketchat COMMAND" once main has parsed the arguments
-_stopping: list[str] = []  # the command's name, once a stop has begun
+_stopping: list[int] = []  # the signal, once a stop has begun
 _said = threading.Lock()
 
 
@@ -626,7 +628,7 @@ def _stop_now(name: str, signum: int) -> None:
 def _begin_stop(name: str, signum: int) -> None:
     """Start the grace period once: whatever is still unwinding when it ends is cut short."""
     if not _stopping:
-        _stopping.append(name)
+        _stopping.append(signum)
         timer = threading.Timer(STOP_GRACE_S, _stop_now, args=(name, signum))
         timer.daemon = True
         timer.start()
@@ -635,7 +637,7 @@ def _begin_stop(name: str, signum: int) -> None:
 def _on_signal(signum: int, frame) -> None:
     name = _NAME[0]
     if _stopping:  # a second Ctrl-C: now
-        _stop_now(_stopping[0], signum)
+        _stop_now(name, signum)
     _begin_stop(name, signum)
     raise Interrupted(signum)
 
@@ -665,8 +667,20 @@ def _needs_flows(args) -> bool:
     return args.command in FLOW_COMMANDS or (args.command == "db" and args.db_command == "build")
 
 
+def _api_configured() -> bool:
+    """A Prefect API to use already: PREFECT_API_URL, or (prefect already imported, e.g. under a
+    test harness) Prefect's own settings."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if "prefect" in sys.modules:
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
+    return False
+
+
 def _run(args) -> None:
-    if _needs_flows(args) and not os.environ.get("PREFECT_API_URL"):
+    if _needs_flows(args) and not _api_configured():
         from flows.orchestration import LocalApi
         from tasks.settings import state_home
 
@@ -698,9 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     _quiet(verbose)
     name = _NAME[0] = f"bucketchat {args.command}"
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_signal)
-        signal.signal(signal.SIGTERM, _on_signal)
+        handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     from tasks.records import RecordError
 
     try:
@@ -720,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{name}: failed: {type(exc).__name__}: {exc} (--verbose shows the traceback)", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in handlers.items():  # main() called in-process (tests) leaves them as they were
+            signal.signal(sig, handler)
     return 0
 
 

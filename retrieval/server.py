@@ -234,4 +234,4 @@ def serve(engine: ChatEngine, cfg: ServerConfig) -> None:
     import uvicorn
 
     print(f"bucketchat serving {cfg.model_name} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1{', API key required' if cfg.api_key else ''})", flush=True)
-    uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5)
+    uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=1)

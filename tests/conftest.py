@@ -26,6 +26,7 @@ _STATE = os.environ["BUCKETCHAT_TEST_STATE"]
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLE = Path(__file__).resolve().parents[1] / "conversation_data.sample.jsonl"
 
 # Four clearly different intents, six askings each: small enough to embed in a second, big enough
 # that a head must actually learn to separate them.
