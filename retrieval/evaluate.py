@@ -14,29 +14,35 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.answer import ChatEngine
+from retrieval.text import MAX_LINE_BYTES, MAX_MESSAGE_CHARS, TextError, clean_text, decode_line, read_lines
 
 
 def read_messages(path: str | Path) -> list[str]:
-    """Out-of-scope messages: a conversation JSONL (its user side) or plain text, one per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--oos file {str(path)!r} does not exist; pass a JSONL file or a text file with one message per line")
+    """Out-of-scope messages: a conversation JSONL (its user side) or plain text, one per line.
+    Text follows the one rule of ``retrieval.text``; a line it rejects is an error naming the line."""
+    from tasks.records import check_input
+
+    path = check_input(path, "--oos")
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
+    with open(path, "rb") as fh:
+        for number, (raw, size) in enumerate(read_lines(fh, MAX_LINE_BYTES), start=1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg}); write one object per line, or plain text") from exc
-            text = obj.get("user") if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{number}: no \"user\" text; give {{\"user\": \"...\"}} or a plain line")
-            out.append(text)
-        else:
-            out.append(line)
+                if size > MAX_LINE_BYTES:
+                    raise TextError("too_long", f"the line is {size:,} bytes", "split it")
+                line = decode_line(raw).strip()
+                if not line:
+                    continue
+                if line.startswith("{"):
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg}); write one object per line, or plain text") from None
+                    line = obj.get("user") if isinstance(obj, dict) else None
+                    if not isinstance(line, str) or not line.strip():
+                        raise ValueError(f"{path}:{number}: no \"user\" text; give {{\"user\": \"...\"}} or a plain line")
+                out.append(clean_text(line, "the message", MAX_MESSAGE_CHARS))
+            except TextError as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from None
     return out
 
 

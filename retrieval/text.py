@@ -27,6 +27,9 @@ BOM = "\ufeff"
 # Chat messages and HTTP contents longer than this are refused: the encoder reads only the first
 # 256 word pieces (~1,000 characters) anyway, and a bounded message keeps a turn's cost bounded.
 MAX_MESSAGE_CHARS = 4000
+# A file line longer than this is rejected unread: no real conversation is this long, and reading it
+# whole would let one bad line take the process's memory.
+MAX_LINE_BYTES = 1 << 20
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc less tab, newline (CR is handled first)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

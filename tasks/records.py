@@ -16,12 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from retrieval.text import TextError, clean_text, decode_line, read_lines
+from retrieval.text import MAX_LINE_BYTES, TextError, clean_text, decode_line, read_lines
 
 LABEL_FIELDS = ("intent", "label", "bucket")
-# A line longer than this is rejected unread: no real conversation is this long, and reading it
-# whole would let one bad line take the process's memory.
-MAX_LINE_BYTES = 1 << 20
 ROLES = ("user", "assistant", "system")
 # Fields the loader itself interprets; everything else is metadata.
 RESERVED = {"user", "assistant", "messages", "context", "source", "parent_id", "op", "id", *LABEL_FIELDS}

@@ -13,7 +13,9 @@ Sections (each script runs in its own process; its JSON and log are kept under O
   a --train_all epoch, db build rows/s, peak memory (training.py);
 - data: expand 5k -> 120k and build-super over 260k records, time and peak memory (data.py);
 - serving: requests/s of `bucketchat serve` against its /healthz ceiling (serve.py);
-- retrain: `bucketchat retrain` cold, then on the unchanged folder (retrain.py).
+- retrain: `bucketchat retrain` cold, then on the unchanged folder (retrain.py);
+- reliability: hostile text into the pipeline, piped chat and the server, and SIGINT, SIGTERM and
+  SIGKILL into each long-running command: crashes, lost lines, leftover processes (reliability.py).
 
 Figures are medians over --repeats with their min-max spread; ratios are against the baseline
 measured in the same run. A section that fails is reported as failed, with its log, and the rest
@@ -37,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tests" / "bench"
 DATA = ROOT.parent / "shared" / "data" / "banking77"
-SECTIONS = ("quality", "latency", "training", "data", "serving", "retrain")
+SECTIONS = ("quality", "latency", "training", "data", "serving", "retrain", "reliability")
 
 
 def run_script(out: Path, name: str, script: str, *args: str) -> dict | None:
@@ -208,6 +210,24 @@ def retrain(rep: Report, out: Path, repeats: int) -> None:
     rep.table(["run", "time", "vs cold"], [["cold", f"{r['cold_s']:.0f} s", "1×"], ["unchanged rerun", spread(r["unchanged_s"]) + " s", f"{statistics.median(r['unchanged_s']) / r['cold_s']:.2f}×"]])
 
 
+def reliability(rep: Report, out: Path, repeats: int) -> None:
+    rep.add("## Reliability", "",
+            "Seeded hostile inputs (any Unicode with lone surrogates, NUL and control characters, byte-order marks, CRLF, Latin-1 lines, random bytes, lines over the limits) into each entry point through the real commands, and signals into each long-running command mid-run (reliability.py). A crash is a non-zero exit or a traceback (pipeline, chat) or a 500 or dropped connection (server); a lost line is one neither answered nor reported/rejected.", "")
+    r = run_script(out, "reliability", "reliability.py")
+    if r is None:
+        return rep.failed("reliability", "reliability")
+    rows = []
+    for name, f in r["fuzz"].items():
+        detail = {"pipeline (file)": lambda: f"{f.get('kept_pairs', '?')} pairs kept, {f.get('rejected_lines', '?')} lines rejected, {f.get('dropped_pairs', '?')} pairs dropped", "chat (piped)": lambda: f"{f['answered']} answered, {f['reported']} reported per line", "serve (HTTP)": lambda: ", ".join(f"{n}× {code}" for code, n in f["statuses"].items())}[name]()
+        rows.append([name, f"{f['inputs']:,}", str(f["crashes"]), str(f["lost"]), detail, f"{f['s']:.0f} s"])
+    rep.table(["entry point", "inputs", "crashes", "lost lines", "outcome", "time"], rows)
+    sig_rows = [[x["command"], x["signal"], f"{x['stop_s']:.2f} s" if "stop_s" in x else "-", str(x.get("exit", "-")), "yes" if x.get("traceback") else "no", str(x.get("leftover_processes", "-")), ", ".join(sorted(set(x.get("flow_runs") or x.get("flow_runs_after_next_command") or []))) or "-", "ok" if x["ok"] else f"FAILED {x.get('why', '')}"] for x in r["signals"]]
+    rep.table(["command", "signal", "stopped in", "exit", "traceback", "processes left", "its flow runs", "verdict"], sig_rows)
+    crashes = sum(f["crashes"] for f in r["fuzz"].values())
+    lost = sum(f["lost"] or 0 for f in r["fuzz"].values())
+    rep.add(f"Totals: {sum(f['inputs'] for f in r['fuzz'].values()):,} hostile inputs, **{crashes} crashes, {lost} lost lines**; {len(r['signals'])} signals, **{sum(not x['ok'] for x in r['signals'])} failed checks, {sum(x.get('leftover_processes') or 0 for x in r['signals'])} leftover processes**.", "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -226,7 +246,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in a.only:
         print(f"{name}:", flush=True)
-        fn = {"quality": quality, "latency": latency, "training": training, "data": data, "serving": serving, "retrain": retrain}[name]
+        fn = {"quality": quality, "latency": latency, "training": training, "data": data, "serving": serving, "retrain": retrain, "reliability": reliability}[name]
         fn(rep, a.out) if name == "latency" else fn(rep, a.out, a.repeats)
         (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")  # after each section: a partial report survives a crash
     rep.add(f"_Total benchmark time: {(time.perf_counter() - t0) / 60:.0f} min._")
