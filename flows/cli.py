@@ -586,9 +586,12 @@ def cmd_serve(a) -> None:
     a.model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
     cfg = ServerConfig(host=a.host, port=a.port, api_key=a.api_key or os.environ.get("BUCKETCHAT_API_KEY") or None, max_concurrency=a.max_concurrency, threads=a.workers_threads, model_name=a.weights or a.model)
     engine = _load_engine(a)
+    # The server writes nothing, so a signal may end it at once: raising inside uvicorn's start-up
+    # would leave a half-made event loop to complain at exit. uvicorn puts its own graceful handler
+    # in place while it runs, and raises the signal again after shutting down: it lands here.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: _stop_now(_NAME[0], signum))
     serve(engine, cfg)
-    if _stopping:  # uvicorn finished its graceful shutdown and swallowed the interrupt
-        _stop_now(_NAME[0], _stopping[0])
 
 
 COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "eval": cmd_eval, "serve": cmd_serve, "pipeline": cmd_pipeline, "retrain": cmd_retrain}

@@ -213,6 +213,8 @@ def try_signal(name: str, args: list[str], sig: int, env: dict, work: Path, home
         if name in ("pipeline", "finetune", "size-sweep"):
             row["flow_runs"] = prefect_states(home, proc.pid)
             row["ok"] = row["ok"] and "RUNNING" not in row["flow_runs"]
+    if not row["ok"]:
+        row["why"] = err[-600:]
     return row
 
 
