@@ -104,7 +104,9 @@ def server(engine):
 
 json_value = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), any_text), lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(any_text, inner, max_size=3)), max_leaves=8)
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "bot"]), "content": st.one_of(any_text, json_value, st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": any_text})))})
+asked = st.tuples(st.lists(message, max_size=3), any_text).map(lambda m: m[0] + [{"role": "user", "content": m[1]}])  # ends with a question
 request = st.one_of(
+    st.fixed_dictionaries({"messages": asked}, optional={"stream": st.booleans()}),
     st.fixed_dictionaries({"messages": st.lists(message, min_size=1, max_size=4)}, optional={"stream": st.booleans(), "seed": st.integers(), "style_mode": json_value, "explain": st.booleans(), "n": json_value}),
     st.fixed_dictionaries({"messages": st.just([]) | json_value}),
     json_value,
