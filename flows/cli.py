@@ -296,9 +296,10 @@ def _report_rejects(result: dict) -> None:
 
 
 def cmd_expand(a) -> None:
+    _preflight([a.input], a.strict, "--input")
+    _start_api()
     from flows.expand import expand_flow
 
-    _preflight([a.input], a.strict, "--input")
     with _orchestrated():
         r = expand_flow(a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
     _report_rejects(r)
@@ -308,9 +309,10 @@ def cmd_expand(a) -> None:
 
 
 def cmd_build_super(a) -> None:
+    _preflight(a.inputs, a.strict, "--inputs")
+    _start_api()
     from flows.build_super import build_super_flow
 
-    _preflight(a.inputs, a.strict, "--inputs")
     with _orchestrated():
         r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict, a.near_dup_threshold)
     _report_rejects(r)
@@ -320,9 +322,10 @@ def cmd_build_super(a) -> None:
 
 def cmd_db(a) -> None:
     if a.db_command == "build":
+        _preflight([a.data], a.strict)
+        _start_api()
         from flows.build_db import build_db_flow
 
-        _preflight([a.data], a.strict)
         with _orchestrated():
             r = build_db_flow(a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict)
         _report_rejects(r)
@@ -354,11 +357,12 @@ def _check_weights(spec: str | None) -> None:
 
 
 def cmd_finetune(a) -> None:
-    from flows.finetune import finetune_flow
-
     train, head = _train_dicts(a, a.seed)
     _check_weights(a.weights)
     _preflight([a.data] if a.data else [], a.strict)
+    _start_api()
+    from flows.finetune import finetune_flow
+
     with _orchestrated():
         r = finetune_flow(a.db, a.data, a.table, a.table_version, train, head, a.output, a.meta, a.num_buckets, a.strict, a.weights, a.resume, sys.stderr.isatty(), a.force, a.model_name, a.replace_champion)
     _report(r, a.model_name)
@@ -366,10 +370,11 @@ def cmd_finetune(a) -> None:
 
 
 def cmd_size_sweep(a) -> None:
-    from flows.size_sweep import size_sweep_flow
-
     train, head = _train_dicts(a, a.seed)
     _preflight([a.data] if a.data else [], False)
+    _start_api()
+    from flows.size_sweep import size_sweep_flow
+
     with _orchestrated():
         r = size_sweep_flow(a.db, a.data, a.table, a.table_version, a.sizes, train, head, a.num_buckets, a.model_name, a.replace_champion)
     print(f"table {r['table']['name']} v{r['table']['version']}:")
@@ -423,11 +428,12 @@ def _report_table(b: dict) -> None:
 
 
 def cmd_pipeline(a) -> None:
-    from flows.pipeline import pipeline_flow
-
     train, head = _train_dicts(a, a.seed)
     _preflight(a.data, a.strict)
     _check_weights(a.weights)
+    _start_api()
+    from flows.pipeline import pipeline_flow
+
     with _orchestrated():
         r = pipeline_flow(a.data, a.workdir, a.target, a.creative_prob, a.blend_prob, a.num_buckets, a.seed, train, head, a.strict, a.near_dup_threshold, a.weights, a.resume, a.force, a.db, a.model_name, a.replace_champion)
     d = r["dataset"]
@@ -440,6 +446,10 @@ def cmd_pipeline(a) -> None:
 
 
 def cmd_retrain(a) -> None:
+    folder = Path(a.data_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--data_dir {a.data_dir!r} is not a folder; pass the folder the data drops (*.jsonl) are put in")
+    _start_api()
     from flows.retrain import retrain_flow
 
     with _orchestrated():
@@ -597,8 +607,6 @@ def cmd_serve(a) -> None:
 COMMANDS = {"expand": cmd_expand, "build-super": cmd_build_super, "db": cmd_db, "finetune": cmd_finetune, "size-sweep": cmd_size_sweep, "registry": cmd_registry, "chat": cmd_chat, "eval": cmd_eval, "serve": cmd_serve, "pipeline": cmd_pipeline, "retrain": cmd_retrain}
 
 
-# Commands that run Prefect flows; the others (chat, serve, eval, registry, db stats) never start one.
-FLOW_COMMANDS = {"expand", "build-super", "finetune", "size-sweep", "pipeline", "retrain"}
 # After Ctrl-C or SIGTERM a command gets this long to record how its runs ended, then exits anyway.
 STOP_GRACE_S = 1.5
 
@@ -663,11 +671,7 @@ def _quiet(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-_API = []  # the LocalApi this command started, if any
-
-
-def _needs_flows(args) -> bool:
-    return args.command in FLOW_COMMANDS or (args.command == "db" and args.db_command == "build")
+_API = []  # the LocalApi this command started, if any (chat, serve, eval, registry never start one)
 
 
 def _api_configured() -> bool:
@@ -682,15 +686,17 @@ def _api_configured() -> bool:
     return False
 
 
-def _run(args) -> None:
-    if _needs_flows(args) and not _api_configured():
-        from flows.orchestration import LocalApi
-        from tasks.settings import state_home
+def _start_api() -> None:
+    """After a command's inputs are checked: start the local Prefect API unless one is configured.
+    It boots while the command imports torch, Prefect and LanceDB; ``_orchestrated`` waits for it."""
+    if _API or _api_configured():
+        return
+    from flows.orchestration import LocalApi
+    from tasks.settings import state_home
 
-        api = LocalApi(state_home() / "logs" / "prefect-api.log")
-        api.start()  # boots while the command checks its inputs and imports torch, Prefect, LanceDB
-        _API.append(api)
-    COMMANDS[args.command](args)
+    api = LocalApi(state_home() / "logs" / "prefect-api.log")
+    api.start()
+    _API.append(api)
 
 
 @contextlib.contextmanager
@@ -721,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.records import RecordError
 
     try:
-        _run(args)
+        COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RecordError) as exc:
         if verbose:
             traceback.print_exc()

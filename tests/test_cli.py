@@ -75,6 +75,32 @@ def test_bad_input_exits_2_with_a_message_naming_the_fix(tmp_path, capsys):
     assert "--weights and --meta go together" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case, message", [
+    ("empty", "is empty; it needs one JSON object per line, e.g. {\"user\": \"hi\", \"assistant\": \"hello\"}"),
+    ("folder", "is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)"),
+    ("garbage", "holds no usable conversation: all 4 of its non-blank lines were rejected, the first at line 1: invalid UTF-8 at byte 0. Fix: save the input as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE`)"),
+    ("missing", "does not exist; check the path"),
+])
+@pytest.mark.parametrize("command", ["pipeline", "finetune", "db build"])
+def test_unusable_data_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, case, message, command):
+    path = tmp_path / "in" / f"{case}.jsonl"
+    path.parent.mkdir()
+    if case == "empty":
+        path.write_bytes(b"\n  \n")
+    elif case == "folder":
+        path.mkdir()
+    elif case == "garbage":
+        path.write_bytes(b"\xff\xfe\x00\n\x89PNG\r\n\x1a\n\x00\x00\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    args = {"pipeline": ["pipeline", "--data", str(path), "--workdir", str(out / "w")], "finetune": ["finetune", "--data", str(path)], "db build": ["db", "build", "--data", str(path), "--db", str(out / "db")]}[command]
+    assert main(args) == 2
+    expected = message.replace("{path}", str(path))
+    assert capsys.readouterr().err == f"bucketchat {args[0]}: error: --data {str(path)!r} {expected}\n"
+    assert list(out.iterdir()) == []  # no rejects file, no table, no workdir: nothing was started
+
+
 def test_chat_answers_each_piped_line_as_json(tmp_path, tiny_jsonl, monkeypatch, capsys):
     pairs, _ = load_records(tiny_jsonl)
     res = build_table(pairs, tmp_path / "db", "conversations")

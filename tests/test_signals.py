@@ -12,35 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.reliability import descendants, leftover, running
 from tests.conftest import SAMPLE, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _running(pid: int) -> bool:
-    s = _stat(pid)
-    return s is not None and s[0] != "Z"  # a zombie has exited; only its exit status is left
-
-
-def _descendants(pid: int) -> set[int]:
-    kids = {int(p) for p in os.listdir("/proc") if p.isdigit() and (_stat(int(p)) or [None, None])[1] == str(pid)}
-    return kids.union(*(_descendants(k) for k in kids)) if kids else set()
-
-
 def _gone(pids: set[int], within: float = 5.0) -> set[int]:
     """The pids still running after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline and any(map(_running, pids)):
-        time.sleep(0.1)
-    return {p for p in pids if _running(p)}
+    leftover(pids, within)
+    return {p for p in pids if running(p)}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +54,7 @@ def _flow_runs(home: Path, pid: int) -> list[str]:
 
 
 def _stop(proc: subprocess.Popen, sig: int) -> tuple[float, str]:
-    helpers = _descendants(proc.pid)
+    helpers = descendants(proc.pid)
     start = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
@@ -99,7 +81,7 @@ def test_kill_9_leaves_no_process_and_the_next_command_marks_its_runs_crashed(tm
     proc = _start(["finetune", "--data", str(SAMPLE), "--db", str(tmp_path / "db"), "--output", str(tmp_path / "m.pth"), "--meta", str(tmp_path / "m.json"), "--epochs", "400"], env, tmp_path)
     _wait_for(tmp_path / "db", proc)
     time.sleep(3)
-    helpers = _descendants(proc.pid)
+    helpers = descendants(proc.pid)
     assert helpers, "the command should run its Prefect API server as a child"
     proc.kill()
     proc.wait()
