@@ -120,16 +120,16 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     _arg(g, "--pref_warmup_epochs", type=float, default=d.pref_warmup_epochs, help="ramp the preference weight linearly from 0 over this many epochs (default 0)")
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "grad_accum_steps", "lr", "lexical_lr", "select_metric", "weight_decay", "val_split", "split_mode", "label_smoothing", "lr_schedule", "warmup_steps", "ema_decay", "ema_select", "early_stop_patience", "balanced_sampler", "max_candidates_per_bucket", "pref_weight", "pref_beta", "pref_objective", "pref_margin", "pref_group_size", "pref_group_estimator", "hard_negative_ratio", "adaptive_pref_weighting", "pref_warmup_epochs", "train_all", "encoder_lr", "device", "refit", "precision", "neighbour_weight")
-HEAD_KEYS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim", "lexical_features")
-
-
 def _train_dicts(a: argparse.Namespace, seed: int) -> tuple[dict, dict]:
-    train = {k: getattr(a, k) for k in TRAIN_KEYS}
-    head = {k: getattr(a, k, None) for k in HEAD_KEYS} | {"num_buckets": a.num_buckets}
-    # Validate here, once, so a bad flag fails before Prefect starts.
-    from models.heads import HeadConfig
+    """The training and head settings from the flags: every TrainConfig field (each has its flag)
+    and the head settings, validated here, once, so a bad flag fails before Prefect starts."""
+    from dataclasses import fields
+
+    from models.heads import HEAD_SETTINGS, HeadConfig
     from models.train import TrainConfig
+
+    train = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "seed"}
+    head = {k: getattr(a, k, None) for k in HEAD_SETTINGS if k != "num_buckets"} | {"num_buckets": a.num_buckets}
 
     TrainConfig(**train, seed=seed)
     HeadConfig(num_candidates=1, **({"model_size": "xxlarge"} | {k: v for k, v in head.items() if v is not None}))  # a sweep has no size: check the widths against the largest

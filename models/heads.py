@@ -30,6 +30,9 @@ from models.fast import Dropout
 
 SIZES = ("base", "large", "xlarge", "xxlarge")
 BRANCHES = {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}
+# The HeadConfig fields a run chooses (the rest follow from the data); None leaves one to the
+# warm-start checkpoint or the default.
+HEAD_SETTINGS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim", "lexical_features", "num_buckets")
 # Default branch widths per size when the flags are not given (the seed's examples use these ranges).
 DEFAULT_EXPANSION = {"large": (768,), "xlarge": (896, 1536), "xxlarge": (1024, 2048, 3072)}
 EXPANSION_FLAGS = ("--expansion_dim", "--extra_expansion_dim", "--third_expansion_dim")

@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from prefect import task
 
 from models import checkpoint
 from models.atomic import failpoint
-from models.heads import BucketHead, HeadConfig, warm_start
+from models.heads import HEAD_SETTINGS, BucketHead, HeadConfig, warm_start
 from models.train import Candidates, TrainConfig, TrainData, Trainable, answered_right, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
 from retrieval.neighbours import K as NEIGHBOURS_K
@@ -97,6 +97,20 @@ class Source:
     def cleanup(self) -> None:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_settings(train: dict | None, head: dict | None) -> tuple[dict, dict]:
+    """Every training and head setting of a run, defaults filled in and validated once.
+
+    The CLI passes every flag, a deployment or a script only the ones it changes; both come out
+    the same here, so a run gets the same training key and logs the same MLflow params whichever
+    entry point started it.
+    """
+    train = asdict(TrainConfig(**(train or {})))
+    head = {k: (head or {}).get(k) for k in HEAD_SETTINGS}
+    head["model_size"] = head["model_size"] or "base"
+    head["num_buckets"] = head["num_buckets"] or 10
+    return train, head
 
 
 def head_config(head_cfg: dict, source: Source | None, num_candidates: int, input_dim: int) -> HeadConfig:
@@ -388,9 +402,10 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
     import mlflow
 
     logger = run_logger()
+    train, head = run_settings(train, head)
     train_cfg = TrainConfig(**train)
     registry.configure()
-    size = head.get("model_size") or "base"
+    size = head["model_size"]
     state_path = Path(f"{output}.state") if output else local_dir(db) / f"_train_{table}_v{version}.state"
     run_id = None
     if resume and state_path.with_suffix(".run").is_file():
@@ -467,7 +482,7 @@ def previous_training(db: str, table: str, version: int, train: dict, head: dict
     """This training's key, and the registered version already trained from exactly that key (newest)
     if there is one and the local ``outputs`` it wrote still exist: training again would only repeat
     the same work and register a duplicate."""
-    key = training_key(db, table, version, train, head)
+    key = training_key(db, table, version, *run_settings(train, head))
     found = registry.find_versions({"train_key": key}, model_name) if key else []
     if not found or not all(Path(p).exists() for p in outputs):
         return {"key": key, "previous": None}

@@ -51,6 +51,11 @@ def test_deployments_run_on_a_local_server_with_a_process_worker(tmp_path, tiny_
         assert "Deployment 'pipeline/pipeline'" in up.stdout and "Deployment 'retrain/retrain'" in up.stdout and "Deployment 'size-sweep/size-sweep'" in up.stdout
         assert "'cron': '0 3 * * *'" in prefect("deployment", "inspect", "retrain/retrain")
 
+        # The CLI first, on the same data and settings as the pipeline deployment below: that run
+        # then finds the CLI's version trained from the same key and trains nothing.
+        cli = subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", "--data", str(data), "--workdir", str(tmp_path / "work"), "--epochs", "3", "--hidden_dim", "32"], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0 and "registered bucketchat v1: CHAMPION" in cli.stdout, cli.stdout + cli.stderr
+
         runs = {}
         for name, params in (("pipeline/pipeline", {"data": [str(data)], "workdir": str(tmp_path / "work"), **quick}),
                              ("retrain/retrain", {"data_dir": str(drops), "workdir": str(tmp_path / "work-retrain"), **quick})):
@@ -65,8 +70,9 @@ def test_deployments_run_on_a_local_server_with_a_process_worker(tmp_path, tiny_
 
         check = subprocess.run([sys.executable, "-c", "import json; from tasks import registry; print(json.dumps(registry.list_versions()))"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         versions = json.loads(check.stdout.strip().splitlines()[-1])
-        # One version per run, both against the same store; the second is compared with the first.
+        # The CLI's v1; the pipeline deployment trained nothing (same key); retrain's own workdir made v2.
         assert sorted(v["version"] for v in versions) == [1, 2]
+        assert "unchanged: v1 was already trained on this table content" in worker.stdout + worker.stderr
         assert [v["aliases"] for v in versions if v["version"] == 1] in ([["champion"]], [[]])
         assert all(v["promotion"] for v in versions)
     finally:

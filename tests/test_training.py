@@ -263,3 +263,18 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table,
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
     assert json.loads((tmp_path / "killed.json").read_text())["mlflow_run_id"] == run_id
     assert not state.exists() and not (tmp_path / "killed.pth.state.refit").exists()  # finished: nothing left to resume
+
+
+def test_cli_flags_and_a_deployments_few_parameters_make_the_same_run_settings():
+    """The CLI passes every flag, a deployment only what it changes: the same settings either way,
+    hence the same training key and the same MLflow params."""
+    from flows.cli import _train_dicts, build_parser
+    from tasks.training import run_settings
+
+    a = build_parser().parse_args(["pipeline", "--data", "x.jsonl", "--epochs", "3", "--hidden_dim", "32"])
+    cli = run_settings(*_train_dicts(a, a.seed))
+    deployment = run_settings({"seed": 42, "epochs": 3}, {"hidden_dim": 32})
+    assert cli == deployment
+    assert cli[0]["epochs"] == 3 and cli[0]["lr"] is None and cli[1] == {"model_size": "base", "hidden_dim": 32, "dropout": None, "expansion_dim": None, "extra_expansion_dim": None, "third_expansion_dim": None, "lexical_features": None, "num_buckets": 10}
+    with pytest.raises(ValueError, match="--epochs"):
+        run_settings({"epochs": 0}, {})
