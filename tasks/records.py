@@ -191,7 +191,6 @@ def iter_records(path: str | Path, strict: bool = False, max_line_bytes: int = M
     is checked and repaired by ``retrieval.text`` (the one rule for every way text comes in).
     """
     path = check_input(path)
-    source = path.stem
     with open(path, "rb") as fh:
         for number, (raw, size) in enumerate(read_lines(fh, max_line_bytes), start=1):
             bad = _read_line(raw, size, max_line_bytes, str(path), number)
@@ -236,15 +235,15 @@ def _read_line(raw: bytes, size: int, limit: int, path: str, number: int) -> lis
 def require_pairs(path: str | Path, flag: str = "--data") -> None:
     """``ValueError`` unless ``path`` holds at least one usable pair; reads only up to the first one,
     so a good file costs a line and a useless one is reported before any work starts."""
-    rejects = 0
+    rejects: list[Reject] = []
     for item in iter_records(path):
         if isinstance(item, Pair):
             return
-        first = first if rejects else item
-        rejects += 1
+        rejects.append(item)
     if not rejects:
         raise ValueError(f"{flag} {str(path)!r} is empty; it needs one JSON object per line, e.g. " '{"user": "hi", "assistant": "hello"}')
-    raise ValueError(f"{flag} {str(path)!r} holds no usable conversation: all {rejects:,} of its non-blank lines were rejected, the first at line {first.line}: {first.reason}. Fix: {first.fix}")
+    first = rejects[0]
+    raise ValueError(f"{flag} {str(path)!r} holds no usable conversation: all {len(rejects):,} of its non-blank lines were rejected, the first at line {first.line}: {first.reason}. Fix: {first.fix}")
 
 
 def load_records(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:
