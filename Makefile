@@ -13,7 +13,7 @@ QUESTIONS := "I forgot my password, what do I do?" \
              "which debt should I pay off first?" \
              "who won the football world cup in 1954?"
 
-.PHONY: install browser demo test test-fast prefect-up prefect-down bench bench-banking77 bench-data bench-train bench-latency bench-serve bench-oos bench-sample clean
+.PHONY: install browser demo lint format test test-fast prefect-up prefect-down bench bench-banking77 bench-data bench-train bench-latency bench-serve bench-oos bench-sample clean
 
 # constraints.txt pins every transitive package to the versions the suite passed with.
 $(STAMP): pyproject.toml constraints.txt
@@ -35,7 +35,16 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
 	  echo "note: chromium not installed; the browser test will be skipped (apt-get install chromium)"
 
-test: $(STAMP) browser
+# Lint and format are part of the tests: `make format` fixes what ruff can.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

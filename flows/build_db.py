@@ -7,7 +7,9 @@ from tasks.settings import TABLE_NAME
 
 
 @flow(name="build-db")
-def build_db_flow(data: str, db: str, table: str = TABLE_NAME, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False) -> dict:
+def build_db_flow(
+    data: str, db: str, table: str = TABLE_NAME, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False
+) -> dict:
     return build_database(data, db, table, num_buckets, seed, device, strict)
 
 

@@ -9,7 +9,17 @@ from tasks.dataset import sibling
 
 
 @flow(name="build-super")
-def build_super_flow(inputs: list[str], output: str, target: int | None = None, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False, near_dup_threshold: float = 0.9, near_duplicates: str = "drop") -> dict:
+def build_super_flow(
+    inputs: list[str],
+    output: str,
+    target: int | None = None,
+    creative_prob: float = 0.0,
+    blend_prob: float = 0.0,
+    seed: int = 42,
+    strict: bool = False,
+    near_dup_threshold: float = 0.9,
+    near_duplicates: str = "drop",
+) -> dict:
     """``near_duplicates="link"`` keeps near duplicates in their twin's family (the pipeline's choice
     for training data) instead of dropping them."""
     # With a target, the merged set is its own artifact and the expansion writes --output: each stage
@@ -17,7 +27,9 @@ def build_super_flow(inputs: list[str], output: str, target: int | None = None, 
     merged_path = str(sibling(output, ".merged.jsonl")) if target else output
     merged = prepare_flow(inputs, merged_path, strict, near_dup_threshold, near_duplicates)
     if target and target > merged["records"]:
-        grown = expand_dataset.with_options(refresh_cache=outputs_missing(output))(merged["parquet"], output, target, creative_prob, blend_prob, seed)
+        grown = expand_dataset.with_options(refresh_cache=outputs_missing(output))(
+            merged["parquet"], output, target, creative_prob, blend_prob, seed
+        )
         return {**merged, **{k: v for k, v in grown.items() if v is not None}}
     return merged
 

@@ -7,8 +7,12 @@ from tasks.data import expand_dataset
 
 
 @flow(name="expand")
-def expand_flow(input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False) -> dict:
-    return expand_dataset.with_options(refresh_cache=outputs_missing(output))(input, output, target, creative_prob, blend_prob, seed, strict)
+def expand_flow(
+    input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False
+) -> dict:
+    return expand_dataset.with_options(refresh_cache=outputs_missing(output))(
+        input, output, target, creative_prob, blend_prob, seed, strict
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,24 @@ from tasks.training import previous_training, register_and_promote, train_head
 
 
 @flow(name="finetune")
-def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, train: dict | None = None, head: dict | None = None, output: str | None = None, meta: str | None = None, num_buckets: int = 10, strict: bool = False, weights: str | None = None, resume: bool = False, progress: bool = False, force: bool = False, model_name: str = MODEL_NAME, replace_champion: bool = False) -> dict:
+def finetune_flow(
+    db: str,
+    data: str | None = None,
+    table: str = TABLE_NAME,
+    table_version: int | None = None,
+    train: dict | None = None,
+    head: dict | None = None,
+    output: str | None = None,
+    meta: str | None = None,
+    num_buckets: int = 10,
+    strict: bool = False,
+    weights: str | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    force: bool = False,
+    model_name: str = MODEL_NAME,
+    replace_champion: bool = False,
+) -> dict:
     """With ``data``, (re)build the table first (cached embeddings make that cheap); otherwise train on
     ``table_version`` of an existing table (default: its latest). ``weights`` warm-starts from a local
     checkpoint or a ``models:/`` URI; ``resume`` continues a killed run of the same settings.
@@ -27,13 +44,44 @@ def finetune_flow(db: str, data: str | None = None, table: str = TABLE_NAME, tab
 
         table_version = latest_complete_version(db, table)
     # Warm starts and resumes depend on more than the key says (the champion moves; a state file).
-    found = {"key": None, "previous": None} if (weights or resume) else previous_training(db, table, table_version, train, head, [p for p in (output, meta) if p], model_name)
+    found = (
+        {"key": None, "previous": None}
+        if (weights or resume)
+        else previous_training(db, table, table_version, train, head, [p for p in (output, meta) if p], model_name)
+    )
     previous = None if force else found["previous"]
     if previous is not None:
-        registered = {"version": previous["version"], "promoted": False, "reason": previous["reason"], "previous_champion": previous["champion"], "champion_val_acc": None}
-        return {"table": {"db": db, "name": table, "version": table_version}, "build": built, "train": {"run_id": previous["run_id"], "val_response_acc": previous["val_response_acc"], "skipped": True}, "registry": registered}
+        registered = {
+            "version": previous["version"],
+            "promoted": False,
+            "reason": previous["reason"],
+            "previous_champion": previous["champion"],
+            "champion_val_acc": None,
+        }
+        return {
+            "table": {"db": db, "name": table, "version": table_version},
+            "build": built,
+            "train": {"run_id": previous["run_id"], "val_response_acc": previous["val_response_acc"], "skipped": True},
+            "registry": registered,
+        }
     trained = train_head(db, table, table_version, train, head, output, meta, weights, resume, progress)
     # With --train_all the model pins a new version (vectors from its fine-tuned encoder).
     pinned = trained["table_version"]
-    promotion = register_and_promote(trained["run_id"], db, table, pinned, trained["val_ids"], trained["val_response_acc"], found["key"], trained["val_right"], model_name, replace_champion)
-    return {"table": {"db": db, "name": table, "version": pinned}, "build": built, "train": {k: v for k, v in trained.items() if k not in ("val_ids", "val_right")}, "registry": promotion}
+    promotion = register_and_promote(
+        trained["run_id"],
+        db,
+        table,
+        pinned,
+        trained["val_ids"],
+        trained["val_response_acc"],
+        found["key"],
+        trained["val_right"],
+        model_name,
+        replace_champion,
+    )
+    return {
+        "table": {"db": db, "name": table, "version": pinned},
+        "build": built,
+        "train": {k: v for k, v in trained.items() if k not in ("val_ids", "val_right")},
+        "registry": promotion,
+    }

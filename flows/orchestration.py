@@ -46,7 +46,7 @@ def runner_tag(pid: int | None = None) -> str:
 def runner_alive(tag: str) -> bool:
     """Whether the process a ``runner:`` tag names still runs. Another host's runs count as alive:
     only that host can tell."""
-    host, pid, start = tag[len(RUNNER_PREFIX):].rsplit(":", 2)
+    host, pid, start = tag[len(RUNNER_PREFIX) :].rsplit(":", 2)
     if host != socket.gethostname():
         return True
     return _process_start(int(pid)) == start
@@ -79,8 +79,26 @@ class LocalApi:
         parent = os.getpid()
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "prefect.server.api.server:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None,
             )
         os.environ["PREFECT_API_URL"] = self.url  # before prefect is imported: it reads settings once
@@ -111,23 +129,38 @@ class LocalApi:
                 self.proc.kill()
 
 
-def crash_dead_runs() -> list[str]:
+def crash_dead_runs(own: bool = False, timeout: float | None = None) -> list[str]:
     """Mark the Running/Pending flow runs (and their task runs) of bucketchat processes that no
-    longer exist as Crashed; returns the ids of the flow runs marked."""
+    longer exist as Crashed; returns the ids of the flow runs marked.
+
+    ``own``: this process's runs instead, as it stops on a signal: Prefect records the runs it
+    unwinds, but one whose unwinding the grace period cuts short would stay Running.
+    """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
     live = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+    mine = runner_tag()
     marked = []
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True, httpx_settings={"timeout": timeout} if timeout else None) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=live), tags=FlowRunFilterTags(all_=[TAG])))
         for run in runs:
             runner = next((t for t in run.tags if t.startswith(RUNNER_PREFIX)), None)
-            if runner is None or runner_alive(runner):
+            if runner is None or (runner != mine if own else runner_alive(runner)):
                 continue
-            message = f"the bucketchat process that ran it ({runner[len(RUNNER_PREFIX):]}) ended without reporting: killed, or the machine stopped"
+            if own:
+                message = "Execution was aborted by a signal; the command stopped before the run could record it."
+            else:
+                message = f"the bucketchat process that ran it ({runner[len(RUNNER_PREFIX) :]}) ended without reporting: killed, or the machine stopped"
             for task_run in client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]))):
                 if task_run.state and task_run.state.type in (StateType.RUNNING, StateType.PENDING):
                     client.set_task_run_state(task_run.id, Crashed(message=message), force=True)

@@ -17,7 +17,15 @@ from tasks.settings import MODEL_NAME
 
 
 @flow(name="retrain")
-def retrain_flow(data_dir: str, workdir: str | None = None, target: int | None = None, train: dict | None = None, head: dict | None = None, force: bool = False, model_name: str = MODEL_NAME) -> dict:
+def retrain_flow(
+    data_dir: str,
+    workdir: str | None = None,
+    target: int | None = None,
+    train: dict | None = None,
+    head: dict | None = None,
+    force: bool = False,
+    model_name: str = MODEL_NAME,
+) -> dict:
     """``target`` as in the pipeline (None or 0: no expansion). Synthetic
     variants are drawn over the whole dataset, so when a drop is added to small, expanded data they
     are redrawn and embedded anew; unchanged original rows always come from the embedding cache."""

@@ -14,7 +14,18 @@ from tasks.training import register_and_promote, train_head
 
 
 @flow(name="size-sweep")
-def size_sweep_flow(db: str, data: str | None = None, table: str = TABLE_NAME, table_version: int | None = None, sizes: list[str] | None = None, train: dict | None = None, head: dict | None = None, num_buckets: int = 10, model_name: str = MODEL_NAME, replace_champion: bool = False) -> dict:
+def size_sweep_flow(
+    db: str,
+    data: str | None = None,
+    table: str = TABLE_NAME,
+    table_version: int | None = None,
+    sizes: list[str] | None = None,
+    train: dict | None = None,
+    head: dict | None = None,
+    num_buckets: int = 10,
+    model_name: str = MODEL_NAME,
+    replace_champion: bool = False,
+) -> dict:
     train, head = train or {}, head or {}
     sizes = list(sizes or SIZES)
     unknown = [s for s in sizes if s not in SIZES]
@@ -32,6 +43,21 @@ def size_sweep_flow(db: str, data: str | None = None, table: str = TABLE_NAME, t
         # Branch widths apply to the sizes that have those branches (xlarge has two, base none).
         own = {k: v for k, v in head.items() if k not in widths or widths.index(k) < BRANCHES[size]}
         trained = train_head.with_options(task_run_name=f"train-{size}")(db, table, table_version, train, {**own, "model_size": size})
-        promotion = register_and_promote(trained["run_id"], db, table, trained["table_version"], trained["val_ids"], trained["val_response_acc"], val_right=trained["val_right"], model_name=model_name, replace_champion=replace_champion)
-        results[size] = {"run_id": trained["run_id"], "val_response_acc": trained["val_response_acc"], "examples_per_second": trained["metrics"]["examples_per_second"], "registry": promotion}
+        promotion = register_and_promote(
+            trained["run_id"],
+            db,
+            table,
+            trained["table_version"],
+            trained["val_ids"],
+            trained["val_response_acc"],
+            val_right=trained["val_right"],
+            model_name=model_name,
+            replace_champion=replace_champion,
+        )
+        results[size] = {
+            "run_id": trained["run_id"],
+            "val_response_acc": trained["val_response_acc"],
+            "examples_per_second": trained["metrics"]["examples_per_second"],
+            "registry": promotion,
+        }
     return {"table": {"db": db, "name": table, "version": table_version}, "sizes": results}

@@ -9,8 +9,8 @@ import contextlib
 import os
 import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def failpoint(name: str) -> None:

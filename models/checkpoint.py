@@ -42,7 +42,11 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
 def save(head: BucketHead, meta: dict[str, Any], weights: str | Path, meta_path: str | Path, encoder=None) -> dict[str, Any]:
     """Write [encoder folder,] weights, then meta, each atomically: a reader never sees a half-written
     file, and the meta (written last) only ever names files that are complete. Returns the meta."""
-    meta = {"format": META_FORMAT, **{k: v for k, v in meta.items() if k not in ("format", "encoder_path")}, "head_config": head.cfg.to_dict()}
+    meta = {
+        "format": META_FORMAT,
+        **{k: v for k, v in meta.items() if k not in ("format", "encoder_path")},
+        "head_config": head.cfg.to_dict(),
+    }
     if encoder is not None:
         folder = encoder_dir_for(weights)
         with atomic_dir(folder) as tmp:
@@ -82,7 +86,18 @@ def save_tree(tree: Any, path: str | Path) -> None:
 
 
 # torch dtype -> safetensors dtype name (the ones a model, an optimizer or an RNG state holds)
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def _stream_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -162,7 +177,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         # A legacy .pth: tensors only. weights_only=True refuses any pickled code object.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(f"--weights {str(path)!r} is neither safetensors nor a tensors-only .pth ({exc.__class__.__name__}: {exc}); retrain or re-export it") from exc
+        raise ValueError(
+            f"--weights {str(path)!r} is neither safetensors nor a tensors-only .pth ({exc.__class__.__name__}: {exc}); retrain or re-export it"
+        ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--weights {str(path)!r} does not hold a state dict of tensors")
     return state
@@ -182,7 +199,9 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("encoder_dir"):
         folder = (path.resolve().parent / meta["encoder_dir"]).resolve()
         if not (folder / "model.safetensors").is_file():
-            raise FileNotFoundError(f"--meta {str(path)!r} needs its fine-tuned encoder at {str(folder)!r}, which is missing; copy it along with the weights")
+            raise FileNotFoundError(
+                f"--meta {str(path)!r} needs its fine-tuned encoder at {str(folder)!r}, which is missing; copy it along with the weights"
+            )
         meta["encoder_path"] = str(folder)
     return meta
 
@@ -206,7 +225,9 @@ def load(weights: str | Path, meta_path: str | Path, device: str = "cpu") -> tup
     state = load_state(weights)
     want = meta.get("weights_sha256")
     if want and tensor_digest(state) != want:
-        raise ValueError(f"--weights {str(weights)!r} are not the weights --meta {str(meta_path)!r} was written with (tensor digest mismatch: the file was modified or swapped); restore both from the same `bucketchat finetune` run")
+        raise ValueError(
+            f"--weights {str(weights)!r} are not the weights --meta {str(meta_path)!r} was written with (tensor digest mismatch: the file was modified or swapped); restore both from the same `bucketchat finetune` run"
+        )
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -91,7 +91,21 @@ class LazyAdam(torch.optim.SparseAdam):
                 m, v, w = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows), p.index_select(0, rows)
                 # The fused kernel divides by (sqrt(v) / sqrt(1 - beta2^t) + eps); SparseAdam by
                 # (sqrt(v) + eps) with sqrt(1 - beta2^t) in the step size. Scaling eps makes them equal.
-                torch._fused_adam_([w], [g.to(w.dtype)], [m], [v], [], [torch.tensor(float(step), device=p.device)], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps / (1 - beta2**step) ** 0.5, amsgrad=False, maximize=False)
+                torch._fused_adam_(
+                    [w],
+                    [g.to(w.dtype)],
+                    [m],
+                    [v],
+                    [],
+                    [torch.tensor(float(step), device=p.device)],
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=0.0,
+                    eps=eps / (1 - beta2**step) ** 0.5,
+                    amsgrad=False,
+                    maximize=False,
+                )
                 exp_avg.index_copy_(0, rows, m)
                 exp_avg_sq.index_copy_(0, rows, v)
                 p.index_copy_(0, rows, w)

@@ -32,7 +32,16 @@ SIZES = ("base", "large", "xlarge", "xxlarge")
 BRANCHES = {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}
 # The HeadConfig fields a run chooses (the rest follow from the data); None leaves one to the
 # warm-start checkpoint or the default.
-HEAD_SETTINGS = ("model_size", "hidden_dim", "dropout", "expansion_dim", "extra_expansion_dim", "third_expansion_dim", "lexical_features", "num_buckets")
+HEAD_SETTINGS = (
+    "model_size",
+    "hidden_dim",
+    "dropout",
+    "expansion_dim",
+    "extra_expansion_dim",
+    "third_expansion_dim",
+    "lexical_features",
+    "num_buckets",
+)
 # Default branch widths per size when the flags are not given (the seed's examples use these ranges).
 DEFAULT_EXPANSION = {"large": (768,), "xlarge": (896, 1536), "xxlarge": (1024, 2048, 3072)}
 EXPANSION_FLAGS = ("--expansion_dim", "--extra_expansion_dim", "--third_expansion_dim")
@@ -70,7 +79,9 @@ class HeadConfig:
                 continue
             if i >= n:
                 needs = [s for s, k in BRANCHES.items() if k > i]
-                raise ValueError(f"{flag} needs --model_size {' or '.join(needs)} (got --model_size {self.model_size}); drop the flag or pick a larger size")
+                raise ValueError(
+                    f"{flag} needs --model_size {' or '.join(needs)} (got --model_size {self.model_size}); drop the flag or pick a larger size"
+                )
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if self.lexical_features is None:
@@ -214,7 +225,9 @@ CANDIDATE_TENSORS = ("candidate.weight", "candidate.bias")
 DATA_BUFFERS = ("candidate_bucket", "candidate_learned", "lexical_idf")  # describe the data; never copied
 
 
-def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list[str | None] | None = None, new_texts: list[str | None] | None = None) -> dict[str, list[str]]:
+def warm_start(
+    head: BucketHead, state: dict[str, torch.Tensor], old_texts: list[str | None] | None = None, new_texts: list[str | None] | None = None
+) -> dict[str, list[str]]:
     """Copy every tensor of ``state`` that fits ``head`` (same name and shape) and report the rest.
 
     The candidate layer is matched by *response text* when both candidate lists are known, so a head
@@ -229,7 +242,13 @@ def warm_start(head: BucketHead, state: dict[str, torch.Tensor], old_texts: list
             report["skipped"].append(f"{name} (not in a {head.cfg.model_size} head)")
         elif name in DATA_BUFFERS:
             continue  # describe this head's own data; never copied
-        elif name == "lexical.weight" and old_texts is not None and new_texts is not None and old_texts != new_texts and tensor.shape[0] == own[name].shape[0]:
+        elif (
+            name == "lexical.weight"
+            and old_texts is not None
+            and new_texts is not None
+            and old_texts != new_texts
+            and tensor.shape[0] == own[name].shape[0]
+        ):
             # Columns: K bucket logits, then one per candidate: remap the candidate columns by text.
             k = head.cfg.num_buckets
             old_col = {t: k + i for i, t in enumerate(old_texts) if t is not None}

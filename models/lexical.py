@@ -131,7 +131,13 @@ def to_rows_bag(rows, device: torch.device | str = "cpu") -> RowsBag:
     t = local.T.tocsr()
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
         warnings.simplefilter("ignore", UserWarning)
-        transposed = torch.sparse_csr_tensor(torch.from_numpy(t.indptr.astype(np.int64)), torch.from_numpy(t.indices.astype(np.int64)), torch.from_numpy(t.data.astype(np.float32)), size=t.shape, check_invariants=False)
+        transposed = torch.sparse_csr_tensor(
+            torch.from_numpy(t.indptr.astype(np.int64)),
+            torch.from_numpy(t.indices.astype(np.int64)),
+            torch.from_numpy(t.data.astype(np.float32)),
+            size=t.shape,
+            check_invariants=False,
+        )
     return RowsBag(torch.from_numpy(distinct.astype(np.int64)).to(device), to_bag(local, device), transposed.to(device))
 
 
@@ -140,7 +146,15 @@ class _RowsBagLogits(torch.autograd.Function):
     sparse (U rows) tensor: d weight[rows] = X_local^T @ dz, one sparse matmul."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, transposed: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        weight: torch.Tensor,
+        rows: torch.Tensor,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        values: torch.Tensor,
+        transposed: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(rows, transposed)
         ctx.weight_shape = weight.shape
         local = weight.index_select(0, rows)  # (U, O)

@@ -22,7 +22,14 @@ OBJECTIVES = ("sigmoid", "repo_relu")
 ESTIMATORS = ("mean", "epo")
 
 
-def sample_negatives(logits: torch.Tensor, y: torch.Tensor, group_size: int, hard_ratio: float, generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_negatives(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    group_size: int,
+    hard_ratio: float,
+    generator: torch.Generator | None = None,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, G) indices of wrong classes per row and a (B, G) mask of which are real. ``valid`` (B, K)
     bool limits the choice (e.g. to the gold bucket's responses); a row with fewer than G valid wrong
     classes gets fewer real negatives (the mask says which)."""
@@ -43,7 +50,17 @@ def sample_negatives(logits: torch.Tensor, y: torch.Tensor, group_size: int, har
     return idx, real
 
 
-def preference_loss(logits: torch.Tensor, y: torch.Tensor, negatives: torch.Tensor, beta: float, objective: str = "sigmoid", estimator: str = "mean", margin: float = 1.0, weights: torch.Tensor | None = None, neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+def preference_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    negatives: torch.Tensor,
+    beta: float,
+    objective: str = "sigmoid",
+    estimator: str = "mean",
+    margin: float = 1.0,
+    weights: torch.Tensor | None = None,
+    neg_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean over the batch of the per-example preference loss; see the module docstring.
 
     ``neg_mask`` (B, G) marks which sampled negatives count (rows without any are left out).

@@ -15,9 +15,9 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from models import checkpoint
 from models.atomic import failpoint
 from models.fast import LazyAdam
 from models.heads import BucketHead
-from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, preference_loss, pref_weight_at, sample_negatives
+from models.losses import ESTIMATORS, OBJECTIVES, adaptive_weights, pref_weight_at, preference_loss, sample_negatives
 
 SCHEDULES = ("cosine", "linear", "constant")
 SPLIT_MODES = ("stratified", "random")
@@ -123,18 +123,38 @@ class TrainConfig:
             (self.warmup_steps >= 0, "--warmup_steps", self.warmup_steps, "use 0 or more"),
             (self.grad_accum_steps >= 1, "--grad_accum_steps", self.grad_accum_steps, "use 1 (no accumulation) or more"),
             (0.0 <= self.ema_decay < 1.0, "--ema_decay", self.ema_decay, "use 0 (off) or a decay below 1 such as 0.999"),
-            (self.early_stop_patience is None or self.early_stop_patience >= 0, "--early_stop_patience", self.early_stop_patience, "use 0 (off) or more"),
+            (
+                self.early_stop_patience is None or self.early_stop_patience >= 0,
+                "--early_stop_patience",
+                self.early_stop_patience,
+                "use 0 (off) or more",
+            ),
             (self.max_candidates_per_bucket >= 1, "--max_candidates_per_bucket", self.max_candidates_per_bucket, "use 1 or more"),
             (self.pref_weight >= 0, "--pref_weight", self.pref_weight, "use 0 (off) or a positive weight such as 0.2"),
             (self.pref_beta > 0, "--pref_beta", self.pref_beta, "use a positive beta such as 2.5"),
             (self.pref_objective in OBJECTIVES, "--pref_objective", self.pref_objective, f"choose {' or '.join(OBJECTIVES)}"),
             (self.pref_margin >= 0, "--pref_margin", self.pref_margin, "use 0 or more"),
             (self.pref_group_size >= 1, "--pref_group_size", self.pref_group_size, "use 1 or more"),
-            (self.pref_group_estimator in ESTIMATORS, "--pref_group_estimator", self.pref_group_estimator, f"choose {' or '.join(ESTIMATORS)}"),
+            (
+                self.pref_group_estimator in ESTIMATORS,
+                "--pref_group_estimator",
+                self.pref_group_estimator,
+                f"choose {' or '.join(ESTIMATORS)}",
+            ),
             (0.0 <= self.hard_negative_ratio <= 1.0, "--hard_negative_ratio", self.hard_negative_ratio, "use a probability in [0, 1]"),
-            (self.select_metric is None or self.select_metric in SELECT_METRICS, "--select_metric", self.select_metric, f"choose one of {', '.join(SELECT_METRICS)}"),
+            (
+                self.select_metric is None or self.select_metric in SELECT_METRICS,
+                "--select_metric",
+                self.select_metric,
+                f"choose one of {', '.join(SELECT_METRICS)}",
+            ),
             (self.pref_warmup_epochs >= 0, "--pref_warmup_epochs", self.pref_warmup_epochs, "use 0 (no ramp) or more"),
-            (0.0 <= self.neighbour_weight < 1.0, "--neighbour_weight", self.neighbour_weight, "use a weight in [0, 1): 0 answers from the head alone"),
+            (
+                0.0 <= self.neighbour_weight < 1.0,
+                "--neighbour_weight",
+                self.neighbour_weight,
+                "use a weight in [0, 1): 0 answers from the head alone",
+            ),
             (self.encoder_lr > 0, "--encoder_lr", self.encoder_lr, "use a small positive rate such as 2e-5"),
             (self.lexical_lr > 0, "--lexical_lr", self.lexical_lr, "use a positive rate such as 0.01"),
             (self.precision in PRECISIONS, "--precision", self.precision, f"choose one of {', '.join(PRECISIONS)}"),
@@ -150,7 +170,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def resolve(self, n_train: int, n_val: int) -> "TrainConfig":
+    def resolve(self, n_train: int, n_val: int) -> TrainConfig:
         """A copy with the automatic settings made concrete for ``n_train`` training and ``n_val``
         validation rows."""
         from dataclasses import replace
@@ -190,7 +210,7 @@ class Candidates:
     other: dict[int, int] = field(repr=False)  # bucket -> id of its "other" slot
 
     @classmethod
-    def select(cls, responses: list[str], buckets: list[int], max_per_bucket: int) -> "Candidates":
+    def select(cls, responses: list[str], buckets: list[int], max_per_bucket: int) -> Candidates:
         """The ``max_per_bucket`` most frequent responses of each bucket (ties: first seen)."""
         freq = Counter(zip(responses, buckets))
         first: dict = {}
@@ -221,7 +241,7 @@ class Candidates:
         return cls(texts, bks, counts, index, other)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "Candidates":
+    def from_meta(cls, meta: dict) -> Candidates:
         """A trained model's candidates from its meta's ``candidates`` block (texts, buckets, counts;
         None naming a bucket's "other" slot)."""
         texts, buckets = meta["texts"], [int(b) for b in meta["buckets"]]
@@ -238,7 +258,9 @@ class Candidates:
         return np.array([self.index.get(r, self.other.get(b, -1)) for r, b in zip(responses, buckets)], dtype=np.int64)
 
 
-def split_indices(keys: list[str], ids: list[str], val_split: float, mode: str, seed: int, families: list[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    keys: list[str], ids: list[str], val_split: float, mode: str, seed: int, families: list[str | None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train/val split that depends on the rows, not their order.
 
     Rows split by *family*: a synthetic variant belongs to its parent's family (``families[i]`` is the
@@ -251,6 +273,7 @@ def split_indices(keys: list[str], ids: list[str], val_split: float, mode: str, 
     never seen in training cannot be learned). ``random``: each family by its hash alone. The same
     data therefore gets the same validation set on every run, which keeps champion comparisons fair.
     """
+
     def h(s: str) -> int:
         return int.from_bytes(hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest(), "big")
 
@@ -273,6 +296,7 @@ def split_indices(keys: list[str], ids: list[str], val_split: float, mode: str, 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the base rate at optimizer step ``step``: linear warm-up, then the schedule."""
+
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -357,7 +381,15 @@ class Trainable(nn.Module):
         return self.encoder([data.texts[i] for i in idx.tolist()]), lex
 
 
-def batch_loss(head: BucketHead, out: tuple[torch.Tensor, torch.Tensor], yb: torch.Tensor, yc: torch.Tensor, cfg: TrainConfig, pref_w: float, gen: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+def batch_loss(
+    head: BucketHead,
+    out: tuple[torch.Tensor, torch.Tensor],
+    yb: torch.Tensor,
+    yc: torch.Tensor,
+    cfg: TrainConfig,
+    pref_w: float,
+    gen: torch.Generator | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Bucket cross-entropy + response NLL within the gold bucket (+ w(t) * preference loss).
 
     The preference loss (models/losses.py) compares the gold bucket with sampled wrong buckets, and
@@ -380,13 +412,17 @@ def batch_loss(head: BucketHead, out: tuple[torch.Tensor, torch.Tensor], yb: tor
     if pref_w > 0:
         w = adaptive_weights(bucket_logits, yb) if cfg.adaptive_pref_weighting else None
         neg, real = sample_negatives(bucket_logits, yb, cfg.pref_group_size, cfg.hard_negative_ratio, gen)
-        pref = preference_loss(bucket_logits, yb, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, w, real)
+        pref = preference_loss(
+            bucket_logits, yb, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, w, real
+        )
         if any_has:
             scores = head.response_scores(F.log_softmax(logits_r, dim=-1), within_r)
             valid = head.candidate_learned[None].expand_as(scores)
             wr = adaptive_weights(scores, y_r) if cfg.adaptive_pref_weighting else None
             neg, real = sample_negatives(scores, y_r, cfg.pref_group_size, cfg.hard_negative_ratio, gen, valid=valid)
-            pref = pref + preference_loss(scores, y_r, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, wr, real)
+            pref = pref + preference_loss(
+                scores, y_r, neg, cfg.pref_beta, cfg.pref_objective, cfg.pref_group_estimator, cfg.pref_margin, wr, real
+            )
         parts["pref"] = float(pref.detach())
         loss = loss + pref_w * pref
     return loss, parts
@@ -500,7 +536,23 @@ def _load_state(path: Path) -> dict:
         raise ValueError(f"resume state {str(path)!r} is unreadable ({exc}); delete it to start over") from exc
 
 
-def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket: np.ndarray | None = None, y_cand: np.ndarray | None = None, train_idx: np.ndarray | None = None, val_idx: np.ndarray | None = None, cfg: TrainConfig | None = None, on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[dict], None] | None = None, state_path: str | Path | None = None, resume: bool = False, stop_after_epoch: int | None = None, progress: bool = False, until_epoch: int | None = None, label: str = "train") -> TrainResult:
+def train(
+    model: Trainable | BucketHead,
+    data: TrainData | np.ndarray,
+    y_bucket: np.ndarray | None = None,
+    y_cand: np.ndarray | None = None,
+    train_idx: np.ndarray | None = None,
+    val_idx: np.ndarray | None = None,
+    cfg: TrainConfig | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    progress: bool = False,
+    until_epoch: int | None = None,
+    label: str = "train",
+) -> TrainResult:
     """Train and return the best state (highest validation response accuracy, then lowest validation
     loss; the last epoch without a validation set).
 
@@ -553,7 +605,9 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
             raise FileNotFoundError(f"--resume: no resume state at {str(state_path)!r}; start the run without --resume")
         st = _load_state(state_path)
         if st["fingerprint"] != fp:
-            raise ValueError(f"--resume: the state at {str(state_path)!r} was written for other data or settings; rerun with the original flags, or without --resume")
+            raise ValueError(
+                f"--resume: the state at {str(state_path)!r} was written for other data or settings; rerun with the original flags, or without --resume"
+            )
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -576,7 +630,13 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps_per_epoch * last_epoch, initial=step, desc="training" if label == "train" else label, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=steps_per_epoch * last_epoch,
+            initial=step,
+            desc="training" if label == "train" else label,
+            unit="step",
+            dynamic_ncols=True,
+        )
     for epoch in range(start_epoch, last_epoch + 1):
         if stopped:
             break
@@ -627,7 +687,12 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
                 bar.update(1)
         seconds += time.perf_counter() - t0
         seen += len(order)
-        row = {"epoch": epoch, "train_loss": total / max(1, len(order)), "lr": sched.get_last_lr()[0], **{f"train_{k}": v / max(1, len(order)) for k, v in parts_sum.items()}}
+        row = {
+            "epoch": epoch,
+            "train_loss": total / max(1, len(order)),
+            "lr": sched.get_last_lr()[0],
+            **{f"train_{k}": v / max(1, len(order)) for k, v in parts_sum.items()},
+        }
         live = ema.swap_in(model) if ema is not None and cfg.ema_select else None
         if len(va):
             row.update({f"val_{k}": v for k, v in evaluate(model, data, va.to(dev), cache, cfg).items()})
@@ -649,12 +714,26 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
         if on_epoch:
             on_epoch(row)
         if writer is not None:
-            writer.save({
-                "fingerprint": fp, "epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "optimizer_lexical": opt_lex.state_dict() if opt_lex else {}, "scheduler_lexical": sched_lex.state_dict() if sched_lex else {}, "ema": ema.state_dict() if ema else {}, "sampler_rng": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "best": best, "best_score": torch.tensor(best_score, dtype=torch.float64),
-                "best_epoch": best_epoch, "bad": bad, "history": json.dumps(history),
-            })
+            writer.save(
+                {
+                    "fingerprint": fp,
+                    "epoch": epoch,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "optimizer_lexical": opt_lex.state_dict() if opt_lex else {},
+                    "scheduler_lexical": sched_lex.state_dict() if sched_lex else {},
+                    "ema": ema.state_dict() if ema else {},
+                    "sampler_rng": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "best": best,
+                    "best_score": torch.tensor(best_score, dtype=torch.float64),
+                    "best_epoch": best_epoch,
+                    "bad": bad,
+                    "history": json.dumps(history),
+                }
+            )
         failpoint(f"{label}:epoch{epoch}")
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
@@ -664,7 +743,15 @@ def train(model: Trainable | BucketHead, data: TrainData | np.ndarray, y_bucket:
         bar.close()
     model.load_state_dict(best)
     model.eval()
-    return TrainResult({k: v.detach().cpu() for k, v in model.head.state_dict().items()}, best_epoch, history, stopped, resumed_from, seen / seconds if seconds else 0.0, cfg)
+    return TrainResult(
+        {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
+        best_epoch,
+        history,
+        stopped,
+        resumed_from,
+        seen / seconds if seconds else 0.0,
+        cfg,
+    )
 
 
 def calibrate_thresholds(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: torch.Tensor, keep: float = 0.99) -> dict[str, float]:

@@ -27,8 +27,8 @@ import torch
 from models import checkpoint
 from models.train import Candidates
 from retrieval.encoder import TORCH_ID, embed
-from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
+from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import mix, vote
 from retrieval.search import SearchIndex
 from retrieval.store import db_key, hybrid_search, open_table, table_encoder
@@ -64,7 +64,9 @@ class ChatOptions:
         from retrieval.styles import STYLES
 
         if self.model_size not in ("auto", *SIZES):
-            raise ValueError(f"--model_size {self.model_size!r} is not available; choose auto (read it from the checkpoint) or one of {', '.join(SIZES)}")
+            raise ValueError(
+                f"--model_size {self.model_size!r} is not available; choose auto (read it from the checkpoint) or one of {', '.join(SIZES)}"
+            )
         if self.pool_mode not in ("all", "top"):
             raise ValueError(f"--pool_mode must be 'all' or 'top', got {self.pool_mode!r}")
         if self.top_labels < 1:
@@ -131,13 +133,17 @@ class ChatEngine:
         self.head, self.meta = checkpoint.load(weights, meta, device=self.opts.device)
         size = self.head.cfg.model_size
         if self.opts.model_size not in ("auto", size):
-            raise ValueError(f"--model_size {self.opts.model_size} was asked for, but the checkpoint is a {size} head; pass --model_size auto or {size}")
+            raise ValueError(
+                f"--model_size {self.opts.model_size} was asked for, but the checkpoint is a {size} head; pass --model_size auto or {size}"
+            )
         cands = self.meta["candidates"]
         self.texts: list[str | None] = cands["texts"]  # None: the bucket's "other" slot
         self.cand_bucket = np.asarray(cands["buckets"], dtype=np.int64)
         self.candidates = Candidates.from_meta(cands)  # .index: response -> id; .other: bucket -> "other" slot id
         calibration = self.meta.get("calibration", {})
-        self.min_confidence = float(calibration.get("min_confidence", 0.0) if self.opts.min_confidence is None else self.opts.min_confidence)
+        self.min_confidence = float(
+            calibration.get("min_confidence", 0.0) if self.opts.min_confidence is None else self.opts.min_confidence
+        )
         self.min_margin = float(calibration.get("min_margin", 0.0) if self.opts.min_margin is None else self.opts.min_margin)
         # A head trained with --train_all brings its own fine-tuned encoder (None: the shipped one).
         self.encoder_path = self.meta.get("encoder_path")
@@ -145,7 +151,9 @@ class ChatEngine:
         self.table = self._open_table()
         if self.table is not None and table_encoder(self.table) != self.meta.get("encoder", table_encoder(self.table)):
             # Vectors from another encoder would make every similarity meaningless: refuse, loudly.
-            raise ValueError(f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it")
+            raise ValueError(
+                f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it"
+            )
         # The pinned version never changes: read it into memory once (LanceDB's own hybrid query costs
         # ~27 ms a turn at 100k rows, the whole turn budget is 10 ms; retrieval/search.py). Only when it
         # is searched, and only while it fits (~1.6 KB a row): a bigger table is searched through LanceDB.
@@ -154,7 +162,10 @@ class ChatEngine:
         # another --llm_db do not speak for this head's candidates, so there the head answers alone.
         votes = self.meta.get("neighbours") or {}  # metas without it predate the vote
         self.neighbour_weight = float(votes.get("weight", 0.0)) if self.own_table else 0.0
-        self.neighbour_k, self.neighbour_temperature = int(votes.get("k", NEIGHBOURS_K)), float(votes.get("temperature", NEIGHBOURS_TEMPERATURE))
+        self.neighbour_k, self.neighbour_temperature = (
+            int(votes.get("k", NEIGHBOURS_K)),
+            float(votes.get("temperature", NEIGHBOURS_TEMPERATURE)),
+        )
         if (self.searches_table or self.neighbour_weight > 0) and self.table.count_rows() <= MEMORY_SEARCH_MAX_ROWS:
             self.index = SearchIndex.from_table(self.table)
         if self.index is None:
@@ -162,7 +173,9 @@ class ChatEngine:
         else:
             # Each stored row votes through the slot training gave it.
             self.row_slot = self.candidates.targets(self.index.payload["assistant"], self.index.buckets.tolist())
-        embed(["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)  # load the encoder now, not inside the first turn
+        embed(
+            ["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id
+        )  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads
 
@@ -220,7 +233,9 @@ class ChatEngine:
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
         if self.neighbour_weight > 0:
             cos, pos = self.index.nearest(vec, self.neighbour_k)
-            log_pr = mix(log_pr[None], vote(cos[None], self.row_slot[pos][None], len(log_pr), self.neighbour_temperature), self.neighbour_weight)[0]
+            log_pr = mix(
+                log_pr[None], vote(cos[None], self.row_slot[pos][None], len(log_pr), self.neighbour_temperature), self.neighbour_weight
+            )[0]
         order = np.argsort(-log_pb)
         allowed = order[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))
         scores: dict[str, tuple[float, int, str]] = {}  # response -> (log score, bucket, where from)
@@ -228,7 +243,10 @@ class ChatEngine:
         for j in np.flatnonzero(in_pool):
             if self.texts[j] is not None:
                 scores[self.texts[j]] = (float(log_pr[j]), int(self.cand_bucket[j]), "learned")
-        searched = bool(self.searches_table and (self.opts.llm_db or self.opts.response_temperature > 0 or self._other_could_win(log_pr, scores, allowed)))
+        searched = bool(
+            self.searches_table
+            and (self.opts.llm_db or self.opts.response_temperature > 0 or self._other_could_win(log_pr, scores, allowed))
+        )
         if searched:
             pool = None if self.opts.pool_mode == "all" else allowed.tolist()
             if self.index is not None:
@@ -257,7 +275,17 @@ class ChatEngine:
         ranked = sorted(scores.items(), key=lambda kv: -kv[1][0])
         top_buckets = [{"bucket": int(b), "probability": round(float(math.exp(log_pb[b])), 4)} for b in order[:3]]
         if not ranked:
-            return Answer(self.opts.fallback_response, int(order[0]), 0.0, True, [], (time.perf_counter() - start) * 1000, buckets=top_buckets, context=context, searched=searched)
+            return Answer(
+                self.opts.fallback_response,
+                int(order[0]),
+                0.0,
+                True,
+                [],
+                (time.perf_counter() - start) * 1000,
+                buckets=top_buckets,
+                context=context,
+                searched=searched,
+            )
         pick = 0
         if self.opts.response_temperature > 0:
             top = np.array([s for _, (s, _, _) in ranked[:20]]) / self.opts.response_temperature
@@ -276,7 +304,9 @@ class ChatEngine:
         if fallback:
             text, style = self.opts.fallback_response, "balanced"
         else:
-            text, style = apply_style(response, style_mode or self.opts.style_mode, message, self.opts.creativity, self.opts.seed if seed is None else seed)
+            text, style = apply_style(
+                response, style_mode or self.opts.style_mode, message, self.opts.creativity, self.opts.seed if seed is None else seed
+            )
         return Answer(
             response=text,
             bucket=bucket,

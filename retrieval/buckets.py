@@ -56,7 +56,9 @@ def spherical_kmeans(points: np.ndarray, k: int, weights: np.ndarray, seed: int 
     return assign
 
 
-def assign_buckets(keys: list[str], user_vecs: np.ndarray, response_vecs: np.ndarray, num_buckets: int = 10, seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+def assign_buckets(
+    keys: list[str], user_vecs: np.ndarray, response_vecs: np.ndarray, num_buckets: int = 10, seed: int = 0
+) -> tuple[np.ndarray, dict[str, int]]:
     """Bucket per row (N,) int32 and the map group key -> bucket, for rows grouped by ``group_keys``.
 
     With at most ``num_buckets`` groups each group gets its own bucket (in sorted key order, so the

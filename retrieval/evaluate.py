@@ -39,7 +39,7 @@ def read_messages(path: str | Path) -> list[str]:
                         raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg}); write one object per line, or plain text") from None
                     line = obj.get("user") if isinstance(obj, dict) else None
                     if not isinstance(line, str) or not line.strip():
-                        raise ValueError(f"{path}:{number}: no \"user\" text; give {{\"user\": \"...\"}} or a plain line")
+                        raise ValueError(f'{path}:{number}: no "user" text; give {{"user": "..."}} or a plain line')
                 out.append(clean_text(line, "the message", MAX_MESSAGE_CHARS))
             except TextError as exc:
                 raise ValueError(f"{path}:{number}: {exc}") from None
@@ -59,7 +59,9 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
 
     pairs, rejects = load_records(data)
     if not pairs:
-        raise ValueError(f"--data {str(data)!r} holds no usable test pairs ({len(rejects)} malformed lines); each line needs user and assistant")
+        raise ValueError(
+            f"--data {str(data)!r} holds no usable test pairs ({len(rejects)} malformed lines); each line needs user and assistant"
+        )
     bucket_of = {t: int(b) for t, b in zip(engine.texts, engine.cand_bucket) if t is not None}
     right = ranked_right = fell_back = bucket_right = bucket_n = 0
     latencies = []
@@ -88,15 +90,23 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
         messages = read_messages(oos)
         answers = [engine.answer(m) for m in messages]
         latencies += [a.latency_ms for a in answers]
-        report["oos"] = {"data": str(oos), "messages": len(messages), "recall": sum(a.fallback for a in answers) / len(messages) if messages else None}
+        report["oos"] = {
+            "data": str(oos),
+            "messages": len(messages),
+            "recall": sum(a.fallback for a in answers) / len(messages) if messages else None,
+        }
     report["latency_ms"] = _percentiles(latencies)
     return report
 
 
 def format_report(r: dict) -> str:
-    pct = lambda v: "n/a" if v is None else f"{v:.2%}"
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2%}"
+
     lines = [
-        f"test data            {r['data']} ({r['messages']} messages" + (f", {r['malformed_lines']} malformed lines skipped" if r["malformed_lines"] else "") + ")",
+        f"test data            {r['data']} ({r['messages']} messages"
+        + (f", {r['malformed_lines']} malformed lines skipped" if r["malformed_lines"] else "")
+        + ")",
         f"response accuracy    {pct(r['response_accuracy'])}   (fallbacks count as wrong)",
         f"ranking accuracy     {pct(r['ranking_accuracy'])}   (best candidate, fallback ignored)",
         f"bucket accuracy      {pct(r['bucket_accuracy'])}",
@@ -105,7 +115,9 @@ def format_report(r: dict) -> str:
     if r["unknown_responses"]:
         lines.append(f"not learned          {r['unknown_responses']} expected responses are not among the model's candidates")
     if "oos" in r:
-        lines.append(f"out-of-scope recall  {pct(r['oos']['recall'])}   ({r['oos']['messages']} messages from {r['oos']['data']} that should fall back)")
+        lines.append(
+            f"out-of-scope recall  {pct(r['oos']['recall'])}   ({r['oos']['messages']} messages from {r['oos']['data']} that should fall back)"
+        )
     lat = r["latency_ms"]
     lines.append(f"latency per turn     p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, mean {lat['mean']} ms")
     return "\n".join(lines)

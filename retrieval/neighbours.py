@@ -76,7 +76,15 @@ def mix(log_pr: np.ndarray, votes: np.ndarray, weight: float) -> np.ndarray:
     return np.where(has[:, None], out, log_pr).astype(log_pr.dtype)
 
 
-def neighbour_log_probs(log_pr: np.ndarray, queries: np.ndarray, memory: np.ndarray, memory_slots: np.ndarray, weight: float, k: int = K, temperature: float = TEMPERATURE) -> np.ndarray:
+def neighbour_log_probs(
+    log_pr: np.ndarray,
+    queries: np.ndarray,
+    memory: np.ndarray,
+    memory_slots: np.ndarray,
+    weight: float,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+) -> np.ndarray:
     """``log_pr`` (B, C) of messages embedded as ``queries`` with the vote of their ``k`` nearest
     ``memory`` rows mixed in (what chat answers from)."""
     if weight <= 0 or len(memory) == 0:

@@ -101,10 +101,17 @@ class SearchIndex:
         self.buckets = buckets[order]
         self.payload = {name: [values[i] for i in order] for name, values in payload.items()}
         self._build_bm25([users[i] for i in order])
-        self.stats = IndexStats(n, cells, self.nprobe, len(self.vocab), round(time.perf_counter() - start, 3), self.vectors.nbytes + self.postings.data.nbytes + self.postings.indices.nbytes)
+        self.stats = IndexStats(
+            n,
+            cells,
+            self.nprobe,
+            len(self.vocab),
+            round(time.perf_counter() - start, 3),
+            self.vectors.nbytes + self.postings.data.nbytes + self.postings.indices.nbytes,
+        )
 
     @classmethod
-    def from_table(cls, tbl) -> "SearchIndex":
+    def from_table(cls, tbl) -> SearchIndex:
         """Every row of ``tbl``'s checked-out version (a pinned version never changes)."""
         from retrieval.store import read_columns
 
@@ -212,6 +219,11 @@ class SearchIndex:
         best = sorted(fused, key=lambda i: (-fused[i], i))[:k]
         cos = self.vectors[best] @ vector if best else np.zeros(0, np.float32)
         return [
-            {**{name: col[i] for name, col in self.payload.items()}, "bucket": int(self.buckets[i]), "cosine": float(c), "score": round(fused[i], 6)}
+            {
+                **{name: col[i] for name, col in self.payload.items()},
+                "bucket": int(self.buckets[i]),
+                "cosine": float(c),
+                "score": round(fused[i], 6),
+            }
             for i, c in zip(best, cos)
         ]

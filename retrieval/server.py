@@ -62,16 +62,33 @@ class ServerConfig:
         if self.threads < 1:
             raise ValueError(f"--workers_threads must be at least 1, got {self.threads}")
         if self.api_key is not None and len(self.api_key) < 8:
-            raise ValueError("--api_key is shorter than 8 characters; use a long random string (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+            raise ValueError(
+                "--api_key is shorter than 8 characters; use a long random string (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)"
+            )
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind, self.headers = status, message, param, code, kind, headers
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict | None = None,
+) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status, headers=headers)
 
 
@@ -82,7 +99,11 @@ def _text(content, i: int, limit: int) -> str:
     elif isinstance(content, list) and all(isinstance(p, dict) for p in content):
         kinds = {p.get("type") for p in content}
         if kinds - {"text"}:
-            raise ApiError(400, f"messages[{i}].content has parts of type {sorted(k for k in kinds if k != 'text')}; only text is supported", f"messages[{i}].content")
+            raise ApiError(
+                400,
+                f"messages[{i}].content has parts of type {sorted(k for k in kinds if k != 'text')}; only text is supported",
+                f"messages[{i}].content",
+            )
         text = " ".join(str(p.get("text", "")) for p in content)
     else:
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
@@ -110,12 +131,19 @@ def parse_request(body: dict, cfg: ServerConfig) -> dict:
         turns.append((m["role"], _text(m.get("content", ""), i, cfg.max_message_chars) if m.get("content") not in (None, "") else ""))
     if turns[-1][0] != "user" or not turns[-1][1].strip():
         raise ApiError(400, "the last message must be a non-empty user message: it is what gets answered", f"messages[{len(turns) - 1}]")
-    for key, ok, why in (("n", body.get("n", 1) in (1, None), "only n=1 is supported: there is one best stored response"), ("tools", not body.get("tools") and not body.get("functions"), "tools and functions are not supported: answers are stored responses")):
+    for key, ok, why in (
+        ("n", body.get("n", 1) in (1, None), "only n=1 is supported: there is one best stored response"),
+        (
+            "tools",
+            not body.get("tools") and not body.get("functions"),
+            "tools and functions are not supported: answers are stored responses",
+        ),
+    ):
         if not ok:
             raise ApiError(400, why, key)
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
-        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+        raise ApiError(400, 'only response_format {"type": "text"} is supported', "response_format")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
         raise ApiError(400, "'seed' must be an integer from 0 to 4294967295", "seed")
@@ -145,7 +173,9 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
             return
         given = request.headers.get("authorization", "")
         if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), cfg.api_key.encode())):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key", kind="authentication_error")
+            raise ApiError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key", kind="authentication_error"
+            )
 
     async def read_json(request: Request) -> dict:
         declared = request.headers.get("content-length")
@@ -166,24 +196,60 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
         check_auth(request)
         req = parse_request(await read_json(request), cfg)
         if in_flight >= cfg.max_concurrency:
-            raise ApiError(429, f"more than {cfg.max_concurrency} requests in flight; retry shortly", code="rate_limited", kind="rate_limit_error", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"more than {cfg.max_concurrency} requests in flight; retry shortly",
+                code="rate_limited",
+                kind="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         in_flight += 1
         try:
             loop = asyncio.get_running_loop()
-            ans = await loop.run_in_executor(pool, lambda: engine.answer(req["message"], history=req["history"], style_mode=req["style_mode"], seed=req["seed"]))
+            ans = await loop.run_in_executor(
+                pool, lambda: engine.answer(req["message"], history=req["history"], style_mode=req["style_mode"], seed=req["seed"])
+            )
             why = await loop.run_in_executor(pool, engine.explain, ans) if req["explain"] else None
         finally:
             in_flight -= 1
         cid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        extra = {"bucket": ans.bucket, "confidence": ans.confidence, "margin": ans.margin, "fallback": ans.fallback, "style": ans.style, "context": ans.context, "candidates": ans.candidates, "latency_ms": ans.latency_ms} | ({"why": why} if why else {})
+        extra = {
+            "bucket": ans.bucket,
+            "confidence": ans.confidence,
+            "margin": ans.margin,
+            "fallback": ans.fallback,
+            "style": ans.style,
+            "context": ans.context,
+            "candidates": ans.candidates,
+            "latency_ms": ans.latency_ms,
+        } | ({"why": why} if why else {})
         words = max(1, len(ans.response.split()))
         usage = {"prompt_tokens": sum(len(t.split()) for t in req["history"] + [req["message"]]), "completion_tokens": words}
         usage["total_tokens"] = usage["prompt_tokens"] + words
         if not req["stream"]:
-            return JSONResponse({"id": cid, "object": "chat.completion", "created": now, "model": cfg.model_name, "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.response}, "finish_reason": "stop", "logprobs": None}], "usage": usage, "bucketchat": extra})
+            return JSONResponse(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": now,
+                    "model": cfg.model_name,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": ans.response}, "finish_reason": "stop", "logprobs": None}
+                    ],
+                    "usage": usage,
+                    "bucketchat": extra,
+                }
+            )
 
         def chunk(delta: dict, finish: str | None = None, **more) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": cfg.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **more}
+            body = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": cfg.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                **more,
+            }
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
@@ -198,10 +264,20 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
 
     async def models(request: Request) -> Response:
         check_auth(request)
-        return JSONResponse({"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": created, "owned_by": "bucketchat"}]})
+        return JSONResponse(
+            {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": created, "owned_by": "bucketchat"}]}
+        )
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": cfg.model_name, "model_size": engine.head.cfg.model_size, "table": {"name": pinned.get("name"), "version": pinned.get("version")}, "in_flight": in_flight})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": cfg.model_name,
+                "model_size": engine.head.cfg.model_size,
+                "table": {"name": pinned.get("name"), "version": pinned.get("version")},
+                "in_flight": in_flight,
+            }
+        )
 
     async def page(request: Request) -> Response:
         return FileResponse(PAGE, media_type="text/html")
@@ -210,7 +286,9 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
         return _error(exc.status, exc.message, exc.param, exc.code, exc.kind, exc.headers)
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, exc.detail or "request failed", kind="not_found_error" if exc.status_code == 404 else "invalid_request_error")
+        return _error(
+            exc.status_code, exc.detail or "request failed", kind="not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        )
 
     async def on_crash(request: Request, exc: Exception) -> Response:
         return _error(500, f"internal error ({exc.__class__.__name__}); the server logs have the details", kind="server_error")
@@ -221,17 +299,25 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", completions, methods=["POST"]),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         pool.shutdown(wait=False, cancel_futures=True)
 
-    return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}, lifespan=lifespan)
+    return Starlette(
+        routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}, lifespan=lifespan
+    )
 
 
 def serve(engine: ChatEngine, cfg: ServerConfig) -> None:
     """Run the server in the foreground until Ctrl-C."""
     import uvicorn
 
-    print(f"bucketchat serving {cfg.model_name} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1{', API key required' if cfg.api_key else ''})", flush=True)
-    uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=1)
+    print(
+        f"bucketchat serving {cfg.model_name} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1{', API key required' if cfg.api_key else ''})",
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=1
+    )

@@ -113,13 +113,17 @@ def table_encoder(tbl) -> str:
     return (meta.get(b"encoder") or TORCH_ID.encode()).decode()  # no tag: built before tables carried one (torch fp32)
 
 
-def reembed_table(db: str | Path, table: str, version: int, encoder_path: str, encoder_id: str, device: str = "cpu", progress: bool = False) -> int:
+def reembed_table(
+    db: str | Path, table: str, version: int, encoder_path: str, encoder_id: str, device: str = "cpu", progress: bool = False
+) -> int:
     """Write ``table@version``'s rows as a new version whose vectors come from another encoder (a
     fine-tuned one): a model and the table it pins must use the same encoder. Returns the version."""
     data = open_table(db, table, version).to_arrow()
     cache = EmbeddingCache(local_dir(db) / CACHE_DIR, encoder_id, encoder_path)
     vecs, _ = cache.embed(data["user"].to_pylist(), device=device, progress=progress)
-    data = data.set_column(data.schema.get_field_index("vector"), "vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM))
+    data = data.set_column(
+        data.schema.get_field_index("vector"), "vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM)
+    )
     return _write(db, table, data.cast(schema(encoder_id)))
 
 
@@ -181,7 +185,9 @@ def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
     return BuildResult(str(db), table, int(tbl.version), sum(counts.values()), 0, dict(sorted(counts.items())), reused=True)
 
 
-def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", progress: bool = False) -> BuildResult:
+def build_table(
+    pairs: list[Pair], db: str | Path, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", progress: bool = False
+) -> BuildResult:
     """Embed (through the cache), bucket and write ``pairs`` as a new version of ``table``.
 
     When the latest version was built from the same rows and settings it is returned as it is
@@ -254,7 +260,15 @@ def stats(db: str | Path, table: str) -> dict:
     indices = []
     for idx in tbl.list_indices():
         s = tbl.index_stats(idx.name)
-        indices.append({"name": idx.name, "type": str(idx.index_type), "columns": list(idx.columns), "indexed_rows": s.num_indexed_rows, "unindexed_rows": s.num_unindexed_rows})
+        indices.append(
+            {
+                "name": idx.name,
+                "type": str(idx.index_type),
+                "columns": list(idx.columns),
+                "indexed_rows": s.num_indexed_rows,
+                "unindexed_rows": s.num_unindexed_rows,
+            }
+        )
     return {
         "db": str(db),
         "table": table,
@@ -262,7 +276,10 @@ def stats(db: str | Path, table: str) -> dict:
         "rows": int(len(frame)),
         "buckets": {int(b): {"rows": int(r.rows), "groups": int(r.groups)} for b, r in per_bucket.iterrows()},
         "sources": {str(k): int(v) for k, v in frame["source"].value_counts().sort_index().items()},
-        "versions": [{"version": int(v["version"]), "timestamp": str(v["timestamp"]), "rows": int(v["metadata"].get("total_rows", 0))} for v in tbl.list_versions()],
+        "versions": [
+            {"version": int(v["version"]), "timestamp": str(v["timestamp"]), "rows": int(v["metadata"].get("total_rows", 0))}
+            for v in tbl.list_versions()
+        ],
         "indices": indices,
         "embedding_cache": len(EmbeddingCache(local_dir(db) / CACHE_DIR)),
     }

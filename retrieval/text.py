@@ -21,7 +21,8 @@ Rejected, with a reason and a fix (a file's line goes to the rejects file, a pip
 from __future__ import annotations
 
 import re
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 BOM = "\ufeff"
 # Chat messages and HTTP contents longer than this are refused: the encoder reads only the first
@@ -72,7 +73,9 @@ def decode_line(raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TextError("encoding", f"invalid UTF-8 at byte {exc.start}", "save the input as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE`)") from None
+        raise TextError(
+            "encoding", f"invalid UTF-8 at byte {exc.start}", "save the input as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE`)"
+        ) from None
     return text.rstrip("\r\n").lstrip(BOM)
 
 

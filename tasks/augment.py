@@ -22,14 +22,21 @@ import dataclasses
 import random
 import re
 from collections import Counter, defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from tasks.dataset import normalise
 from tasks.records import Pair
 
-FRAMES = ("Can you tell me {q}", "I was wondering, {q}", "Quick question: {q}", "Could you help me? {q}", "{q} Thanks in advance.", "Hey, {q}")
+FRAMES = (
+    "Can you tell me {q}",
+    "I was wondering, {q}",
+    "Quick question: {q}",
+    "Could you help me? {q}",
+    "{q} Thanks in advance.",
+    "Hey, {q}",
+)
 # Where people actually put filler: in front of the question, or after it.
 PREFIXES = ("Actually, ", "Just wondering, ", "By the way, ", "Hi, ", "Um, ")
 SUFFIXES = (" please", ", thanks", " asap", " if possible")
@@ -74,7 +81,7 @@ def _filler(text: str, rng: random.Random) -> str:
     if rng.random() < 0.5:
         return rng.choice(PREFIXES) + _lower_first(text)
     bare = text.rstrip("?!. ")
-    return bare + rng.choice(SUFFIXES) + text[len(bare):].strip()
+    return bare + rng.choice(SUFFIXES) + text[len(bare) :].strip()
 
 
 def _synonym(text: str, rng: random.Random) -> str:
@@ -91,7 +98,7 @@ def _synonym(text: str, rng: random.Random) -> str:
 
 
 def _reorder(text: str, rng: random.Random) -> str:
-    """"If X, how do I Y?" -> "How do I Y, if X?": two clauses, same meaning, other order."""
+    """ "If X, how do I Y?" -> "How do I Y, if X?": two clauses, same meaning, other order."""
     parts = [p.strip() for p in text.rstrip("?!. ").split(",")]
     if len(parts) != 2 or not all(parts):
         return _filler(text, rng)
@@ -122,7 +129,13 @@ def _typo(text: str, rng: random.Random) -> str:
 
 
 USER_OPS: dict[str, Callable[[str, random.Random], str]] = {
-    "synonym": _synonym, "frame": _frame, "filler": _filler, "reorder": _reorder, "casing": _casing, "punct": _punct, "typo": _typo,
+    "synonym": _synonym,
+    "frame": _frame,
+    "filler": _filler,
+    "reorder": _reorder,
+    "casing": _casing,
+    "punct": _punct,
+    "typo": _typo,
 }
 _SPACE = re.compile(r"\s+")
 
@@ -141,7 +154,9 @@ def variant(parent: Pair, siblings: list[Pair], rng: random.Random, creative_pro
     if rng.random() < creative_prob:
         assistant = rng.choice(OPENERS) + assistant
         ops.append("creative")
-    return dataclasses.replace(parent, user=_SPACE.sub(" ", user).strip(), assistant=assistant, op="+".join(ops), parent_id=parent.id, turn=0)
+    return dataclasses.replace(
+        parent, user=_SPACE.sub(" ", user).strip(), assistant=assistant, op="+".join(ops), parent_id=parent.id, turn=0
+    )
 
 
 class ConsistencyFilter:
@@ -155,9 +170,9 @@ class ConsistencyFilter:
     """
 
     def __init__(self, pairs: list[Pair], min_parent_similarity: float = 0.3, margin: float = 0.05):
+        from scipy import sparse
         from sklearn.feature_extraction.text import HashingVectorizer
         from sklearn.preprocessing import normalize
-        from scipy import sparse
 
         self.vec = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 4), n_features=2**18, alternate_sign=False, norm="l2")
         self.min_parent, self.margin = min_parent_similarity, margin
@@ -193,7 +208,15 @@ class ConsistencyFilter:
         return reasons
 
 
-def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, max_tries_per_record: int = 50, check: bool = True) -> tuple[list[Pair], Counter]:
+def expand(
+    pairs: list[Pair],
+    target: int,
+    creative_prob: float = 0.0,
+    blend_prob: float = 0.0,
+    seed: int = 42,
+    max_tries_per_record: int = 50,
+    check: bool = True,
+) -> tuple[list[Pair], Counter]:
     """Return exactly ``target`` pairs (the originals first, then new distinct variants) and the
     count of variants dropped by the consistency check, by reason.
 
@@ -206,7 +229,9 @@ def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_pro
     if not pairs:
         raise ValueError("the input has no usable records to expand; check its rejects file")
     if target < len(pairs):
-        raise ValueError(f"--target {target} is below the input's {len(pairs)} records; pass --target >= {len(pairs)} (expansion never drops records)")
+        raise ValueError(
+            f"--target {target} is below the input's {len(pairs)} records; pass --target >= {len(pairs)} (expansion never drops records)"
+        )
     rng = random.Random(seed)
     by_response: dict[str, list[Pair]] = defaultdict(list)
     for p in pairs:
@@ -236,5 +261,7 @@ def expand(pairs: list[Pair], target: int, creative_prob: float = 0.0, blend_pro
             elif len(out) < target:
                 out.append(dataclasses.replace(child, line=len(out)))
         if exhausted and len(out) < target:
-            raise ValueError(f"could only make {len(out)} distinct consistent records from {len(pairs)} inputs after {limit} tries ({sum(dropped.values())} variants failed the consistency check); lower --target to at most {len(out)} or add more varied data")
+            raise ValueError(
+                f"could only make {len(out)} distinct consistent records from {len(pairs)} inputs after {limit} tries ({sum(dropped.values())} variants failed the consistency check); lower --target to at most {len(out)} or add more varied data"
+            )
     return out, dropped

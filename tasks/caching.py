@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
@@ -46,7 +46,7 @@ class InputFiles(CachePolicy):
 
     parameters: tuple[str, ...] = ("input", "inputs", "path", "data")
 
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> Optional[str]:
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         h = hashlib.sha256()
         for name in sorted(n for n in (inputs or {}) if n in self.parameters):
             for path in _named_files(inputs[name]):

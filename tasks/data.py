@@ -22,6 +22,12 @@ class NoUsablePairs(ValueError):
     """Nothing survived reading and filtering: every later stage would fail less clearly."""
 
 
+def shard_path(source: str, staging: str | Path) -> Path:
+    """Where ``validate_source`` writes a source's pairs: named by its content, so a changed source
+    gets a new shard."""
+    return Path(staging) / f"{Path(source).stem}-{file_digest(Path(source))[:12]}.parquet"
+
+
 @task(**CACHED)
 def validate_source(path: str, staging: str, strict: bool = False) -> dict:
     """Read one source: its pairs to a Parquet shard in ``staging``, its malformed lines beside it.
@@ -29,7 +35,7 @@ def validate_source(path: str, staging: str, strict: bool = False) -> dict:
     Mapped over the sources, so they are read in parallel (threads, or a Dask cluster).
     """
     pairs, rejects = read_pairs(path, strict=strict)
-    shard = Path(staging) / f"{Path(path).stem}-{file_digest(Path(path))[:12]}.parquet"
+    shard = shard_path(path, staging)
     write_dataset(pairs, shard)
     run_logger().info("%s: %d pairs, %d malformed lines", path, len(pairs), len(rejects))
     return {"source": path, "shard": str(shard), "rejects": write_rejects(rejects, shard), "pairs": len(pairs), "malformed": len(rejects)}
@@ -48,24 +54,55 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
         def reject(r: Reject) -> None:
             rejects_file.write(json_line(r.to_record()))
 
-        kept, report = filter_and_dedupe((p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject, near_duplicates=near_duplicates)
+        kept, report = filter_and_dedupe(
+            (p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject, near_duplicates=near_duplicates
+        )
     malformed = sum(s["malformed"] for s in shards)
-    summary = {"sources": {s["source"]: {"pairs": s["pairs"], "malformed": s["malformed"]} for s in shards}, **report.to_dict(), "malformed_lines": malformed, "near_dup_threshold": near_dup_threshold}
+    summary = {
+        "sources": {s["source"]: {"pairs": s["pairs"], "malformed": s["malformed"]} for s in shards},
+        **report.to_dict(),
+        "malformed_lines": malformed,
+        "near_dup_threshold": near_dup_threshold,
+    }
     report_path = sibling(output, ".report.json")
     write_text(report_path, json.dumps(summary, indent=2))
     dups = report.dropped["exact duplicate"] + report.dropped["near duplicate"]
     if not kept:
-        raise NoUsablePairs(f"no usable conversation pairs in {', '.join(s['source'] for s in shards)}: {malformed:,} malformed line(s) and {report.to_dict()['dropped_total']:,} pair(s) dropped, every one in {rejects_path(output)} with its reason; fix those lines, or add data")
+        raise NoUsablePairs(
+            f"no usable conversation pairs in {', '.join(s['source'] for s in shards)}: {malformed:,} malformed line(s) and {report.to_dict()['dropped_total']:,} pair(s) dropped, every one in {rejects_path(output)} with its reason; fix those lines, or add data"
+        )
     return {
-        **write_dataset(kept, output), "rejects": str(rejects_path(output)), "report": str(report_path), "records": len(kept),
-        "rejected_lines": malformed, "duplicates": dups, "low_quality": report.to_dict()["dropped_total"] - dups, "dropped": dict(report.dropped), "near_duplicates_linked": report.linked,
+        **write_dataset(kept, output),
+        "rejects": str(rejects_path(output)),
+        "report": str(report_path),
+        "records": len(kept),
+        "rejected_lines": malformed,
+        "duplicates": dups,
+        "low_quality": report.to_dict()["dropped_total"] - dups,
+        "dropped": dict(report.dropped),
+        "near_duplicates_linked": report.linked,
     }
 
 
 @task(**CACHED)
-def expand_dataset(input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False) -> dict:
+def expand_dataset(
+    input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False
+) -> dict:
     """Grow a dataset to exactly ``target`` pairs with synthetic variants (see tasks/augment.py)."""
     pairs, rejected, rejects_file = read_input(input, output, strict)
     grown, inconsistent = expand(pairs, target, creative_prob=creative_prob, blend_prob=blend_prob, seed=seed)
-    run_logger().info("expanded %d -> %d records; %d variants dropped as inconsistent: %s", len(pairs), len(grown), sum(inconsistent.values()), dict(inconsistent))
-    return {**write_dataset(grown, output), "rejects": rejects_file, "records": len(grown), "input_records": len(pairs), "rejected_lines": rejected, "inconsistent_variants": dict(inconsistent)}
+    run_logger().info(
+        "expanded %d -> %d records; %d variants dropped as inconsistent: %s",
+        len(pairs),
+        len(grown),
+        sum(inconsistent.values()),
+        dict(inconsistent),
+    )
+    return {
+        **write_dataset(grown, output),
+        "rejects": rejects_file,
+        "records": len(grown),
+        "input_records": len(pairs),
+        "rejected_lines": rejected,
+        "inconsistent_variants": dict(inconsistent),
+    }

@@ -24,7 +24,9 @@ def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: 
     if result.reused:
         logger.info("table %s@%d already holds exactly these %d rows; no new version written", table, result.version, result.rows)
     else:
-        logger.info("table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, rejected)
+        logger.info(
+            "table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, rejected
+        )
     return {**asdict(result), "rejects": rejects_file, "rejected_lines": rejected}
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,9 +59,16 @@ def iter_parquet(path: str | Path, batch_size: int = 8192) -> Iterator[Pair]:
         for row in batch.to_pylist():
             context = tuple((t["role"], t["content"]) for t in json.loads(row["context"] or "[]"))
             yield Pair(
-                user=row["user"], assistant=row["assistant"], context=context, label=row["label"],
-                source=row["source"] or "", line=row["line"], turn=row["turn"],
-                parent_id=row["parent_id"], op=row["op"] or "original", meta=json.loads(row["meta"] or "{}"),
+                user=row["user"],
+                assistant=row["assistant"],
+                context=context,
+                label=row["label"],
+                source=row["source"] or "",
+                line=row["line"],
+                turn=row["turn"],
+                parent_id=row["parent_id"],
+                op=row["op"] or "original",
+                meta=json.loads(row["meta"] or "{}"),
             )
 
 
@@ -81,16 +88,27 @@ def read_input(path: str | Path, output: str | Path, strict: bool = False) -> tu
     pairs, rejects = read_pairs(path, strict=strict)
     written = None if Path(path).suffix == ".parquet" else write_rejects(rejects, output)
     if not pairs:
-        raise ValueError(f"{str(path)!r} holds no usable conversation pairs" + (f" ({len(rejects):,} rejected lines, each in {written} with its reason)" if rejects else "") + "; add data or fix the rejected lines")
+        raise ValueError(
+            f"{str(path)!r} holds no usable conversation pairs"
+            + (f" ({len(rejects):,} rejected lines, each in {written} with its reason)" if rejects else "")
+            + "; add data or fix the rejected lines"
+        )
     return pairs, len(rejects), written
 
 
 def pairs_table(pairs: Iterable[Pair]) -> pa.Table:
     rows = [
         {
-            "id": p.id, "user": p.user, "assistant": p.assistant,
+            "id": p.id,
+            "user": p.user,
+            "assistant": p.assistant,
             "context": json.dumps([{"role": r, "content": c} for r, c in p.context], ensure_ascii=False),
-            "label": p.label, "source": p.source, "line": p.line, "turn": p.turn, "parent_id": p.parent_id, "op": p.op,
+            "label": p.label,
+            "source": p.source,
+            "line": p.line,
+            "turn": p.turn,
+            "parent_id": p.parent_id,
+            "op": p.op,
             "meta": json.dumps(p.meta, ensure_ascii=False, sort_keys=True),
         }
         for p in pairs

@@ -23,8 +23,8 @@ import functools
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from rapidfuzz import fuzz, process
@@ -69,7 +69,7 @@ class DropReport:
 
 
 @functools.lru_cache(maxsize=200_000)  # responses repeat: check each distinct text once
-def _text_problem(side: str, text: str, limit: int, cfg: "QualityConfig") -> str | None:
+def _text_problem(side: str, text: str, limit: int, cfg: QualityConfig) -> str | None:
     if len(text) < cfg.min_chars:
         return f"{side} too short"
     if len(text) > limit:
@@ -86,7 +86,9 @@ def _text_problem(side: str, text: str, limit: int, cfg: "QualityConfig") -> str
 
 def quality_problem(p: Pair, cfg: QualityConfig) -> str | None:
     """The first quality rule ``p`` breaks (a short reason used as the report key), or None."""
-    problem = _text_problem("user", p.user, cfg.max_user_chars, cfg) or _text_problem("assistant", p.assistant, cfg.max_assistant_chars, cfg)
+    problem = _text_problem("user", p.user, cfg.max_user_chars, cfg) or _text_problem(
+        "assistant", p.assistant, cfg.max_assistant_chars, cfg
+    )
     if problem is None and normalise(p.user) == normalise(p.assistant):
         problem = "assistant equals user"
     return problem
@@ -164,7 +166,13 @@ def _chunks(items, size: int):
         yield chunk
 
 
-def filter_and_dedupe(pairs, cfg: QualityConfig | None = None, on_drop: Callable[[Reject], None] | None = None, chunk_size: int = 4096, near_duplicates: str = "drop") -> tuple[list[Pair], DropReport]:
+def filter_and_dedupe(
+    pairs,
+    cfg: QualityConfig | None = None,
+    on_drop: Callable[[Reject], None] | None = None,
+    chunk_size: int = 4096,
+    near_duplicates: str = "drop",
+) -> tuple[list[Pair], DropReport]:
     """Stream ``pairs`` through quality, exact and near-duplicate filters; first seen wins.
 
     ``near_duplicates="link"`` keeps a near duplicate but makes it part of its twin's family

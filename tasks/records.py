@@ -12,9 +12,10 @@ Extra fields are kept as metadata; ``intent``/``label``/``bucket`` (first presen
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from retrieval.text import MAX_LINE_BYTES, TextError, clean_text, decode_line, read_lines
 
@@ -154,7 +155,9 @@ def check_input(path: str | Path, flag: str = "--data") -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)")
+        raise ValueError(
+            f"{flag} {str(path)!r} is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)"
+        )
     if not path.exists():
         raise FileNotFoundError(f"{flag} {str(path)!r} does not exist; check the path")
     if not path.is_file():
@@ -207,7 +210,13 @@ def iter_records(path: str | Path, strict: bool = False, max_line_bytes: int = M
 def _read_line(raw: bytes, size: int, limit: int, path: str, number: int) -> list[Pair] | Reject | None:
     """The pairs of one line, its ``Reject``, or None for a blank line."""
     if size > limit:
-        return Reject(path, number, f"line is {size:,} bytes, over the {limit:,}-byte limit", "split the conversation or drop the line", raw.decode("utf-8", "replace") + "…")
+        return Reject(
+            path,
+            number,
+            f"line is {size:,} bytes, over the {limit:,}-byte limit",
+            "split the conversation or drop the line",
+            raw.decode("utf-8", "replace") + "…",
+        )
     try:
         text = decode_line(raw)
     except TextError as exc:
@@ -225,7 +234,13 @@ def _read_line(raw: bytes, size: int, limit: int, path: str, number: int) -> lis
     except RecursionError:
         return Reject(path, number, "JSON nested too deeply", "flatten the record", text[:200])
     if where is not None:
-        return Reject(path, number, f"{f'field {where!r}' if where else 'the line'} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair)", "write the character itself in UTF-8, or escape it as a full surrogate pair", text)
+        return Reject(
+            path,
+            number,
+            f"{f'field {where!r}' if where else 'the line'} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair)",
+            "write the character itself in UTF-8, or escape it as a full surrogate pair",
+            text,
+        )
     try:
         return parse_record(obj, Path(path).stem, number)
     except _Bad as exc:
@@ -241,9 +256,11 @@ def require_pairs(path: str | Path, flag: str = "--data") -> None:
             return
         rejects.append(item)
     if not rejects:
-        raise ValueError(f"{flag} {str(path)!r} is empty; it needs one JSON object per line, e.g. " '{"user": "hi", "assistant": "hello"}')
+        raise ValueError(f'{flag} {str(path)!r} is empty; it needs one JSON object per line, e.g. {{"user": "hi", "assistant": "hello"}}')
     first = rejects[0]
-    raise ValueError(f"{flag} {str(path)!r} holds no usable conversation: all {len(rejects):,} of its non-blank lines were rejected, the first at line {first.line}: {first.reason}. Fix: {first.fix}")
+    raise ValueError(
+        f"{flag} {str(path)!r} holds no usable conversation: all {len(rejects):,} of its non-blank lines were rejected, the first at line {first.line}: {first.reason}. Fix: {first.fix}"
+    )
 
 
 def load_records(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:

@@ -102,8 +102,9 @@ def set_champion(version: int, name: str = MODEL_NAME) -> None:
 
 def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]:
     """Local (weights, meta) paths for a ``models:/…`` or ``runs:/…`` URI, or a local folder."""
-    import mlflow
     from mlflow.exceptions import MlflowException
+
+    import mlflow
 
     local = Path(uri)
     if not uri.startswith(("models:/", "runs:/")) and local.is_dir():
@@ -146,18 +147,20 @@ def list_versions(name: str = MODEL_NAME) -> list[dict]:
     for mv in c.search_model_versions(f"name='{name}'"):
         run = c.get_run(mv.run_id) if mv.run_id else None
         metrics = run.data.metrics if run else {}
-        out.append({
-            "version": int(mv.version),
-            "aliases": sorted(aliases.get(str(mv.version), [])),
-            "val_response_acc": metrics.get("best_val_response_acc"),
-            "val_bucket_acc": metrics.get("best_val_bucket_acc"),
-            "model_size": run.data.tags.get("model_size") if run else None,
-            "table_version": mv.tags.get("table_version"),
-            "data_version": run.data.tags.get("data_version") if run else None,
-            "run_id": mv.run_id,
-            "created": mv.creation_timestamp,
-            "promotion": mv.tags.get("promotion"),
-        })
+        out.append(
+            {
+                "version": int(mv.version),
+                "aliases": sorted(aliases.get(str(mv.version), [])),
+                "val_response_acc": metrics.get("best_val_response_acc"),
+                "val_bucket_acc": metrics.get("best_val_bucket_acc"),
+                "model_size": run.data.tags.get("model_size") if run else None,
+                "table_version": mv.tags.get("table_version"),
+                "data_version": run.data.tags.get("data_version") if run else None,
+                "run_id": mv.run_id,
+                "created": mv.creation_timestamp,
+                "promotion": mv.tags.get("promotion"),
+            }
+        )
     return sorted(out, key=lambda v: -v["version"])
 
 
@@ -171,7 +174,17 @@ def find_versions(tags: dict[str, str], name: str = MODEL_NAME) -> list[dict]:
         found = c.search_model_versions(query)
     except MlflowException:
         return []
-    return sorted(({"version": int(mv.version), "run_id": mv.run_id, "val_response_acc": float(mv.tags["val_response_acc"]) if mv.tags.get("val_response_acc", "n/a") != "n/a" else None} for mv in found), key=lambda v: -v["version"])
+    return sorted(
+        (
+            {
+                "version": int(mv.version),
+                "run_id": mv.run_id,
+                "val_response_acc": float(mv.tags["val_response_acc"]) if mv.tags.get("val_response_acc", "n/a") != "n/a" else None,
+            }
+            for mv in found
+        ),
+        key=lambda v: -v["version"],
+    )
 
 
 def rollback(version: int | None = None, name: str = MODEL_NAME) -> tuple[int | None, int]:
@@ -179,12 +192,16 @@ def rollback(version: int | None = None, name: str = MODEL_NAME) -> tuple[int | 
     champion). Returns (previous champion, new champion)."""
     versions = [v["version"] for v in list_versions(name)]
     if not versions:
-        raise ValueError(f"no versions of {name!r} are registered in {mlflow_tracking_uri()!r}; train one first (`bucketchat pipeline --data FILE --model_name {name}`)")
+        raise ValueError(
+            f"no versions of {name!r} are registered in {mlflow_tracking_uri()!r}; train one first (`bucketchat pipeline --data FILE --model_name {name}`)"
+        )
     current = champion_version(name)
     if version is None:
         older = [v for v in versions if current is not None and v < current]
         if not older:
-            raise ValueError(f"champion v{current} has no older version to roll back to; pass --version N (registered: {', '.join(map(str, sorted(versions)))})")
+            raise ValueError(
+                f"champion v{current} has no older version to roll back to; pass --version N (registered: {', '.join(map(str, sorted(versions)))})"
+            )
         version = max(older)
     if version not in versions:
         raise ValueError(f"--version {version} is not registered; registered versions: {', '.join(map(str, sorted(versions)))}")

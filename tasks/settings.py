@@ -35,7 +35,7 @@ def mlflow_tracking_uri() -> str:
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` URI."""
     prefix = "sqlite:///"
-    return Path(unquote(tracking_uri[len(prefix):])).resolve() if tracking_uri.startswith(prefix) else None
+    return Path(unquote(tracking_uri[len(prefix) :])).resolve() if tracking_uri.startswith(prefix) else None
 
 
 def artifact_location(tracking_uri: str) -> str | None:

@@ -18,10 +18,10 @@ from prefect import task
 from models import checkpoint
 from models.atomic import failpoint
 from models.heads import HEAD_SETTINGS, BucketHead, HeadConfig, warm_start
-from models.train import Candidates, TrainConfig, TrainData, Trainable, answered_right, calibrate_thresholds, split_indices, train
+from models.train import Candidates, Trainable, TrainConfig, TrainData, answered_right, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
-from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
+from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import neighbour_log_probs
 from retrieval.store import db_key, local_dir, open_table, read_columns, reembed_table, table_encoder
 from tasks import registry, run_logger
@@ -83,7 +83,7 @@ class Source:
     tmp: str | None = field(default=None, repr=False)
 
     @classmethod
-    def resolve(cls, spec: str) -> "Source":
+    def resolve(cls, spec: str) -> Source:
         if spec.startswith(("models:/", "runs:/")):
             tmp = tempfile.mkdtemp(prefix="bucketchat-weights-")
             weights, meta_path = registry.download_model(spec, tmp)
@@ -130,7 +130,20 @@ def head_config(head_cfg: dict, source: Source | None, num_candidates: int, inpu
     return HeadConfig(num_candidates=num_candidates, input_dim=input_dim, **{**inherited, **given})
 
 
-def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dict, on_epoch=None, on_step=None, weights: str | None = None, state_path: str | None = None, resume: bool = False, progress: bool = False, logger=None) -> tuple[BucketHead, dict, dict]:
+def fit(
+    db: str,
+    table: str,
+    version: int,
+    train_cfg: TrainConfig,
+    head_cfg: dict,
+    on_epoch=None,
+    on_step=None,
+    weights: str | None = None,
+    state_path: str | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    logger=None,
+) -> tuple[BucketHead, dict, dict]:
     """Train a head on ``table@version``; returns (head, meta, extras: validation ids and accuracy,
     the warm-start report, the table version the model pins, the fine-tuned encoder if any)."""
     rows = table_rows(db, table, version)
@@ -145,7 +158,12 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
             # Start from the checkpoint's fine-tuned encoder when it has one, else from the table's.
             encoder_start = source.encoder_path if source and source.encoder_path else _table_encoder_path(db, rows["encoder"])
         elif source is not None and source.meta and source.meta.get("encoder", TORCH_ID) != rows["encoder"] and logger:
-            logger.warning("--weights %s was trained on vectors of encoder %s, this table holds %s: its tensors load, but expect it to need more training", source.spec, source.meta.get("encoder"), rows["encoder"])
+            logger.warning(
+                "--weights %s was trained on vectors of encoder %s, this table holds %s: its tensors load, but expect it to need more training",
+                source.spec,
+                source.meta.get("encoder"),
+                rows["encoder"],
+            )
 
         def fresh(log: bool) -> tuple[Trainable, dict | None]:
             """What every run starts from: the seeded initial weights (the same data and seed give the
@@ -158,7 +176,15 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
                 report = warm_start(head, source.state, old_texts, cands.texts)
                 report["source"] = source.spec
                 if log and logger:
-                    logger.info("warm start from %s: %d tensors matched, %d remapped by response, %d new, %d skipped%s", source.spec, len(report["matched"]), len(report["remapped"]), len(report["new"]), len(report["skipped"]), "".join(f"\n  skipped {s}" for s in report["skipped"]))
+                    logger.info(
+                        "warm start from %s: %d tensors matched, %d remapped by response, %d new, %d skipped%s",
+                        source.spec,
+                        len(report["matched"]),
+                        len(report["remapped"]),
+                        len(report["new"]),
+                        len(report["skipped"]),
+                        "".join(f"\n  skipped {s}" for s in report["skipped"]),
+                    )
             encoder = None
             if train_cfg.train_all:  # encoder_start None: the stock encoder
                 from models.encoder import TrainableEncoder
@@ -177,8 +203,25 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
             head.lexical_idf.copy_(torch.from_numpy(hasher.idf(counts[idx])))
             return hasher.weigh(counts, head.lexical_idf.numpy())
 
-        data = TrainData(rows["buckets"], y_cand, x=None if train_cfg.train_all else rows["vectors"], texts=rows["users"] if train_cfg.train_all else None, lex=lexical(model.head, tr))
-        result = train(model, data, train_idx=tr, val_idx=va, cfg=train_cfg, on_epoch=on_epoch, on_step=on_step, state_path=state_path, resume=resume, progress=progress)
+        data = TrainData(
+            rows["buckets"],
+            y_cand,
+            x=None if train_cfg.train_all else rows["vectors"],
+            texts=rows["users"] if train_cfg.train_all else None,
+            lex=lexical(model.head, tr),
+        )
+        result = train(
+            model,
+            data,
+            train_idx=tr,
+            val_idx=va,
+            cfg=train_cfg,
+            on_epoch=on_epoch,
+            on_step=on_step,
+            state_path=state_path,
+            resume=resume,
+            progress=progress,
+        )
         # Held-out predictions of this run: the fallback thresholds, the score and the plots use them.
         log_pr = _log_probs(model, data, va)
         refit = None
@@ -187,11 +230,28 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
             # schedule, up to that epoch. The shipped model has seen all the data.
             everything = np.arange(len(rows["ids"]))
             if logger:
-                logger.info("refit: training again on all %d rows (validation included) for the %d epoch(s) validation chose", len(everything), result.best_epoch)
+                logger.info(
+                    "refit: training again on all %d rows (validation included) for the %d epoch(s) validation chose",
+                    len(everything),
+                    result.best_epoch,
+                )
             model, _ = fresh(log=False)
             data.lex = lexical(model.head, everything)
             refit_state = f"{state_path}.refit" if state_path else None
-            done = train(model, data, train_idx=everything, val_idx=None, cfg=result.config, on_epoch=_prefixed(on_epoch), on_step=_prefixed(on_step), state_path=refit_state, resume=bool(resume and refit_state and Path(refit_state).is_file()), progress=progress, until_epoch=result.best_epoch, label="refit")
+            done = train(
+                model,
+                data,
+                train_idx=everything,
+                val_idx=None,
+                cfg=result.config,
+                on_epoch=_prefixed(on_epoch),
+                on_step=_prefixed(on_step),
+                state_path=refit_state,
+                resume=bool(resume and refit_state and Path(refit_state).is_file()),
+                progress=progress,
+                until_epoch=result.best_epoch,
+                label="refit",
+            )
             refit = {"rows": int(len(everything)), "epochs": int(result.best_epoch), "examples_per_second": done.examples_per_second}
         head, encoder = model.head, model.encoder
     finally:
@@ -221,30 +281,63 @@ def fit(db: str, table: str, version: int, train_cfg: TrainConfig, head_cfg: dic
     # embedded as the pinned table holds them (retrieval/neighbours.py).
     right = answered_right(log_pr.argmax(1), y_va, head.candidate_learned)
     vectors = rows["vectors"] if pinned == int(version) else _vectors_by_id(db, table, pinned, rows["ids"])
-    answer_log_pr = torch.from_numpy(neighbour_log_probs(log_pr.numpy(), vectors[va], vectors[tr], y_cand[tr], train_cfg.neighbour_weight)) if len(va) else log_pr
+    answer_log_pr = (
+        torch.from_numpy(neighbour_log_probs(log_pr.numpy(), vectors[va], vectors[tr], y_cand[tr], train_cfg.neighbour_weight))
+        if len(va)
+        else log_pr
+    )
     answer_acc = float(answered_right(answer_log_pr.argmax(1), y_va, head.candidate_learned).float().mean()) if len(va) else None
     best = result.history[result.best_epoch - 1]
     meta = {
         "encoder": encoder_id,
-        "table": {"db": db_key(db), "name": table, "version": pinned, "trained_on_version": int(version), "data_version": data_version(rows)},
+        "table": {
+            "db": db_key(db),
+            "name": table,
+            "version": pinned,
+            "trained_on_version": int(version),
+            "data_version": data_version(rows),
+        },
         "candidates": {"texts": cands.texts, "buckets": cands.buckets, "counts": cands.counts},
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
         "all_responses_learned": not cands.other,
-        "calibration": {**(calibrate_thresholds(answer_log_pr, y_va, head.candidate_learned) if len(va) else {"min_confidence": 0.0, "min_margin": 0.0}), "val_rows": int(len(va))},
+        "calibration": {
+            **(
+                calibrate_thresholds(answer_log_pr, y_va, head.candidate_learned) if len(va) else {"min_confidence": 0.0, "min_margin": 0.0}
+            ),
+            "val_rows": int(len(va)),
+        },
         "neighbours": {"weight": train_cfg.neighbour_weight, "k": NEIGHBOURS_K, "temperature": NEIGHBOURS_TEMPERATURE},
         # Validation scores are those of the held-out run, also when the shipped model is its refit.
-        "metrics": {k: v for k, v in best.items() if k != "lr"} | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second} | ({"val_answer_acc": answer_acc} if answer_acc is not None else {}) | ({"refit_rows": refit["rows"], "refit_epochs": refit["epochs"]} if refit else {}),
-        "validation": {"rows": int(len(va)), "ids_digest": ids_digest([rows["ids"][i] for i in va]), "held_out_of_shipped_model": refit is None},
+        "metrics": {k: v for k, v in best.items() if k != "lr"}
+        | {"best_epoch": result.best_epoch, "epochs_run": len(result.history), "examples_per_second": result.examples_per_second}
+        | ({"val_answer_acc": answer_acc} if answer_acc is not None else {})
+        | ({"refit_rows": refit["rows"], "refit_epochs": refit["epochs"]} if refit else {}),
+        "validation": {
+            "rows": int(len(va)),
+            "ids_digest": ids_digest([rows["ids"][i] for i in va]),
+            "held_out_of_shipped_model": refit is None,
+        },
         "refit": refit,
         "train_config": result.config.to_dict(),
         "warm_start": report,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    extras = {"ids": [rows["ids"][i] for i in va], "right": right.tolist(), "accuracy": best.get("val_response_acc"), "encoder": saved_encoder, "log_pr": answer_log_pr, "y_val": y_va, "buckets_val": rows["buckets"][va], "resumed_from_epoch": result.resumed_from_epoch}
+    extras = {
+        "ids": [rows["ids"][i] for i in va],
+        "right": right.tolist(),
+        "accuracy": best.get("val_response_acc"),
+        "encoder": saved_encoder,
+        "log_pr": answer_log_pr,
+        "y_val": y_va,
+        "buckets_val": rows["buckets"][va],
+        "resumed_from_epoch": result.resumed_from_epoch,
+    }
     return head, meta, extras
 
 
-def champion_score(weights: str, meta_path: str, db: str, table: str, version: int, val_ids: list[str], val_right: list[bool] | None, val_acc: float) -> tuple[float | None, float | None, str]:
+def champion_score(
+    weights: str, meta_path: str, db: str, table: str, version: int, val_ids: list[str], val_right: list[bool] | None, val_acc: float
+) -> tuple[float | None, float | None, str]:
     """(champion's score, challenger's score, on what) for a fair promotion decision.
 
     A refit champion trained on every row of its table version, validation rows included, so its
@@ -266,7 +359,11 @@ def champion_score(weights: str, meta_path: str, db: str, table: str, version: i
     unseen = [i for i in val_ids if i not in seen]
     if unseen and val_right is not None and len(val_right) == len(val_ids):
         right = dict(zip(val_ids, val_right))
-        return response_accuracy(weights, meta_path, db, table, version, unseen), float(np.mean([right[i] for i in unseen])), f"{len(unseen)} validation rows the refit champion never trained on"
+        return (
+            response_accuracy(weights, meta_path, db, table, version, unseen),
+            float(np.mean([right[i] for i in unseen])),
+            f"{len(unseen)} validation rows the refit champion never trained on",
+        )
     recorded = meta.get("metrics", {}).get("val_response_acc")
     if meta.get("validation", {}).get("ids_digest") == ids_digest(val_ids) and recorded is not None:
         return float(recorded), val_acc, f"the same {len(val_ids)} validation rows, both held out at training"
@@ -311,7 +408,9 @@ def _table_encoder_path(db: str, encoder_id: str) -> str | None:
     if folder is None:
         return None
     if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"the table in {db!r} was embedded by fine-tuned encoder {encoder_id}, whose folder {str(folder)!r} is missing; rebuild the table with `bucketchat db build`")
+        raise FileNotFoundError(
+            f"the table in {db!r} was embedded by fine-tuned encoder {encoder_id}, whose folder {str(folder)!r} is missing; rebuild the table with `bucketchat db build`"
+        )
     return str(folder)
 
 
@@ -365,14 +464,28 @@ class MetricBuffer:
             self.client.log_batch(self.run_id, metrics=batch)
 
 
-def bucket_report(log_pr: torch.Tensor, y_val: torch.Tensor, buckets_val: np.ndarray, cand_bucket: list[int], learned: torch.Tensor, num_buckets: int, folder: Path) -> dict:
+def bucket_report(
+    log_pr: torch.Tensor,
+    y_val: torch.Tensor,
+    buckets_val: np.ndarray,
+    cand_bucket: list[int],
+    learned: torch.Tensor,
+    num_buckets: int,
+    folder: Path,
+) -> dict:
     """Per-bucket validation accuracy (JSON) and a bucket confusion matrix (PNG) for the run."""
     pred = log_pr.argmax(1)
     right = answered_right(pred, y_val, learned).numpy()
     pred_bucket = np.asarray(cand_bucket)[pred.numpy()]
     conf = np.zeros((num_buckets, num_buckets), dtype=np.int64)
     np.add.at(conf, (buckets_val, pred_bucket), 1)
-    per_bucket = {int(b): {"rows": int((buckets_val == b).sum()), "response_acc": float(right[buckets_val == b].mean()) if (buckets_val == b).any() else None} for b in range(num_buckets)}
+    per_bucket = {
+        int(b): {
+            "rows": int((buckets_val == b).sum()),
+            "response_acc": float(right[buckets_val == b].mean()) if (buckets_val == b).any() else None,
+        }
+        for b in range(num_buckets)
+    }
     (folder / "per_bucket_accuracy.json").write_text(json.dumps(per_bucket, indent=2))
     import matplotlib
 
@@ -381,7 +494,13 @@ def bucket_report(log_pr: torch.Tensor, y_val: torch.Tensor, buckets_val: np.nda
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     im = ax.imshow(conf, cmap="Blues")
-    ax.set(xlabel="predicted bucket", ylabel="true bucket", title="validation: bucket confusion", xticks=range(num_buckets), yticks=range(num_buckets))
+    ax.set(
+        xlabel="predicted bucket",
+        ylabel="true bucket",
+        title="validation: bucket confusion",
+        xticks=range(num_buckets),
+        yticks=range(num_buckets),
+    )
     for (i, j), n in np.ndenumerate(conf):
         if n:
             ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > conf.max() / 2 else "black")
@@ -393,7 +512,18 @@ def bucket_report(log_pr: torch.Tensor, y_val: torch.Tensor, buckets_val: np.nda
 
 
 @task
-def train_head(db: str, table: str, version: int, train: dict, head: dict, output: str | None = None, meta: str | None = None, weights: str | None = None, resume: bool = False, progress: bool = False) -> dict:
+def train_head(
+    db: str,
+    table: str,
+    version: int,
+    train: dict,
+    head: dict,
+    output: str | None = None,
+    meta: str | None = None,
+    weights: str | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> dict:
     """Fit, log params/metrics/checkpoint/plots to MLflow, and write the local ``--output``/``--meta``.
 
     A resume state is written after every epoch beside ``output`` (``<output>.state``, or under the
@@ -414,7 +544,16 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state_path.with_suffix(".run").write_text(run.info.run_id)
         if not run_id:
-            mlflow.set_tags({"model_size": size, "table": table, "table_version": str(version), "db": db_key(db), "train_all": str(train_cfg.train_all), "warm_start": weights or ""})
+            mlflow.set_tags(
+                {
+                    "model_size": size,
+                    "table": table,
+                    "table_version": str(version),
+                    "db": db_key(db),
+                    "train_all": str(train_cfg.train_all),
+                    "warm_start": weights or "",
+                }
+            )
             mlflow.log_params({**train, **{f"head.{k}": v for k, v in head.items()}, "table_version": version, "weights": weights or ""})
         buffer = MetricBuffer(run.info.run_id)
 
@@ -426,14 +565,37 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
             buffer.flush()
             logger.info("epoch %d: %s", row["epoch"], ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
 
-        model, meta_dict, extras = fit(db, table, version, train_cfg, head, on_epoch=on_epoch, on_step=on_step, weights=weights, state_path=str(state_path), resume=resume, progress=progress, logger=logger)
+        model, meta_dict, extras = fit(
+            db,
+            table,
+            version,
+            train_cfg,
+            head,
+            on_epoch=on_epoch,
+            on_step=on_step,
+            weights=weights,
+            state_path=str(state_path),
+            resume=resume,
+            progress=progress,
+            logger=logger,
+        )
         buffer.flush()
         # The automatic settings as they were resolved for this data (the params above say "None").
         resolved = meta_dict["train_config"]
-        mlflow.log_params({f"resolved.{k}": resolved[k] for k in ("batch_size", "lr", "select_metric", "early_stop_patience", "refit", "precision")})
+        mlflow.log_params(
+            {f"resolved.{k}": resolved[k] for k in ("batch_size", "lr", "select_metric", "early_stop_patience", "refit", "precision")}
+        )
         meta_dict["mlflow_run_id"] = run.info.run_id
         pinned = meta_dict["table"]["version"]
-        mlflow.set_tags({"size": size, "model_size": size, "data_version": meta_dict["table"]["data_version"], "pinned_table_version": str(pinned), "encoder": meta_dict["encoder"]})
+        mlflow.set_tags(
+            {
+                "size": size,
+                "model_size": size,
+                "data_version": meta_dict["table"]["data_version"],
+                "pinned_table_version": str(pinned),
+                "encoder": meta_dict["encoder"],
+            }
+        )
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / registry.MODEL_ARTIFACT
             checkpoint.save(model, meta_dict, folder / registry.WEIGHTS_FILE, folder / registry.META_FILE, encoder=extras["encoder"])
@@ -443,16 +605,37 @@ def train_head(db: str, table: str, version: int, train: dict, head: dict, outpu
             plots = Path(tmp) / "evaluation"
             plots.mkdir()
             if len(extras["ids"]):
-                bucket_report(extras["log_pr"], extras["y_val"], extras["buckets_val"], meta_dict["candidates"]["buckets"], model.candidate_learned, model.cfg.num_buckets, plots)
+                bucket_report(
+                    extras["log_pr"],
+                    extras["y_val"],
+                    extras["buckets_val"],
+                    meta_dict["candidates"]["buckets"],
+                    model.candidate_learned,
+                    model.cfg.num_buckets,
+                    plots,
+                )
             if meta_dict["warm_start"]:
                 (plots / "warm_start.json").write_text(json.dumps(meta_dict["warm_start"], indent=2))
             mlflow.log_artifacts(str(plots), "evaluation")
         if output or meta:
-            checkpoint.save(model, meta_dict, output or "champion_model_chat_ft.pth", meta or "chat_model_meta.json", encoder=extras["encoder"])
+            checkpoint.save(
+                model, meta_dict, output or "champion_model_chat_ft.pth", meta or "chat_model_meta.json", encoder=extras["encoder"]
+            )
     # Finished: nothing left to resume.
     for done in (state_path, Path(f"{state_path}.refit"), state_path.with_suffix(".run")):
         done.unlink(missing_ok=True)
-    return {"run_id": run.info.run_id, "table_version": pinned, "val_ids": extras["ids"], "val_right": extras["right"], "val_response_acc": extras["accuracy"], "metrics": meta_dict["metrics"], "candidates": len(meta_dict["candidates"]["texts"]), "model_size": size, "warm_start": meta_dict["warm_start"], "resumed_from_epoch": extras["resumed_from_epoch"]}
+    return {
+        "run_id": run.info.run_id,
+        "table_version": pinned,
+        "val_ids": extras["ids"],
+        "val_right": extras["right"],
+        "val_response_acc": extras["accuracy"],
+        "metrics": meta_dict["metrics"],
+        "candidates": len(meta_dict["candidates"]["texts"]),
+        "model_size": size,
+        "warm_start": meta_dict["warm_start"],
+        "resumed_from_epoch": extras["resumed_from_epoch"],
+    }
 
 
 def _code_digest() -> str:
@@ -478,7 +661,9 @@ def training_key(db: str, table: str, version: int, train: dict, head: dict) -> 
 
 
 @task
-def previous_training(db: str, table: str, version: int, train: dict, head: dict, outputs: list[str], model_name: str = registry.MODEL_NAME) -> dict:
+def previous_training(
+    db: str, table: str, version: int, train: dict, head: dict, outputs: list[str], model_name: str = registry.MODEL_NAME
+) -> dict:
     """This training's key, and the registered version already trained from exactly that key (newest)
     if there is one and the local ``outputs`` it wrote still exist: training again would only repeat
     the same work and register a duplicate."""
@@ -489,7 +674,16 @@ def previous_training(db: str, table: str, version: int, train: dict, head: dict
     v = found[0]
     reason = f"unchanged: v{v['version']} was already trained on this table content with these settings and this code; nothing trained, champion kept"
     run_logger().info(reason)
-    return {"key": key, "previous": {"version": v["version"], "run_id": v["run_id"], "val_response_acc": v["val_response_acc"], "reason": reason, "champion": registry.champion_version(model_name)}}
+    return {
+        "key": key,
+        "previous": {
+            "version": v["version"],
+            "run_id": v["run_id"],
+            "val_response_acc": v["val_response_acc"],
+            "reason": reason,
+            "champion": registry.champion_version(model_name),
+        },
+    }
 
 
 # A challenger sharing less than this with the champion's responses looks like another bot (a
@@ -509,14 +703,29 @@ def shared_responses(meta_a: dict, meta_b: dict) -> float:
 
 
 @task(**IO_RETRIES)  # registry writes are I/O against the tracking store; registering is idempotent
-def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids: list[str], val_response_acc: float | None, train_key: str | None = None, val_right: list[bool] | None = None, model_name: str = registry.MODEL_NAME, replace_champion: bool = False) -> dict:
+def register_and_promote(
+    run_id: str,
+    db: str,
+    table: str,
+    version: int,
+    val_ids: list[str],
+    val_response_acc: float | None,
+    train_key: str | None = None,
+    val_right: list[bool] | None = None,
+    model_name: str = registry.MODEL_NAME,
+    replace_champion: bool = False,
+) -> dict:
     """Register the run's model as a version of the bot ``model_name``; move its ``champion`` to it
     only if it beats the current champion on validation rows neither has trained on
     (``champion_score``) and shares at least ``MIN_SHARED_RESPONSES`` of its responses with it
     (``replace_champion`` lifts that check). Returns the new version, whether it was promoted, and why.
     """
     logger = run_logger()
-    tags = {"val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a", "table_version": str(version), **({"train_key": train_key} if train_key else {})}
+    tags = {
+        "val_response_acc": f"{val_response_acc:.6f}" if val_response_acc is not None else "n/a",
+        "table_version": str(version),
+        **({"train_key": train_key} if train_key else {}),
+    }
     new_version = registry.register(run_id, tags, model_name)
     current = registry.champion_version(model_name)
     champion_acc, challenger_acc, basis, shared = None, val_response_acc, "its validation rows", None
@@ -526,33 +735,59 @@ def register_and_promote(run_id: str, db: str, table: str, version: int, val_ids
             _, new_meta = registry.download_model(f"runs:/{run_id}/{registry.MODEL_ARTIFACT}", Path(tmp) / "challenger")
             shared = shared_responses(json.loads(Path(meta).read_text()), json.loads(Path(new_meta).read_text()))
             if val_response_acc is not None:
-                champion_acc, challenger_acc, basis = champion_score(str(weights), str(meta), db, table, version, val_ids, val_right, val_response_acc)
+                champion_acc, challenger_acc, basis = champion_score(
+                    str(weights), str(meta), db, table, version, val_ids, val_right, val_response_acc
+                )
     if current is None:
         promoted, reason = True, "no champion yet"
     elif current == new_version:
         promoted, reason = True, "already champion (a retry of this registration)"
     elif shared < MIN_SHARED_RESPONSES and not replace_champion:
-        promoted, reason = False, (
-            f"it shares {shared:.0%} of its responses with champion v{current} (under {MIN_SHARED_RESPONSES:.0%}), so it looks like another bot; champion kept. "
-            f"Train it under its own --model_name, or pass --replace_champion if it is meant to take over"
+        promoted, reason = (
+            False,
+            (
+                f"it shares {shared:.0%} of its responses with champion v{current} (under {MIN_SHARED_RESPONSES:.0%}), so it looks like another bot; champion kept. "
+                f"Train it under its own --model_name, or pass --replace_champion if it is meant to take over"
+            ),
         )
     elif val_response_acc is None:
         promoted, reason = False, "no validation rows to compare on (raise --val_split); champion kept"
     elif champion_acc is None and challenger_acc is None:
-        promoted, reason = False, f"champion v{current} trained on every validation row of this run ({basis}), so no fair comparison exists; champion kept (`bucketchat registry rollback --version {new_version}` promotes this one by hand)"
+        promoted, reason = (
+            False,
+            f"champion v{current} trained on every validation row of this run ({basis}), so no fair comparison exists; champion kept (`bucketchat registry rollback --version {new_version}` promotes this one by hand)",
+        )
     elif champion_acc is None:
         promoted, reason = True, "the champion cannot be scored on this validation set"
     elif challenger_acc > champion_acc:
         promoted, reason = True, f"validation response accuracy {challenger_acc:.4f} > champion v{current}'s {champion_acc:.4f} on {basis}"
     else:
         # Only a better score moves the alias: an equal one is noise, and churn has a cost (caches, audits).
-        promoted, reason = False, f"validation response accuracy {challenger_acc:.4f} is not above champion v{current}'s {champion_acc:.4f} on {basis}; champion kept"
+        promoted, reason = (
+            False,
+            f"validation response accuracy {challenger_acc:.4f} is not above champion v{current}'s {champion_acc:.4f} on {basis}; champion kept",
+        )
     if promoted and shared is not None and shared < MIN_SHARED_RESPONSES:
         reason += f" (replaces another bot's champion: {shared:.0%} of responses shared; --replace_champion)"
     failpoint("registry:registered")
-    registry.tag_version(new_version, {"champion_val_acc_at_registration": f"{champion_acc:.6f}" if champion_acc is not None else "n/a", "shared_responses_with_champion": f"{shared:.4f}" if shared is not None else "n/a", "promotion": reason}, model_name)
+    registry.tag_version(
+        new_version,
+        {
+            "champion_val_acc_at_registration": f"{champion_acc:.6f}" if champion_acc is not None else "n/a",
+            "shared_responses_with_champion": f"{shared:.4f}" if shared is not None else "n/a",
+            "promotion": reason,
+        },
+        model_name,
+    )
     if promoted:
         failpoint("registry:promoting")
         registry.set_champion(new_version, model_name)
     logger.info("%s version %d: %s", model_name, new_version, reason)
-    return {"version": new_version, "promoted": promoted, "reason": reason, "previous_champion": current, "champion_val_acc": champion_acc, "shared_responses": shared}
+    return {
+        "version": new_version,
+        "promoted": promoted,
+        "reason": reason,
+        "previous_champion": current,
+        "champion_val_acc": champion_acc,
+        "shared_responses": shared,
+    }

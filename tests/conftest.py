@@ -31,18 +31,50 @@ SAMPLE = Path(__file__).resolve().parents[1] / "conversation_data.sample.jsonl"
 # Four clearly different intents, six askings each: small enough to embed in a second, big enough
 # that a head must actually learn to separate them.
 INTENTS = {
-    "reset_password": ("Use Settings > Security > Reset password; the emailed link works for 30 minutes.", [
-        "How do I reset my password?", "I forgot my password", "password reset please",
-        "can't remember my login password", "I need a new password", "locked out, forgot my password"]),
-    "track_order": ("Track your order under Orders > Track; the tracking number appears once it ships.", [
-        "Where is my order?", "how do I track my package", "has my parcel shipped yet",
-        "delivery status of my order", "when will my package arrive", "I want a tracking number"]),
-    "boil_egg": ("Boil eggs 6 minutes for a soft yolk, 9 minutes for hard, then cool them in cold water.", [
-        "How long do I boil an egg?", "soft boiled egg time", "how to make hard boiled eggs",
-        "minutes to boil eggs", "perfect boiled egg timing", "how long for a runny yolk"]),
-    "undo_commit": ("Run `git reset --soft HEAD~1` to undo the last commit and keep its changes.", [
-        "How do I undo my last commit?", "revert the last git commit", "I committed by mistake",
-        "undo git commit keep changes", "remove the most recent commit", "go back one commit in git"]),
+    "reset_password": (
+        "Use Settings > Security > Reset password; the emailed link works for 30 minutes.",
+        [
+            "How do I reset my password?",
+            "I forgot my password",
+            "password reset please",
+            "can't remember my login password",
+            "I need a new password",
+            "locked out, forgot my password",
+        ],
+    ),
+    "track_order": (
+        "Track your order under Orders > Track; the tracking number appears once it ships.",
+        [
+            "Where is my order?",
+            "how do I track my package",
+            "has my parcel shipped yet",
+            "delivery status of my order",
+            "when will my package arrive",
+            "I want a tracking number",
+        ],
+    ),
+    "boil_egg": (
+        "Boil eggs 6 minutes for a soft yolk, 9 minutes for hard, then cool them in cold water.",
+        [
+            "How long do I boil an egg?",
+            "soft boiled egg time",
+            "how to make hard boiled eggs",
+            "minutes to boil eggs",
+            "perfect boiled egg timing",
+            "how long for a runny yolk",
+        ],
+    ),
+    "undo_commit": (
+        "Run `git reset --soft HEAD~1` to undo the last commit and keep its changes.",
+        [
+            "How do I undo my last commit?",
+            "revert the last git commit",
+            "I committed by mistake",
+            "undo git commit keep changes",
+            "remove the most recent commit",
+            "go back one commit in git",
+        ],
+    ),
 }
 
 
@@ -58,13 +90,15 @@ def tiny_records() -> list[dict]:
 
 @pytest.fixture
 def tiny_jsonl(tmp_path, tiny_records) -> Path:
-    multi = {"messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "hi, where is my parcel?"},
-        {"role": "assistant", "content": INTENTS["track_order"][0]},
-        {"role": "user", "content": "and how long should I boil eggs?"},
-        {"role": "assistant", "content": INTENTS["boil_egg"][0]},
-    ]}
+    multi = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi, where is my parcel?"},
+            {"role": "assistant", "content": INTENTS["track_order"][0]},
+            {"role": "user", "content": "and how long should I boil eggs?"},
+            {"role": "assistant", "content": INTENTS["boil_egg"][0]},
+        ]
+    }
     return write_jsonl(tmp_path / "tiny.jsonl", tiny_records + [multi])
 
 
@@ -108,7 +142,13 @@ def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
 
     pairs, _ = load_records(write_jsonl(folder / "d.jsonl", records))
     res = build_table(pairs, folder / "db", "conversations")
-    head, meta, _ = fit(str(folder / "db"), "conversations", res.version, TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1), {"hidden_dim": 64, "dropout": 0.0})
+    head, meta, _ = fit(
+        str(folder / "db"),
+        "conversations",
+        res.version,
+        TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1),
+        {"hidden_dim": 64, "dropout": 0.0},
+    )
     checkpoint.save(head, meta, folder / "w.safetensors", folder / "m.json")
     return str(folder / "w.safetensors"), str(folder / "m.json")
 

@@ -12,8 +12,12 @@ def model(chat_model):
 @pytest.mark.parametrize("name", list(INTENTS))
 def test_answers_paraphrases_with_the_stored_response(model, name):
     engine = ChatEngine(*model)
-    question = {"reset_password": "I can't log in, I forgot the password", "track_order": "where's my package right now",
-                "boil_egg": "how many minutes should eggs boil", "undo_commit": "how can I undo a git commit"}[name]
+    question = {
+        "reset_password": "I can't log in, I forgot the password",
+        "track_order": "where's my package right now",
+        "boil_egg": "how many minutes should eggs boil",
+        "undo_commit": "how can I undo a git commit",
+    }[name]
     ans = engine.answer(question)
     assert ans.response == INTENTS[name][0]
     assert not ans.fallback and 0 < ans.confidence <= 1
@@ -141,7 +145,10 @@ def test_a_retrieved_response_gets_the_summed_share_of_its_rows(tmp_path):
     from tests.conftest import GIFT_CARDS, train_chat_model
 
     records = [{"user": u, "assistant": r, "intent": n} for n, (r, asks) in INTENTS.items() for u in asks]
-    records += [{"user": u, "assistant": GIFT_CARDS, "intent": "track_order"} for u in ("do you sell gift cards", "can I buy a gift card", "gift card for a friend", "are gift cards available")]
+    records += [
+        {"user": u, "assistant": GIFT_CARDS, "intent": "track_order"}
+        for u in ("do you sell gift cards", "can I buy a gift card", "gift card for a friend", "are gift cards available")
+    ]
     engine = ChatEngine(*train_chat_model(tmp_path, records))
     q = "do you sell gift cards?"
     ans = engine.answer(q)
@@ -191,7 +198,11 @@ def test_answers_mix_in_the_vote_of_the_nearest_stored_messages(model, tmp_path)
     (tmp_path / "off.json").write_text(json.dumps(meta), encoding="utf-8")
     assert ChatEngine(model[0], str(tmp_path / "off.json")).answer(q).confidence == pytest.approx(float(alone[j]), abs=1e-4)
     # Rows of another --llm_db do not vote for this head's candidates.
-    pairs, _ = load_records(write_jsonl(tmp_path / "other.jsonl", [{"user": "hello there", "assistant": "Hi!"}, {"user": "good morning", "assistant": "Morning!"}]))
+    pairs, _ = load_records(
+        write_jsonl(
+            tmp_path / "other.jsonl", [{"user": "hello there", "assistant": "Hi!"}, {"user": "good morning", "assistant": "Morning!"}]
+        )
+    )
     build_table(pairs, tmp_path / "other_db", "conversations")
     assert ChatEngine(*model, ChatOptions(llm_db=str(tmp_path / "other_db"))).neighbour_weight == 0.0
 

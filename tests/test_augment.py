@@ -19,7 +19,7 @@ def test_variants_carry_provenance_and_keep_response_content(tiny_jsonl):
     pairs, _ = load_records(tiny_jsonl)
     by_id = {p.id: p for p in pairs}
     grown, _ = expand(pairs, 80, creative_prob=0.5, seed=3)
-    for child in grown[len(pairs):]:
+    for child in grown[len(pairs) :]:
         parent = by_id[child.parent_id]
         assert child.op != "original"
         assert child.assistant.endswith(parent.assistant)  # creative adds an opener, never new content

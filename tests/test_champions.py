@@ -11,9 +11,25 @@ from tests.conftest import INTENTS
 from tests.test_training import load_records_list
 
 OTHER_BOT = {  # another team's bot: none of its responses is one of INTENTS'
-    "opening_hours": ("We are open 9 to 17, Monday to Friday.", ["when are you open", "opening hours?", "are you open on monday", "what time do you close", "hours of business", "until when are you open"]),
-    "parking": ("Free parking is behind the building, entrance on Mill Street.", ["where can I park", "is there parking", "parking options?", "can I park nearby", "free parking?", "where is the car park"]),
-    "wifi": ("The guest wifi is 'Visitors', no password needed.", ["what is the wifi", "wifi password?", "can I get internet", "guest wifi name", "how do I connect to wifi", "is there wifi here"]),
+    "opening_hours": (
+        "We are open 9 to 17, Monday to Friday.",
+        [
+            "when are you open",
+            "opening hours?",
+            "are you open on monday",
+            "what time do you close",
+            "hours of business",
+            "until when are you open",
+        ],
+    ),
+    "parking": (
+        "Free parking is behind the building, entrance on Mill Street.",
+        ["where can I park", "is there parking", "parking options?", "can I park nearby", "free parking?", "where is the car park"],
+    ),
+    "wifi": (
+        "The guest wifi is 'Visitors', no password needed.",
+        ["what is the wifi", "wifi password?", "can I get internet", "guest wifi name", "how do I connect to wifi", "is there wifi here"],
+    ),
 }
 TRAIN = {"epochs": 30, "lr": 5e-3, "val_split": 0.25}
 HEAD = {"hidden_dim": 64, "dropout": 0.0}
@@ -30,11 +46,15 @@ def _train(tmp_path, intents: dict, name: str) -> tuple[str, int, dict]:
 
 
 def _promote(db, version, run, **kw) -> dict:
-    return register_and_promote.fn(run["run_id"], db, "conversations", version, run["val_ids"], run["val_response_acc"], val_right=run["val_right"], **kw)
+    return register_and_promote.fn(
+        run["run_id"], db, "conversations", version, run["val_ids"], run["val_response_acc"], val_right=run["val_right"], **kw
+    )
 
 
 def test_shared_responses_over_the_smaller_set():
-    meta = lambda *texts: {"candidates": {"texts": [*texts, None]}}  # None: an "other" slot
+    def meta(*texts: str) -> dict:
+        return {"candidates": {"texts": [*texts, None]}}  # None: an "other" slot
+
     assert shared_responses(meta("A", "B"), meta("a ", "b", "C", "D")) == 1.0  # grown: every old one kept
     assert shared_responses(meta("A", "B", "C", "D"), meta("A", "X")) == 0.5
     assert shared_responses(meta("A"), meta("B")) == 0.0 and MIN_SHARED_RESPONSES == 0.5
@@ -47,7 +67,9 @@ def test_another_bots_model_does_not_replace_the_champion_without_the_flag(tmp_p
     other_db, other_v, other = _train(tmp_path, OTHER_BOT, "frontdesk")
     kept = _promote(other_db, other_v, other)
     assert (kept["version"], kept["promoted"], kept["shared_responses"]) == (2, False, 0.0)
-    assert kept["reason"].startswith("it shares 0% of its responses with champion v1 (under 50%), so it looks like another bot; champion kept")
+    assert kept["reason"].startswith(
+        "it shares 0% of its responses with champion v1 (under 50%), so it looks like another bot; champion kept"
+    )
     assert registry.champion_version() == 1
     tags = registry.client().get_model_version(registry.MODEL_NAME, "2").tags
     assert tags["shared_responses_with_champion"] == "0.0000" and tags["promotion"] == kept["reason"]
@@ -85,7 +107,16 @@ def test_a_retried_registration_leaves_one_version(tmp_path, mlflow_store, prefe
 def test_cli_commands_take_the_bot_name(tmp_path, mlflow_store, capsys):
     from flows.cli import build_parser, main
 
-    for argv in (["pipeline", "--data", "x.jsonl"], ["finetune"], ["size-sweep"], ["retrain", "--data_dir", "d"], ["chat"], ["serve"], ["eval", "--data", "x"], ["registry", "list"]):
+    for argv in (
+        ["pipeline", "--data", "x.jsonl"],
+        ["finetune"],
+        ["size-sweep"],
+        ["retrain", "--data_dir", "d"],
+        ["chat"],
+        ["serve"],
+        ["eval", "--data", "x"],
+        ["registry", "list"],
+    ):
         assert build_parser().parse_args([*argv, "--model_name", "frontdesk"]).model_name == "frontdesk"
     assert main(["registry", "list", "--model_name", "frontdesk"]) == 0
     assert "no versions of 'frontdesk' registered yet" in capsys.readouterr().out

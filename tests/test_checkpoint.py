@@ -94,7 +94,15 @@ def test_state_trees_round_trip_without_pickle(tmp_path):
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     head(torch.randn(2, 8))[0].sum().backward()
     opt.step()
-    tree = {"model": head.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "score": (0.5, float("inf")), "history": "[]", "none": None, "rng": torch.get_rng_state()}
+    tree = {
+        "model": head.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 3,
+        "score": (0.5, float("inf")),
+        "history": "[]",
+        "none": None,
+        "rng": torch.get_rng_state(),
+    }
     checkpoint.save_tree(tree, tmp_path / "s.state")
     back = checkpoint.load_tree(tmp_path / "s.state")
     assert back["epoch"] == 3 and back["score"] == (0.5, float("inf")) and back["none"] is None and back["history"] == "[]"
@@ -104,7 +112,13 @@ def test_state_trees_round_trip_without_pickle(tmp_path):
     torch.optim.AdamW(head.parameters(), lr=1e-3).load_state_dict(back["optimizer"])  # loads as torch expects
     # The file is written tensor by tensor (no copies); safetensors' own loader reads every dtype and
     # shape back exactly, views and empty tensors included.
-    odd = {"bf16": torch.randn(3, 2).to(torch.bfloat16), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "view": torch.arange(12.0).reshape(3, 4)[:, 1], "empty": torch.zeros(0, 4)}
+    odd = {
+        "bf16": torch.randn(3, 2).to(torch.bfloat16),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "view": torch.arange(12.0).reshape(3, 4)[:, 1],
+        "empty": torch.zeros(0, 4),
+    }
     checkpoint.save_tree(odd, tmp_path / "odd.state")
     back = checkpoint.load_tree(tmp_path / "odd.state")
     assert all(back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v) for k, v in odd.items())

@@ -14,7 +14,20 @@ from retrieval.store import build_table
 from tasks.records import load_records
 from tasks.training import fit
 
-COMMANDS = [["expand"], ["build-super"], ["db", "build"], ["db", "stats"], ["finetune"], ["size-sweep"], ["registry", "list"], ["registry", "rollback"], ["chat"], ["eval"], ["serve"], ["pipeline"]]
+COMMANDS = [
+    ["expand"],
+    ["build-super"],
+    ["db", "build"],
+    ["db", "stats"],
+    ["finetune"],
+    ["size-sweep"],
+    ["registry", "list"],
+    ["registry", "rollback"],
+    ["chat"],
+    ["eval"],
+    ["serve"],
+    ["pipeline"],
+]
 
 # SEED.md's finetune lines, verbatim but for `python finetune_chat.py` -> `bucketchat finetune`.
 SEED_FINETUNE = [
@@ -45,9 +58,13 @@ def test_every_command_has_help(cmd, capsys):
 
 def test_seed_flags_parse_in_snake_and_kebab_case():
     p = build_parser()
-    a = p.parse_args(["expand", "--input", "i", "--output", "o", "--target", "5", "--creative_prob", "0.4", "--blend-prob", "0.2", "--seed", "1"])
+    a = p.parse_args(
+        ["expand", "--input", "i", "--output", "o", "--target", "5", "--creative_prob", "0.4", "--blend-prob", "0.2", "--seed", "1"]
+    )
     assert (a.creative_prob, a.blend_prob, a.seed) == (0.4, 0.2, 1)
-    a = p.parse_args(["chat", "--pool_mode", "all", "--response-temperature", "0.1", "--top_labels", "4", "--llm_db", "x.db", "--db-top-k", "120"])
+    a = p.parse_args(
+        ["chat", "--pool_mode", "all", "--response-temperature", "0.1", "--top_labels", "4", "--llm_db", "x.db", "--db-top-k", "120"]
+    )
     assert (a.pool_mode, a.response_temperature, a.top_labels, a.llm_db, a.db_top_k) == ("all", 0.1, 4, "x.db", 120)
 
 
@@ -67,7 +84,10 @@ def test_bad_input_exits_2_with_a_message_naming_the_fix(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"user": "u", "assistant": "a"}\n{"user": "u"}\n')
     assert main(["pipeline", "--data", str(bad), "--workdir", str(tmp_path / "w"), "--strict"]) == 2
-    assert capsys.readouterr().err.strip() == f"""bucketchat pipeline: error: {bad}:2: missing field 'assistant'. Fix: give both "user" and "assistant", or a "messages" list"""
+    assert (
+        capsys.readouterr().err.strip()
+        == f"""bucketchat pipeline: error: {bad}:2: missing field 'assistant'. Fix: give both "user" and "assistant", or a "messages" list"""
+    )
     assert not (tmp_path / "w").exists()  # nothing was started
     assert main(["finetune", "--epochs", "0", "--db", str(tmp_path / "db")]) == 2
     assert "--epochs=0 is invalid" in capsys.readouterr().err
@@ -75,12 +95,18 @@ def test_bad_input_exits_2_with_a_message_naming_the_fix(tmp_path, capsys):
     assert "--weights and --meta go together" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", "is empty; it needs one JSON object per line, e.g. {\"user\": \"hi\", \"assistant\": \"hello\"}"),
-    ("folder", "is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)"),
-    ("garbage", "holds no usable conversation: all 4 of its non-blank lines were rejected, the first at line 1: invalid UTF-8 at byte 0. Fix: save the input as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE`)"),
-    ("missing", "does not exist; check the path"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", 'is empty; it needs one JSON object per line, e.g. {"user": "hi", "assistant": "hello"}'),
+        ("folder", "is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)"),
+        (
+            "garbage",
+            "holds no usable conversation: all 4 of its non-blank lines were rejected, the first at line 1: invalid UTF-8 at byte 0. Fix: save the input as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE`)",
+        ),
+        ("missing", "does not exist; check the path"),
+    ],
+)
 @pytest.mark.parametrize("command", ["pipeline", "finetune", "db build"])
 def test_unusable_data_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys, case, message, command):
     path = tmp_path / "in" / f"{case}.jsonl"
@@ -94,7 +120,11 @@ def test_unusable_data_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypa
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.chdir(out)
-    args = {"pipeline": ["pipeline", "--data", str(path), "--workdir", str(out / "w")], "finetune": ["finetune", "--data", str(path)], "db build": ["db", "build", "--data", str(path), "--db", str(out / "db")]}[command]
+    args = {
+        "pipeline": ["pipeline", "--data", str(path), "--workdir", str(out / "w")],
+        "finetune": ["finetune", "--data", str(path)],
+        "db build": ["db", "build", "--data", str(path), "--db", str(out / "db")],
+    }[command]
     assert main(args) == 2
     expected = message.replace("{path}", str(path))
     assert capsys.readouterr().err == f"bucketchat {args[0]}: error: --data {str(path)!r} {expected}\n"
@@ -104,7 +134,13 @@ def test_unusable_data_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypa
 def test_chat_answers_each_piped_line_as_json(tmp_path, tiny_jsonl, monkeypatch, capsys):
     pairs, _ = load_records(tiny_jsonl)
     res = build_table(pairs, tmp_path / "db", "conversations")
-    head, meta, _ = fit(str(tmp_path / "db"), "conversations", res.version, TrainConfig(epochs=30, lr=5e-3, val_split=0.0), {"hidden_dim": 64, "dropout": 0.0})
+    head, meta, _ = fit(
+        str(tmp_path / "db"),
+        "conversations",
+        res.version,
+        TrainConfig(epochs=30, lr=5e-3, val_split=0.0),
+        {"hidden_dim": 64, "dropout": 0.0},
+    )
     checkpoint.save(head, meta, tmp_path / "w.pth", tmp_path / "m.json")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"where is my parcel\n\nhow long to boil eggs\n")))
     assert main(["chat", "--weights", str(tmp_path / "w.pth"), "--meta", str(tmp_path / "m.json"), "--json"]) == 0
@@ -147,7 +183,10 @@ def test_seed_finetune_lines_run_as_written(tmp_path, tiny_records, monkeypatch,
     # the stand-in data, so only its candidate rows are skipped, and the report says why.
     assert "warm start from champion_model_chat_large_ft_v4.pth: " in out and out.count("none skipped") == 2
     assert out.count("2 skipped: candidate.bias (no shared responses); candidate.weight (no shared responses)") == 2
-    for weights, meta in (("champion_model_chat_xlarge_ft_v1.pth", "chat_model_xlarge_meta_v1.json"), ("champion_model_chat_xxlarge_ft_v1.pth", "chat_model_xxlarge_meta_v1.json")):
+    for weights, meta in (
+        ("champion_model_chat_xlarge_ft_v1.pth", "chat_model_xlarge_meta_v1.json"),
+        ("champion_model_chat_xxlarge_ft_v1.pth", "chat_model_xxlarge_meta_v1.json"),
+    ):
         saved = json.loads(Path(meta).read_text())
         assert saved["warm_start"]["skipped"] == []  # large (768) -> xlarge (896): widened, not dropped
         assert Path(weights).with_suffix(".encoder").is_dir()  # --train_all: the encoder travels with the head
@@ -167,7 +206,17 @@ def test_every_seed_chat_line_parses(tmp_path):
 
     for line in SEED_CHAT:
         a = build_parser().parse_args(["chat", *line.split()])
-        ChatOptions(device=a.device, model_size=a.model_size, pool_mode=a.pool_mode, top_labels=a.top_labels, response_temperature=a.response_temperature, llm_db=a.llm_db, db_top_k=a.db_top_k, style_mode=a.style_mode, creativity=a.creativity)
+        ChatOptions(
+            device=a.device,
+            model_size=a.model_size,
+            pool_mode=a.pool_mode,
+            top_labels=a.top_labels,
+            response_temperature=a.response_temperature,
+            llm_db=a.llm_db,
+            db_top_k=a.db_top_k,
+            style_mode=a.style_mode,
+            creativity=a.creativity,
+        )
     a = build_parser().parse_args(["chat", *SEED_CHAT[3].split()])
     assert (a.model_size, a.style_mode, a.creativity, a.response_temperature, a.db_top_k) == ("auto", "auto", 0.30, 0.08, 180)
 
@@ -186,7 +235,12 @@ def test_repl_keeps_history_and_has_why_reset_help(chat_model, monkeypatch, caps
     from tests.conftest import INTENTS
 
     w, m = chat_model
-    out = _repl(monkeypatch, capsys, ["--weights", w, "--meta", m], "/help\nwhere is my order?\nand what about that?\n/why\n/reset\n/why\n/bogus\nexit\n")
+    out = _repl(
+        monkeypatch,
+        capsys,
+        ["--weights", w, "--meta", m],
+        "/help\nwhere is my order?\nand what about that?\n/why\n/reset\n/why\n/bogus\nexit\n",
+    )
     assert "/why" in out and "/reset" in out  # help
     assert out.count(f"bot> {INTENTS['track_order'][0]}") == 2  # the follow-up was read with the previous turn
     assert "read as a follow-up of: 'where is my order?'" in out
@@ -199,9 +253,18 @@ def test_eval_reports_accuracy_fallback_oos_and_latency(chat_model, tmp_path, ca
     from tests.conftest import INTENTS, write_jsonl
 
     w, m = chat_model
-    test = write_jsonl(tmp_path / "test.jsonl", [{"user": q, "assistant": r} for q, r in [
-        ("I can't log in, I forgot the password", INTENTS["reset_password"][0]), ("where's my package right now", INTENTS["track_order"][0]),
-        ("how many minutes should eggs boil", INTENTS["boil_egg"][0]), ("how can I undo a git commit", INTENTS["track_order"][0])]])
+    test = write_jsonl(
+        tmp_path / "test.jsonl",
+        [
+            {"user": q, "assistant": r}
+            for q, r in [
+                ("I can't log in, I forgot the password", INTENTS["reset_password"][0]),
+                ("where's my package right now", INTENTS["track_order"][0]),
+                ("how many minutes should eggs boil", INTENTS["boil_egg"][0]),
+                ("how can I undo a git commit", INTENTS["track_order"][0]),
+            ]
+        ],
+    )
     oos = tmp_path / "oos.txt"
     oos.write_text("what is the capital of peru\nsing me a song\n")
     assert main(["eval", "--data", str(test), "--oos", str(oos), "--weights", w, "--meta", m, "--json"]) == 0

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dedupe import _NON_WORD, QualityConfig, Signer, filter_and_dedupe, quality_problem, similarity
 from tasks.dataset import normalise
+from tasks.dedupe import _NON_WORD, QualityConfig, Signer, filter_and_dedupe, quality_problem, similarity
+from tasks.records import Pair, load_records
 
 
 def shingles(text: str, n: int) -> set[str]:
@@ -17,7 +18,7 @@ def shingles(text: str, n: int) -> set[str]:
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b)
-from tasks.records import Pair, load_records
+
 
 SAMPLE = Path(__file__).resolve().parents[1] / "conversation_data.sample.jsonl"
 

@@ -102,12 +102,26 @@ def server(engine):
         yield url
 
 
-json_value = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), any_text), lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(any_text, inner, max_size=3)), max_leaves=8)
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "bot"]), "content": st.one_of(any_text, json_value, st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": any_text})))})
+json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), any_text),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(any_text, inner, max_size=3)),
+    max_leaves=8,
+)
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "assistant", "system", "tool", "bot"]),
+        "content": st.one_of(
+            any_text, json_value, st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": any_text}))
+        ),
+    }
+)
 asked = st.tuples(st.lists(message, max_size=3), any_text).map(lambda m: m[0] + [{"role": "user", "content": m[1]}])  # ends with a question
 request = st.one_of(
     st.fixed_dictionaries({"messages": asked}, optional={"stream": st.booleans()}),
-    st.fixed_dictionaries({"messages": st.lists(message, min_size=1, max_size=4)}, optional={"stream": st.booleans(), "seed": st.integers(), "style_mode": json_value, "explain": st.booleans(), "n": json_value}),
+    st.fixed_dictionaries(
+        {"messages": st.lists(message, min_size=1, max_size=4)},
+        optional={"stream": st.booleans(), "seed": st.integers(), "style_mode": json_value, "explain": st.booleans(), "n": json_value},
+    ),
     st.fixed_dictionaries({"messages": st.just([]) | json_value}),
     json_value,
 )
@@ -126,7 +140,11 @@ def _check(response: httpx.Response) -> None:
 @given(request)
 def test_server_never_answers_500_to_any_json(server, body):
     # json.dumps writes a lone surrogate as its escape: the server decodes it back into one.
-    _check(httpx.post(f"{server}/v1/chat/completions", content=json.dumps(body).encode(), headers={"content-type": "application/json"}, timeout=30))
+    _check(
+        httpx.post(
+            f"{server}/v1/chat/completions", content=json.dumps(body).encode(), headers={"content-type": "application/json"}, timeout=30
+        )
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -136,10 +154,19 @@ def test_server_never_answers_500_to_any_bytes(server, body):
 
 
 def test_server_names_the_bad_message(server):
-    r = httpx.post(f"{server}/v1/chat/completions", content=json.dumps({"messages": [{"role": "user", "content": "\ud800 hi"}]}), timeout=30)
+    r = httpx.post(
+        f"{server}/v1/chat/completions", content=json.dumps({"messages": [{"role": "user", "content": "\ud800 hi"}]}), timeout=30
+    )
     assert r.status_code == 400
-    assert r.json()["error"] == {"message": "messages[0].content holds a lone surrogate U+D800 at character 0 (a \\ud800 escape without its pair); write the character itself in UTF-8, or escape it as a full surrogate pair", "type": "invalid_request_error", "param": "messages[0].content", "code": "invalid_text"}
-    ok = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "\ufeffwhere is my\x00 parcel\r\n"}]}, timeout=30)
+    assert r.json()["error"] == {
+        "message": "messages[0].content holds a lone surrogate U+D800 at character 0 (a \\ud800 escape without its pair); write the character itself in UTF-8, or escape it as a full surrogate pair",
+        "type": "invalid_request_error",
+        "param": "messages[0].content",
+        "code": "invalid_text",
+    }
+    ok = httpx.post(
+        f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "\ufeffwhere is my\x00 parcel\r\n"}]}, timeout=30
+    )
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == INTENTS["track_order"][0]
 
 
@@ -160,7 +187,20 @@ def test_pipeline_command_on_a_hostile_file_accounts_for_every_line(tmp_path, ti
     data = tmp_path / "hostile.jsonl"
     data.write_bytes(b"\n".join(lines) + b"\n")
     env = {**os.environ, **prefect_api_env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    cmd = [sys.executable, "-m", "flows.cli", "pipeline", "--data", str(data), "--workdir", str(tmp_path / "work"), "--epochs", "20", "--hidden_dim", "64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "pipeline",
+        "--data",
+        str(data),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--epochs",
+        "20",
+        "--hidden_dim",
+        "64",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "6 malformed line(s) skipped" in done.stderr
@@ -169,4 +209,6 @@ def test_pipeline_command_on_a_hostile_file_accounts_for_every_line(tmp_path, ti
     assert [r["line"] for r in malformed] == [13, 14, 15, 16, 17, 18]
     report = json.loads((tmp_path / "work" / "dataset.report.json").read_text())
     assert report["kept"] + report["dropped_total"] + len(malformed) == len(good) + len(bad)
-    assert sorted(os.listdir(tmp_path)) == sorted(["hostile.jsonl", "good.jsonl", "mlflow.db", "mlflow.db.lock", "artifacts", "work"])  # nothing outside the workdir and the store
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["hostile.jsonl", "good.jsonl", "mlflow.db", "mlflow.db.lock", "artifacts", "work"]
+    )  # nothing outside the workdir and the store

@@ -14,7 +14,7 @@ import pytest
 from models import checkpoint
 from retrieval.store import build_table, latest_complete_version, open_table
 from tasks import registry
-from tests.conftest import INTENTS, train_chat_model, write_jsonl
+from tests.conftest import INTENTS, train_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

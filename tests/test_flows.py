@@ -44,12 +44,31 @@ def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, p
 
     for name in ("one", "two"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name / 'mlflow.db'}")
-        out = pipeline_flow([str(tiny_jsonl)], workdir=str(tmp_path / name / "work"), train={"epochs": 30, "lr": 5e-3}, head={"hidden_dim": 64, "dropout": 0.0})
-        assert out["registry"] == {"version": 1, "promoted": True, "reason": "no champion yet", "previous_champion": None, "champion_val_acc": None, "shared_responses": None}
+        out = pipeline_flow(
+            [str(tiny_jsonl)],
+            workdir=str(tmp_path / name / "work"),
+            train={"epochs": 30, "lr": 5e-3},
+            head={"hidden_dim": 64, "dropout": 0.0},
+        )
+        assert out["registry"] == {
+            "version": 1,
+            "promoted": True,
+            "reason": "no champion yet",
+            "previous_champion": None,
+            "champion_val_acc": None,
+            "shared_responses": None,
+        }
         assert out["dataset"]["records"] == 26 and "input_records" not in out["dataset"]  # no expansion unless --target
         assert registry.champion_version() == 1
         work = tmp_path / name / "work"
-        assert {p.name for p in work.iterdir()} >= {"dataset.jsonl", "dataset.parquet", "dataset.rejects.jsonl", "llm_chat.db", "champion_model_chat_ft.pth", "chat_model_meta.json"}
+        assert {p.name for p in work.iterdir()} >= {
+            "dataset.jsonl",
+            "dataset.parquet",
+            "dataset.rejects.jsonl",
+            "llm_chat.db",
+            "champion_model_chat_ft.pth",
+            "chat_model_meta.json",
+        }
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("I forgot my password\nhow do I undo a commit in git\n"))
     assert main(["chat", "--json"]) == 0  # the champion of store "two"
@@ -111,3 +130,16 @@ def test_size_sweep_trains_every_size_on_one_table_version(tmp_path, tiny_jsonl,
     assert main(["registry", "list"]) == 0
     listing = capsys.readouterr().out
     assert "champion" in listing and "xxlarge" in listing
+
+
+def test_prepare_runs_again_after_its_workdir_is_deleted(tmp_path, tiny_jsonl, prefect_harness):
+    """The reading stage is cached on its inputs; a cached result whose shard is gone is redone."""
+    import shutil
+
+    from flows.prepare import prepare_flow
+
+    out = tmp_path / "work" / "dataset.jsonl"
+    first = prepare_flow([str(tiny_jsonl)], str(out))
+    shutil.rmtree(tmp_path / "work")
+    again = prepare_flow([str(tiny_jsonl)], str(out))
+    assert again["records"] == first["records"] == 26 and out.is_file()

@@ -24,10 +24,15 @@ text = st.one_of(
     st.lists(st.sampled_from(["\ud800", "\udfff", "\x00", "\ufeff", "\r\n", "\x1b", "\x85", "ok", " "]), max_size=8).map("".join),
 )
 scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), text)
-json_value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)), max_leaves=8)
+json_value = st.recursive(
+    scalar, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)), max_leaves=8
+)
 turn = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot", 3]), "content": st.one_of(text, scalar)})
 record = st.one_of(
-    st.fixed_dictionaries({"user": st.one_of(text, scalar), "assistant": st.one_of(text, scalar)}, optional={"intent": scalar, "context": json_value, "source": scalar, "extra": json_value}),
+    st.fixed_dictionaries(
+        {"user": st.one_of(text, scalar), "assistant": st.one_of(text, scalar)},
+        optional={"intent": scalar, "context": json_value, "source": scalar, "extra": json_value},
+    ),
     st.fixed_dictionaries({"messages": st.one_of(st.lists(turn, max_size=5), json_value)}),
     json_value,
 )
@@ -103,7 +108,11 @@ def test_counts_add_up_through_the_merged_dataset(first, second):
     report = json.loads(Path(merged["report"]).read_text())
     rejects = [json.loads(l) for l in Path(merged["rejects"]).read_text(encoding="utf-8").splitlines()]
     malformed = [r for r in rejects if "line" in r and "reason" in r and r.get("file") in {str(p) for p in paths}]
-    assert merged["rejected_lines"] == sum(s["malformed"] for s in shards) == sum(len(c) for c in counted) - sum(len({p.line for p in read_pairs(path)[0]}) for path in paths)
+    assert (
+        merged["rejected_lines"]
+        == sum(s["malformed"] for s in shards)
+        == sum(len(c) for c in counted) - sum(len({p.line for p in read_pairs(path)[0]}) for path in paths)
+    )
     assert report["kept"] + report["dropped_total"] == pairs_read
     assert merged["records"] == report["kept"]
     assert len(rejects) == merged["rejected_lines"] + report["dropped_total"]

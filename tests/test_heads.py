@@ -57,7 +57,9 @@ def _sized(size, seed=0, **widths):
         names = ("expansion_dim", "extra_expansion_dim", "third_expansion_dim")[: {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}[size]]
         widths = dict.fromkeys(names, 8)
     torch.manual_seed(seed)
-    return BucketHead(HeadConfig(num_candidates=4, input_dim=8, num_buckets=3, hidden_dim=16, model_size=size, **widths), torch.tensor([0, 0, 1, 2]))
+    return BucketHead(
+        HeadConfig(num_candidates=4, input_dim=8, num_buckets=3, hidden_dim=16, model_size=size, **widths), torch.tensor([0, 0, 1, 2])
+    )
 
 
 def test_each_size_adds_a_branch_and_the_widths_default_per_size():
@@ -88,7 +90,9 @@ def test_a_larger_head_warm_started_from_a_smaller_one_gives_identical_logits(sm
         assert torch.equal(a, b)
     assert "trunk.0.weight" in report["matched"] and "candidate.weight" in report["matched"]
     assert report["skipped"] == [] and all(n.startswith(("branches.", "router.")) for n in report["new"])
-    assert report["new"] and all(n.split(".")[1] not in [str(i) for i in range(len(src.branches))] for n in report["new"] if n.startswith("branches."))
+    assert report["new"] and all(
+        n.split(".")[1] not in [str(i) for i in range(len(src.branches))] for n in report["new"] if n.startswith("branches.")
+    )
 
 
 def test_warm_start_reports_skipped_tensors_and_remaps_candidates_by_text():

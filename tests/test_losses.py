@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.losses import adaptive_weights, preference_loss, pref_weight_at, sample_negatives
+from models.losses import adaptive_weights, pref_weight_at, preference_loss, sample_negatives
 
 Z = torch.tensor([[2.0, 0.0, 1.0]])  # gold class 0; negatives 1 (gap 2) and 2 (gap 1)
 Y = torch.tensor([0])

@@ -12,7 +12,16 @@ from tests.conftest import INTENTS, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The probe's flags: no sandbox as root, and no background networking on a machine without a network.
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 if CHROMIUM is None and os.environ.get("CI"):
     raise RuntimeError("CI needs Chromium for the page test: .ci/run installs Debian's chromium package")

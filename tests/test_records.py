@@ -8,15 +8,21 @@ def test_flat_pair_keeps_metadata_and_label(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"user": " hi ", "assistant": "hello", "intent": "greet", "ticket": 7}])
     pairs, rejects = load_records(path)
     assert rejects == []
-    assert [(p.user, p.assistant, p.label, p.meta, p.source, p.line, p.id) for p in pairs] == [("hi", "hello", "greet", {"ticket": 7}, "d", 1, "d:1:0")]
+    assert [(p.user, p.assistant, p.label, p.meta, p.source, p.line, p.id) for p in pairs] == [
+        ("hi", "hello", "greet", {"ticket": 7}, "d", 1, "d:1:0")
+    ]
 
 
 def test_multi_turn_yields_one_pair_per_assistant_turn_with_context(tmp_path):
-    rec = {"messages": [
-        {"role": "system", "content": "be nice"},
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
-    ]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "be nice"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
     pairs, rejects = load_records(write_jsonl(tmp_path / "m.jsonl", [rec]))
     assert rejects == []
     assert [(p.user, p.assistant, p.context, p.turn) for p in pairs] == [

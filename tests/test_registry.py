@@ -20,7 +20,10 @@ def test_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path):
         "run = mlflow.start_run(); mlflow.end_run()\n"
         "print(exp, register(run.info.run_id, {}))\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(err[-2000:] for _, err in outs)

@@ -18,7 +18,26 @@ def test_pipeline_and_chat_with_the_table_at_an_object_store_uri(tmp_path, tiny_
     import io
 
     uri = f"file://{tmp_path / 'bucket' / 'llm_chat.db'}"
-    assert main(["pipeline", "--data", str(tiny_jsonl), "--workdir", str(tmp_path / "work"), "--db", uri, "--target", "0", "--epochs", "20", "--hidden_dim", "32"]) == 0
+    assert (
+        main(
+            [
+                "pipeline",
+                "--data",
+                str(tiny_jsonl),
+                "--workdir",
+                str(tmp_path / "work"),
+                "--db",
+                uri,
+                "--target",
+                "0",
+                "--epochs",
+                "20",
+                "--hidden_dim",
+                "32",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "work" / "chat_model_meta.json").read_text())
     assert meta["table"]["db"] == uri
     # Only LanceDB's own files went to the "bucket"; the embedding cache stayed local.
@@ -36,11 +55,43 @@ def test_pipeline_and_chat_with_the_table_at_an_object_store_uri(tmp_path, tiny_
 def test_training_against_an_mlflow_server_with_a_database_backend(tmp_path, tiny_jsonl, prefect_harness, monkeypatch, capsys):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with http_process(cmd, f"{url}/health", tmp_path / "mlflow-server.log", env={**os.environ, "MLFLOW_TRACKING_URI": ""}):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         db = str(tmp_path / "db")
-        assert main(["finetune", "--data", str(tiny_jsonl), "--db", db, "--epochs", "10", "--hidden_dim", "32", "--output", str(tmp_path / "m.pth"), "--meta", str(tmp_path / "m.json")]) == 0
+        assert (
+            main(
+                [
+                    "finetune",
+                    "--data",
+                    str(tiny_jsonl),
+                    "--db",
+                    db,
+                    "--epochs",
+                    "10",
+                    "--hidden_dim",
+                    "32",
+                    "--output",
+                    str(tmp_path / "m.pth"),
+                    "--meta",
+                    str(tmp_path / "m.json"),
+                ]
+            )
+            == 0
+        )
         assert registry.champion_version() == 1
         # The checkpoint went through the server's artifact proxy into its store, and comes back.
         assert list((tmp_path / "artifacts").rglob("head.safetensors"))

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from retrieval.answer import FALLBACK_RESPONSE, ChatEngine, ChatOptions
+from retrieval.answer import ChatEngine, ChatOptions
 from retrieval.server import ServerConfig
 from tests.conftest import INTENTS, free_port, http_process, running_server
 
@@ -27,12 +27,16 @@ def client(server):
 
 
 def test_openai_client_gets_the_stored_response(client):
-    out = client.chat.completions.create(model="bucketchat-test", messages=[{"role": "system", "content": "be nice"}, {"role": "user", "content": "I forgot my password"}])
+    out = client.chat.completions.create(
+        model="bucketchat-test", messages=[{"role": "system", "content": "be nice"}, {"role": "user", "content": "I forgot my password"}]
+    )
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == INTENTS["reset_password"][0]
     assert out.choices[0].finish_reason == "stop" and out.model == "bucketchat-test"
     extra = out.model_extra["bucketchat"]
-    assert extra["fallback"] is False and 0 < extra["confidence"] <= 1 and extra["candidates"][0]["response"] == INTENTS["reset_password"][0]
+    assert (
+        extra["fallback"] is False and 0 < extra["confidence"] <= 1 and extra["candidates"][0]["response"] == INTENTS["reset_password"][0]
+    )
     assert out.usage.completion_tokens == len(INTENTS["reset_password"][0].split())
 
 
@@ -45,16 +49,28 @@ def test_streaming_sends_the_same_answer_in_pieces(client):
 
 
 def test_conversation_history_answers_a_follow_up(client):
-    out = client.chat.completions.create(model="x", messages=[
-        {"role": "user", "content": "where is my order?"},
-        {"role": "assistant", "content": INTENTS["track_order"][0]},
-        {"role": "user", "content": "and what about that?"}])
+    out = client.chat.completions.create(
+        model="x",
+        messages=[
+            {"role": "user", "content": "where is my order?"},
+            {"role": "assistant", "content": INTENTS["track_order"][0]},
+            {"role": "user", "content": "and what about that?"},
+        ],
+    )
     assert out.choices[0].message.content == INTENTS["track_order"][0]
     assert out.model_extra["bucketchat"]["context"] == "where is my order?"
 
 
 def test_explain_on_request_and_sampling_params_are_ignored(client):
-    out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "undo my last git commit"}], temperature=1.7, max_tokens=3, top_p=0.1, seed=5, extra_body={"explain": True})
+    out = client.chat.completions.create(
+        model="x",
+        messages=[{"role": "user", "content": "undo my last git commit"}],
+        temperature=1.7,
+        max_tokens=3,
+        top_p=0.1,
+        seed=5,
+        extra_body={"explain": True},
+    )
     assert out.choices[0].message.content == INTENTS["undo_commit"][0]  # not cut to 3 tokens: a stored response
     why = out.model_extra["bucketchat"]["why"]
     assert why["candidates"][0]["records"] and why["buckets"][0]["bucket"] == out.model_extra["bucketchat"]["bucket"]
@@ -77,20 +93,23 @@ def test_wrong_or_missing_key_is_401(server):
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    (b"[1, 2]", 400, None),
-    (b'{"messages": []}', 400, "messages"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, "tools"),
-    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', 400, "messages[1]"),
-    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages[0].role"),
-    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400, "messages[0].content"),
-    (b'{"messages": [{"role": "user", "content": "' + b"a" * 600 + b'"}]}', 400, "messages[0].content"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream"),
-    (b'{"messages": [{"role": "user", "content": "' + b"a" * 9000 + b'"}]}', 413, None),
-    (b"[" * 3000 + b"]" * 3000, 400, None),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b'{"messages": []}', 400, "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, "tools"),
+        (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', 400, "messages[1]"),
+        (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages[0].role"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400, "messages[0].content"),
+        (b'{"messages": [{"role": "user", "content": "' + b"a" * 600 + b'"}]}', 400, "messages[0].content"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream"),
+        (b'{"messages": [{"role": "user", "content": "' + b"a" * 9000 + b'"}]}', 413, None),
+        (b"[" * 3000 + b"]" * 3000, 400, None),
+    ],
+)
 def test_bad_requests_get_4xx_json_errors(server, body, status, param):
     r = httpx.post(f"{server}/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -123,8 +142,11 @@ def test_many_simultaneous_requests_are_all_answered_correctly(server, chat_mode
 def test_past_max_concurrency_requests_get_429_not_errors(chat_model):
     engine = ChatEngine(*chat_model, ChatOptions(style_mode="balanced"))
     with running_server(engine, ServerConfig(max_concurrency=1, threads=1)) as url:
+
         def ask(_):
-            return httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "where is my parcel"}]}, timeout=60)
+            return httpx.post(
+                f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "where is my parcel"}]}, timeout=60
+            )
 
         with ThreadPoolExecutor(24) as pool:
             rs = list(pool.map(ask, range(48)))
@@ -158,7 +180,22 @@ def test_abuse_flood_gets_4xx_or_429_and_memory_stays_bounded(chat_model, tmp_pa
 
     port = free_port()
     weights, meta = chat_model
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "--weights", weights, "--meta", meta, "--port", str(port), "--api_key", KEY, "--max_concurrency", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve",
+        "--weights",
+        weights,
+        "--meta",
+        meta,
+        "--port",
+        str(port),
+        "--api_key",
+        KEY,
+        "--max_concurrency",
+        "8",
+    ]
     url = f"http://127.0.0.1:{port}"
     with http_process(cmd, f"{url}/healthz", tmp_path / "serve.log", cwd=os.path.dirname(os.path.dirname(__file__))) as proc:
         chunk = b"x" * 65536

@@ -29,13 +29,21 @@ def _gone(pids: set[int], within: float = 5.0) -> set[int]:
 def home(tmp_path_factory):
     """One Prefect home for the module (its database is made once), MLflow beside it."""
     home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BUCKETCHAT_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "BUCKETCHAT_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+    }
     env.pop("PREFECT_API_URL", None)  # each command starts its own API, as a user's does
     return home, env
 
 
 def _start(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -71,14 +79,32 @@ def test_a_signal_stops_the_pipeline_mid_run_within_2_s(tmp_path, home, sig, sta
     time.sleep(3)
     took, err = _stop(proc, sig)
     assert proc.returncode == status and took < 2.0, (took, err)
-    assert [l for l in err.splitlines() if l] == [f"bucketchat pipeline: stopped by {signal.Signals(sig).name}; files it writes are replaced whole, so nothing half-written was kept (run it again to continue)"]
+    assert [l for l in err.splitlines() if l] == [
+        f"bucketchat pipeline: stopped by {signal.Signals(sig).name}; files it writes are replaced whole, so nothing half-written was kept (run it again to continue)"
+    ]
     runs = _flow_runs(folder, proc.pid)
     assert runs and "RUNNING" not in runs and "CRASHED" in runs
 
 
 def test_kill_9_leaves_no_process_and_the_next_command_marks_its_runs_crashed(tmp_path, home, tiny_records):
     folder, env = home
-    proc = _start(["finetune", "--data", str(SAMPLE), "--db", str(tmp_path / "db"), "--output", str(tmp_path / "m.pth"), "--meta", str(tmp_path / "m.json"), "--epochs", "400"], env, tmp_path)
+    proc = _start(
+        [
+            "finetune",
+            "--data",
+            str(SAMPLE),
+            "--db",
+            str(tmp_path / "db"),
+            "--output",
+            str(tmp_path / "m.pth"),
+            "--meta",
+            str(tmp_path / "m.json"),
+            "--epochs",
+            "400",
+        ],
+        env,
+        tmp_path,
+    )
     _wait_for(tmp_path / "db", proc)
     time.sleep(3)
     helpers = descendants(proc.pid)
@@ -89,7 +115,14 @@ def test_kill_9_leaves_no_process_and_the_next_command_marks_its_runs_crashed(tm
     assert "RUNNING" in _flow_runs(folder, proc.pid)  # nothing could record the end...
 
     tiny = write_jsonl(tmp_path / "tiny.jsonl", tiny_records)
-    nxt = subprocess.run([sys.executable, "-m", "flows.cli", "expand", "--input", str(tiny), "--output", str(tmp_path / "grown.jsonl"), "--target", "30"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    nxt = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "expand", "--input", str(tiny), "--output", str(tmp_path / "grown.jsonl"), "--target", "30"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert nxt.returncode == 0, nxt.stderr
     runs = _flow_runs(folder, proc.pid)
     assert runs and set(runs) <= {"COMPLETED", "CRASHED"} and "CRASHED" in runs  # ...so the next command did

@@ -13,12 +13,18 @@ def test_balanced_is_verbatim():
 
 def test_concise_keeps_the_first_sentence_or_a_short_lead_in_and_the_next():
     assert apply_style(TEXT, "concise") == ("Open Settings and choose Security.", "concise")
-    assert apply_style("Sure. Run git reset --soft HEAD~1. It keeps your changes.", "concise") == ("Sure. Run git reset --soft HEAD~1.", "concise")
+    assert apply_style("Sure. Run git reset --soft HEAD~1. It keeps your changes.", "concise") == (
+        "Sure. Run git reset --soft HEAD~1.",
+        "concise",
+    )
     assert apply_style("One sentence only.", "concise") == ("One sentence only.", "concise")
 
 
 def test_analyst_lays_the_sentences_out():
-    assert apply_style(TEXT, "analyst") == ("Short answer: Open Settings and choose Security.\nDetails:\n1. Tap Reset password.\n2. The emailed link works for 30 minutes.", "analyst")
+    assert apply_style(TEXT, "analyst") == (
+        "Short answer: Open Settings and choose Security.\nDetails:\n1. Tap Reset password.\n2. The emailed link works for 30 minutes.",
+        "analyst",
+    )
     assert apply_style("Yes.", "analyst") == ("Short answer: Yes.", "analyst")
 
 
@@ -32,9 +38,17 @@ def test_creative_wraps_the_verbatim_text_deterministically_for_a_seed():
     assert len({apply_style(TEXT, "creative", creativity=1.0, seed=s)[0] for s in range(20)}) > 1
 
 
-@pytest.mark.parametrize("message, style", [("tl;dr how do I reset it", "concise"), ("briefly, what is the fee?", "concise"),
-                                            ("explain the fees step by step", "analyst"), ("why was my card declined", "analyst"),
-                                            ("tell me something fun!!", "creative"), ("where is my parcel?", "balanced")])
+@pytest.mark.parametrize(
+    "message, style",
+    [
+        ("tl;dr how do I reset it", "concise"),
+        ("briefly, what is the fee?", "concise"),
+        ("explain the fees step by step", "analyst"),
+        ("why was my card declined", "analyst"),
+        ("tell me something fun!!", "creative"),
+        ("where is my parcel?", "balanced"),
+    ],
+)
 def test_auto_picks_from_cues(message, style):
     assert choose_style(message) == style
     assert apply_style(TEXT, "auto", message)[1] == style

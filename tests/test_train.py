@@ -88,7 +88,16 @@ def test_training_separates_toy_clusters_and_picks_best_epoch():
     head = BucketHead(HeadConfig(num_candidates=4, input_dim=16, num_buckets=10, hidden_dim=32, dropout=0.0), torch.tensor([0, 0, 1, 1]))
     tr, va = split_indices([str(i) for i in y], [str(i) for i in range(120)], 0.25, "stratified", 0)
     seen = []
-    res = train(head, x, buckets, y, tr, va, TrainConfig(epochs=15, batch_size=16, lr=5e-3, select_metric="response_acc", early_stop_patience=6), on_epoch=seen.append)
+    res = train(
+        head,
+        x,
+        buckets,
+        y,
+        tr,
+        va,
+        TrainConfig(epochs=15, batch_size=16, lr=5e-3, select_metric="response_acc", early_stop_patience=6),
+        on_epoch=seen.append,
+    )
     assert [r["epoch"] for r in seen] == list(range(1, len(seen) + 1))
     best = res.history[res.best_epoch - 1]
     assert best["val_response_acc"] == max(r["val_response_acc"] for r in res.history) == 1.0
@@ -108,11 +117,24 @@ def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
     # only answers far below the least sure right one (confidence 0.6, halved) fall back, and the
     # margin gate stays off.
     few = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
-    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx({"min_confidence": 0.3, "min_margin": 0.0})
-    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.5) == pytest.approx({"min_confidence": 0.6, "min_margin": 0.2})
+    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx(
+        {"min_confidence": 0.3, "min_margin": 0.0}
+    )
+    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.5) == pytest.approx(
+        {"min_confidence": 0.6, "min_margin": 0.2}
+    )
 
 
-@pytest.mark.parametrize("kwargs, flag", [({"epochs": 0}, "--epochs"), ({"val_split": 1.0}, "--val_split"), ({"lr_schedule": "step"}, "--lr_schedule"), ({"split_mode": "x"}, "--split_mode"), ({"precision": "fp16"}, "--precision")])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"val_split": 1.0}, "--val_split"),
+        ({"lr_schedule": "step"}, "--lr_schedule"),
+        ({"split_mode": "x"}, "--split_mode"),
+        ({"precision": "fp16"}, "--precision"),
+    ],
+)
 def test_train_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         TrainConfig(**kwargs)
@@ -128,7 +150,15 @@ def _toy(n_per=30, dim=16, seed=0):
 
 def _toy_head(seed=0, size="base"):
     torch.manual_seed(seed)
-    cfg = HeadConfig(num_candidates=4, input_dim=16, num_buckets=10, hidden_dim=32, dropout=0.0, model_size=size, expansion_dim=8 if size != "base" else None)
+    cfg = HeadConfig(
+        num_candidates=4,
+        input_dim=16,
+        num_buckets=10,
+        hidden_dim=32,
+        dropout=0.0,
+        model_size=size,
+        expansion_dim=8 if size != "base" else None,
+    )
     return BucketHead(cfg, torch.tensor([0, 0, 1, 1]))
 
 
@@ -176,8 +206,10 @@ def test_precision_auto_follows_the_hardware_and_bf16_keeps_float32_weights(monk
     runs = {}
     for precision in ("bf16", "fp32"):
         head, seen = _toy_head(), set()
-        head.candidate.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
-        runs[precision] = train(head, x, yb, yc, np.arange(120), None, TrainConfig(epochs=4, batch_size=16, lr=5e-3, early_stop_patience=0, precision=precision))
+        head.candidate.register_forward_hook(lambda module, args, out, seen=seen: seen.add(out.dtype))
+        runs[precision] = train(
+            head, x, yb, yc, np.arange(120), None, TrainConfig(epochs=4, batch_size=16, lr=5e-3, early_stop_patience=0, precision=precision)
+        )
         # The training passes run in the asked precision; evaluation and the weights stay float32.
         assert (torch.bfloat16 in seen) == (precision == "bf16")
         assert all(v.dtype == torch.float32 for v in runs[precision].state.values() if v.is_floating_point())
@@ -197,7 +229,15 @@ def test_balanced_sampler_draws_buckets_equally_often(monkeypatch):
         return idx
 
     monkeypatch.setattr(torch, "multinomial", spy)
-    train(_toy_head(), x, yb, yc, keep, np.array([], dtype=np.int64), TrainConfig(epochs=20, batch_size=66, balanced_sampler=True, early_stop_patience=0))
+    train(
+        _toy_head(),
+        x,
+        yb,
+        yc,
+        keep,
+        np.array([], dtype=np.int64),
+        TrainConfig(epochs=20, batch_size=66, balanced_sampler=True, early_stop_patience=0),
+    )
     buckets = yb[keep][torch.cat(drawn).numpy()]
     assert abs((buckets == 1).mean() - 0.5) < 0.05  # 9 % of the rows, half of the draws
 
@@ -205,7 +245,16 @@ def test_balanced_sampler_draws_buckets_equally_often(monkeypatch):
 def test_warmup_steps_ramp_the_learning_rate():
     x, yb, yc = _toy()
     steps = []
-    train(_toy_head(), x, yb, yc, np.arange(120), np.array([], dtype=np.int64), TrainConfig(epochs=1, batch_size=10, lr=0.1, warmup_steps=4, lr_schedule="constant"), on_step=steps.append)
+    train(
+        _toy_head(),
+        x,
+        yb,
+        yc,
+        np.arange(120),
+        np.array([], dtype=np.int64),
+        TrainConfig(epochs=1, batch_size=10, lr=0.1, warmup_steps=4, lr_schedule="constant"),
+        on_step=steps.append,
+    )
     assert [round(s["lr"], 4) for s in steps[:5]] == [0.05, 0.075, 0.1, 0.1, 0.1]  # (step+1)/4 after each step
     assert [s["step"] for s in steps] == list(range(1, 13))
 
@@ -222,7 +271,9 @@ def test_until_epoch_stops_early_on_the_full_schedule():
     assert [round(a["train_loss"], 6) for a in whole.history[:4]] == [round(b["train_loss"], 6) for b in res.history]
 
 
-@pytest.mark.parametrize("options", [{}, {"ema_decay": 0.9, "pref_weight": 0.3, "pref_group_size": 2, "balanced_sampler": True, "grad_accum_steps": 2}])
+@pytest.mark.parametrize(
+    "options", [{}, {"ema_decay": 0.9, "pref_weight": 0.3, "pref_group_size": 2, "balanced_sampler": True, "grad_accum_steps": 2}]
+)
 def test_a_killed_run_resumes_to_the_same_result(tmp_path, options):
     x, yb, yc = _toy()
     tr, va = split_indices([str(i) for i in yc], [str(i) for i in range(120)], 0.25, "stratified", 0)
@@ -242,7 +293,19 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, options):
 def test_preference_loss_and_ema_train_and_select_on_the_shadow():
     x, yb, yc = _toy()
     tr, va = split_indices([str(i) for i in yc], [str(i) for i in range(120)], 0.25, "stratified", 0)
-    cfg = TrainConfig(epochs=8, batch_size=16, lr=5e-3, ema_decay=0.9, pref_weight=0.5, pref_objective="repo_relu", pref_group_size=2, pref_group_estimator="epo", hard_negative_ratio=0.8, adaptive_pref_weighting=True, pref_warmup_epochs=1.0)
+    cfg = TrainConfig(
+        epochs=8,
+        batch_size=16,
+        lr=5e-3,
+        ema_decay=0.9,
+        pref_weight=0.5,
+        pref_objective="repo_relu",
+        pref_group_size=2,
+        pref_group_estimator="epo",
+        hard_negative_ratio=0.8,
+        adaptive_pref_weighting=True,
+        pref_warmup_epochs=1.0,
+    )
     res = train(_toy_head(), x, yb, yc, tr, va, cfg)
     assert res.history[-1]["val_response_acc"] == 1.0
     assert res.history[0]["train_pref"] > 0 and "train_ce" in res.history[0]

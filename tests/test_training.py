@@ -2,17 +2,16 @@
 
 import json
 
-import mlflow
 import pytest
 import torch
 
+import mlflow
+from models.train import TrainConfig
 from retrieval.encoder import INT8_ID
-from retrieval.store import build_table
+from retrieval.store import build_table, open_table, read_columns
 from tasks import registry
 from tasks.records import load_records
 from tasks.training import fit, ids_digest, register_and_promote, response_accuracy, train_head
-from retrieval.store import open_table, read_columns
-from models.train import TrainConfig
 from tests.conftest import INTENTS, write_jsonl
 
 
@@ -101,11 +100,15 @@ def test_a_refit_champion_is_scored_only_on_rows_it_never_trained_on(tmp_path, t
     db = str(tmp_path / "db")
     v1 = build_table(load_records_list(tiny_records), db, "conversations").version
     first = train_head.fn(db, "conversations", v1, {"epochs": 20, "lr": 5e-3, "val_split": 0.3}, {"hidden_dim": 32})
-    assert register_and_promote.fn(first["run_id"], db, "conversations", v1, first["val_ids"], first["val_response_acc"], val_right=first["val_right"])["promoted"]
+    assert register_and_promote.fn(
+        first["run_id"], db, "conversations", v1, first["val_ids"], first["val_response_acc"], val_right=first["val_right"]
+    )["promoted"]
     # The same data again: the refit champion saw every validation row, so the two held-out scores
     # recorded at training are compared (equal here: same data and seed), and the champion stays.
     again = train_head.fn(db, "conversations", v1, {"epochs": 20, "lr": 5e-3, "val_split": 0.3}, {"hidden_dim": 32})
-    same = register_and_promote.fn(again["run_id"], db, "conversations", v1, again["val_ids"], again["val_response_acc"], val_right=again["val_right"])
+    same = register_and_promote.fn(
+        again["run_id"], db, "conversations", v1, again["val_ids"], again["val_response_acc"], val_right=again["val_right"]
+    )
     assert not same["promoted"] and f"the same {len(again['val_ids'])} validation rows, both held out at training" in same["reason"]
     # New rows arrive: only the validation rows the champion never trained on count.
     grown = tiny_records + [{**r, "user": f"hey, {r['user']} please"} for r in tiny_records]
@@ -113,7 +116,9 @@ def test_a_refit_champion_is_scored_only_on_rows_it_never_trained_on(tmp_path, t
     new = train_head.fn(db, "conversations", v2, {"epochs": 20, "lr": 5e-3, "val_split": 0.3}, {"hidden_dim": 32})
     unseen = [i for i in new["val_ids"] if i not in set(read_columns(open_table(db, "conversations", v1), ["id"])["id"].to_pylist())]
     assert 0 < len(unseen) < len(new["val_ids"])
-    result = register_and_promote.fn(new["run_id"], db, "conversations", v2, new["val_ids"], new["val_response_acc"], val_right=new["val_right"])
+    result = register_and_promote.fn(
+        new["run_id"], db, "conversations", v2, new["val_ids"], new["val_response_acc"], val_right=new["val_right"]
+    )
     assert f"on {len(unseen)} validation rows the refit champion never trained on" in result["reason"]
 
 
@@ -123,13 +128,26 @@ def test_a_refit_champion_whose_table_version_is_gone_is_compared_only_on_record
 
     db, name, version = table
     val_ids = read_columns(open_table(db, name, version), ["id"])["id"].to_pylist()[:5]
-    meta = {"refit": {"rows": 40, "epochs": 3}, "table": {"db": db_key(db), "name": name, "trained_on_version": 999}, "metrics": {"val_response_acc": 0.8}, "validation": {"ids_digest": ids_digest(val_ids)}}
+    meta = {
+        "refit": {"rows": 40, "epochs": 3},
+        "table": {"db": db_key(db), "name": name, "trained_on_version": 999},
+        "metrics": {"val_response_acc": 0.8},
+        "validation": {"ids_digest": ids_digest(val_ids)},
+    }
     path = tmp_path / "champion.json"
     path.write_text(json.dumps(meta), encoding="utf-8")
     # Version 999 is gone, so every validation row may have been trained on: only the two held-out
     # scores recorded on the very same rows are comparable (the weights are never loaded).
-    assert champion_score("unused.safetensors", str(path), db, name, version, val_ids, [True] * 5, 0.9) == (0.8, 0.9, "the same 5 validation rows, both held out at training")
-    assert champion_score("unused.safetensors", str(path), db, name, version, val_ids[:4], [True] * 4, 0.9) == (None, None, "it was refit on table version 999")
+    assert champion_score("unused.safetensors", str(path), db, name, version, val_ids, [True] * 5, 0.9) == (
+        0.8,
+        0.9,
+        "the same 5 validation rows, both held out at training",
+    )
+    assert champion_score("unused.safetensors", str(path), db, name, version, val_ids[:4], [True] * 4, 0.9) == (
+        None,
+        None,
+        "it was refit on table version 999",
+    )
 
 
 def test_champion_moves_only_on_a_better_validation_score(table, mlflow_store, prefect_harness):
@@ -147,7 +165,18 @@ def test_champion_moves_only_on_a_better_validation_score(table, mlflow_store, p
 
     # Worse, then merely equal: registered, but the alias stays where it is.
     for run, expected in ((weak, 3), (good, 4)):
-        again = train_head.fn(db, name, version, {"epochs": 30 if run is good else 1, "lr": 5e-3 if run is good else 1e-6, "val_split": 0.2, "early_stop_patience": 0 if run is weak else 6}, {"hidden_dim": 64, "dropout": 0.0 if run is good else 0.5})
+        again = train_head.fn(
+            db,
+            name,
+            version,
+            {
+                "epochs": 30 if run is good else 1,
+                "lr": 5e-3 if run is good else 1e-6,
+                "val_split": 0.2,
+                "early_stop_patience": 0 if run is weak else 6,
+            },
+            {"hidden_dim": 64, "dropout": 0.0 if run is good else 0.5},
+        )
         result = register_and_promote.fn(again["run_id"], db, name, version, again["val_ids"], again["val_response_acc"])
         assert result["version"] == expected and result["promoted"] is False
         assert "champion kept" in result["reason"]
@@ -162,13 +191,25 @@ def test_champion_moves_only_on_a_better_validation_score(table, mlflow_store, p
 
 def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefect_harness, tmp_path):
     db, name, version = table
-    out = train_head.fn(db, name, version, {"epochs": 5, "lr": 5e-3, "early_stop_patience": 0}, {"hidden_dim": 32}, str(tmp_path / "w.pth"), str(tmp_path / "m.json"))
+    out = train_head.fn(
+        db,
+        name,
+        version,
+        {"epochs": 5, "lr": 5e-3, "early_stop_patience": 0},
+        {"hidden_dim": 32},
+        str(tmp_path / "w.pth"),
+        str(tmp_path / "m.json"),
+    )
     client = registry.client()
     run = client.get_run(out["run_id"])
     assert run.data.params["lr"] == "0.005" and run.data.params["head.hidden_dim"] == "32"
     assert run.data.params["resolved.batch_size"] == "64"  # auto: small data gets small batches
     # 4 validation rows: the whole schedule, its last epoch, then a refit on every row.
-    assert (run.data.params["resolved.select_metric"], run.data.params["resolved.early_stop_patience"], run.data.params["resolved.refit"]) == ("last", "0", "True")
+    assert (
+        run.data.params["resolved.select_metric"],
+        run.data.params["resolved.early_stop_patience"],
+        run.data.params["resolved.refit"],
+    ) == ("last", "0", "True")
     assert run.data.tags["model_size"] == "base" and run.data.tags["table_version"] == str(version)
     assert [m.step for m in client.get_metric_history(out["run_id"], "train_loss")] == [1, 2, 3, 4, 5]
     files = {f.path for f in client.list_artifacts(out["run_id"], "model")}
@@ -196,7 +237,14 @@ def test_warm_start_from_a_registry_uri_reports_what_matched(table, mlflow_store
     base = train_head.fn(db, name, version, {"epochs": 20, "lr": 5e-3, "val_split": 0.2}, {"hidden_dim": 32, "dropout": 0.0})
     register_and_promote.fn(base["run_id"], db, name, version, base["val_ids"], base["val_response_acc"])
     # One epoch at lr ~0 keeps the warm-started weights: a larger head starts where the smaller one was.
-    big = train_head.fn(db, name, version, {"epochs": 1, "lr": 1e-12, "val_split": 0.2, "early_stop_patience": 0}, {"model_size": "large", "expansion_dim": 16}, weights="models:/bucketchat@champion")
+    big = train_head.fn(
+        db,
+        name,
+        version,
+        {"epochs": 1, "lr": 1e-12, "val_split": 0.2, "early_stop_patience": 0},
+        {"model_size": "large", "expansion_dim": 16},
+        weights="models:/bucketchat@champion",
+    )
     ws = big["warm_start"]
     assert ws["source"] == "models:/bucketchat@champion" and ws["skipped"] == []
     assert "trunk.0.weight" in ws["matched"] and any(n.startswith("branches.0.") for n in ws["new"])
@@ -210,7 +258,15 @@ def test_train_all_pins_a_table_version_embedded_by_the_fine_tuned_encoder(table
     from retrieval.store import open_table, table_encoder
 
     db, name, version = table
-    out = train_head.fn(db, name, version, {"epochs": 1, "lr": 5e-3, "val_split": 0.2, "train_all": True, "batch_size": 16, "encoder_lr": 1e-4}, {"hidden_dim": 32}, str(tmp_path / "w.pth"), str(tmp_path / "m.json"))
+    out = train_head.fn(
+        db,
+        name,
+        version,
+        {"epochs": 1, "lr": 5e-3, "val_split": 0.2, "train_all": True, "batch_size": 16, "encoder_lr": 1e-4},
+        {"hidden_dim": 32},
+        str(tmp_path / "w.pth"),
+        str(tmp_path / "m.json"),
+    )
     pinned = out["table_version"]
     assert pinned > version
     tbl = open_table(db, name, pinned)
@@ -244,14 +300,39 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table,
     from safetensors.torch import load_file
 
     db, name, version = table
-    env = {**os.environ, **prefect_api_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}", "BUCKETCHAT_HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ,
+        **prefect_api_env,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}",
+        "BUCKETCHAT_HOME": str(tmp_path / "home"),
+    }
     exe = str(Path(sys.executable).parent / "bucketchat")
 
     def cmd(out: str, *extra: str) -> list[str]:
-        return [exe, "finetune", "--db", db, "--table", name, "--epochs", "8", "--early_stop_patience", "0", "--hidden_dim", "64", "--output", str(tmp_path / f"{out}.pth"), "--meta", str(tmp_path / f"{out}.json"), *extra]
+        return [
+            exe,
+            "finetune",
+            "--db",
+            db,
+            "--table",
+            name,
+            "--epochs",
+            "8",
+            "--early_stop_patience",
+            "0",
+            "--hidden_dim",
+            "64",
+            "--output",
+            str(tmp_path / f"{out}.pth"),
+            "--meta",
+            str(tmp_path / f"{out}.json"),
+            *extra,
+        ]
 
     # SIGKILL from inside, right after epoch 3 (BUCKETCHAT_FAILPOINT): deterministic, unlike a timer.
-    proc = subprocess.Popen(cmd("killed"), env={**env, "BUCKETCHAT_FAILPOINT": killed_at}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd("killed"), env={**env, "BUCKETCHAT_FAILPOINT": killed_at}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     assert proc.wait(timeout=300) == -signal.SIGKILL
     state = tmp_path / "killed.pth.state"
     assert state.is_file() and not (tmp_path / "killed.pth").exists()
@@ -275,6 +356,20 @@ def test_cli_flags_and_a_deployments_few_parameters_make_the_same_run_settings()
     cli = run_settings(*_train_dicts(a, a.seed))
     deployment = run_settings({"seed": 42, "epochs": 3}, {"hidden_dim": 32})
     assert cli == deployment
-    assert cli[0]["epochs"] == 3 and cli[0]["lr"] is None and cli[1] == {"model_size": "base", "hidden_dim": 32, "dropout": None, "expansion_dim": None, "extra_expansion_dim": None, "third_expansion_dim": None, "lexical_features": None, "num_buckets": 10}
+    assert (
+        cli[0]["epochs"] == 3
+        and cli[0]["lr"] is None
+        and cli[1]
+        == {
+            "model_size": "base",
+            "hidden_dim": 32,
+            "dropout": None,
+            "expansion_dim": None,
+            "extra_expansion_dim": None,
+            "third_expansion_dim": None,
+            "lexical_features": None,
+            "num_buckets": 10,
+        }
+    )
     with pytest.raises(ValueError, match="--epochs"):
         run_settings({"epochs": 0}, {})

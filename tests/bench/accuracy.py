@@ -2,7 +2,7 @@
 
     python tests/bench/accuracy.py [--train TRAIN.jsonl] [--test TEST.jsonl] [--repeats 3] [--json OUT]
 
-Defaults to BANKING77 (../shared/data/banking77). 
+Defaults to BANKING77 (../shared/data/banking77).
 For each repeat: `bucketchat pipeline --data TRAIN` in a fresh workdir, MLflow store and Prefect home
 (cold: nothing cached; defaults, nothing tuned), then every line of test.jsonl is piped through `bucketchat chat --json`. Correct =
 the returned response equals the line's `assistant`; a fallback counts as wrong. The test file is
@@ -34,7 +34,24 @@ def run_once(train: Path, test: Path, work: Path, extra: list[str]) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "BUCKETCHAT_HOME": str(work / "home")}
     t0 = time.perf_counter()
     log = work / "pipeline.log"
-    done = subprocess.run([sys.executable, "-c", WRAPPER, str(log), str(BIN / "bucketchat"), "pipeline", "--data", str(train), "--workdir", str(work / "run"), *extra], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            str(log),
+            str(BIN / "bucketchat"),
+            "pipeline",
+            "--data",
+            str(train),
+            "--workdir",
+            str(work / "run"),
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-40:] if log.is_file() else []
         sys.exit(f"`bucketchat pipeline` failed (exit {done.returncode}); the end of its log:\n" + "\n".join(tail))
@@ -42,7 +59,14 @@ def run_once(train: Path, test: Path, work: Path, extra: list[str]) -> dict:
     peak_mb = int(done.stdout.strip().splitlines()[-1]) / 1024
     rows = [r for r in (json.loads(l) for l in test.read_text(encoding="utf-8").splitlines() if l.strip()) if "user" in r]
     t0 = time.perf_counter()
-    out = subprocess.run([BIN / "bucketchat", "chat", "--json"], env=env, check=True, input="".join(r["user"].replace("\n", " ") + "\n" for r in rows), capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [BIN / "bucketchat", "chat", "--json"],
+        env=env,
+        check=True,
+        input="".join(r["user"].replace("\n", " ") + "\n" for r in rows),
+        capture_output=True,
+        text=True,
+    ).stdout
     chat_s = time.perf_counter() - t0
     answers = [json.loads(l) for l in out.splitlines()]
     assert len(answers) == len(rows), f"{len(answers)} answers for {len(rows)} questions"
@@ -78,7 +102,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-b77-") as tmp:
             runs.append(run_once(a.train, a.test, Path(tmp), a.pipeline_args))
         print(f"run {i + 1}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in runs[-1].items()), flush=True)
-    summary = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)} for k in runs[0] if k != "questions"}
+    summary = {
+        k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs), "max": max(r[k] for r in runs)}
+        for k in runs[0]
+        if k != "questions"
+    }
     print(f"\n{a.train.name} {' '.join(a.pipeline_args)} -> {a.test.name}, {a.repeats} run(s), {runs[0]['questions']} questions")
     for k, v in summary.items():
         print(f"  {k:>16}: median {v['median']:.4f}  (min {v['min']:.4f}, max {v['max']:.4f})")

@@ -75,16 +75,36 @@ def main() -> None:
         base, sources = make_inputs(folder)
         for i in range(a.repeats):
             env = {**os.environ, "BUCKETCHAT_HOME": str(folder / f"home{i}")}
-            s, mb, _ = timed([str(BIN / "bucketchat"), "expand", "--input", str(base), "--output", str(folder / f"exp{i}.jsonl"), "--target", "120000"], env)
+            s, mb, _ = timed(
+                [str(BIN / "bucketchat"), "expand", "--input", str(base), "--output", str(folder / f"exp{i}.jsonl"), "--target", "120000"],
+                env,
+            )
             results["expand"]["s"].append(s)
             results["expand"]["mb"].append(mb)
-            s, mb, out = timed([str(BIN / "bucketchat"), "build-super", "--inputs", *map(str, sources), "--output", str(folder / f"super{i}.jsonl")], env)
+            s, mb, out = timed(
+                [str(BIN / "bucketchat"), "build-super", "--inputs", *map(str, sources), "--output", str(folder / f"super{i}.jsonl")], env
+            )
             results["build-super"]["s"].append(s)
             results["build-super"]["mb"].append(mb)
-            print(f"run {i + 1}: expand {results['expand']['s'][-1]:.1f} s / {results['expand']['mb'][-1]:.0f} MB; build-super {s:.1f} s / {mb:.0f} MB", flush=True)
+            print(
+                f"run {i + 1}: expand {results['expand']['s'][-1]:.1f} s / {results['expand']['mb'][-1]:.0f} MB; build-super {s:.1f} s / {mb:.0f} MB",
+                flush=True,
+            )
         report = json.loads((folder / "super0.report.json").read_text())
-    print("\nexpand 5,000 -> 120,000:         time " + summary(results["expand"]["s"]) + " s; peak RSS " + summary(results["expand"]["mb"]) + " MB")
-    print("build-super 3 inputs, 260,000:  time " + summary(results["build-super"]["s"]) + " s; peak RSS " + summary(results["build-super"]["mb"]) + " MB")
+    print(
+        "\nexpand 5,000 -> 120,000:         time "
+        + summary(results["expand"]["s"])
+        + " s; peak RSS "
+        + summary(results["expand"]["mb"])
+        + " MB"
+    )
+    print(
+        "build-super 3 inputs, 260,000:  time "
+        + summary(results["build-super"]["s"])
+        + " s; peak RSS "
+        + summary(results["build-super"]["mb"])
+        + " MB"
+    )
     print("build-super drop report: " + json.dumps({k: report[k] for k in ("kept", "dropped", "malformed_lines")}))
     if a.json:
         a.json.write_text(json.dumps({"results": results, "report": report}, indent=2))

@@ -77,9 +77,13 @@ def main() -> None:
     self_cos = (batched_int8(queries) * q8).sum(1)
     print(f"{len(queries)} queries, {len(rows)} table rows, this machine's cores: 2 shared")
     for enc, name in ((INT8_ID, "int8 ONNX"), (TORCH_ID, "fp32 torch")):
-        print(f"  {name:<10} per query p50 {np.percentile(lat[enc], 50):5.2f} ms, p99 {np.percentile(lat[enc], 99):6.2f} ms;  table {statistics.median(rate[enc]):6.0f} rows/s (min {min(rate[enc]):.0f}, max {max(rate[enc]):.0f})")
+        print(
+            f"  {name:<10} per query p50 {np.percentile(lat[enc], 50):5.2f} ms, p99 {np.percentile(lat[enc], 99):6.2f} ms;  table {statistics.median(rate[enc]):6.0f} rows/s (min {min(rate[enc]):.0f}, max {max(rate[enc]):.0f})"
+        )
     r50 = np.percentile(lat[TORCH_ID], 50) / np.percentile(lat[INT8_ID], 50)
-    print(f"  int8 vs fp32: {r50:.1f}x faster per query (p50), {statistics.median(rate[INT8_ID]) / statistics.median(rate[TORCH_ID]):.1f}x the rows/s")
+    print(
+        f"  int8 vs fp32: {r50:.1f}x faster per query (p50), {statistics.median(rate[INT8_ID]) / statistics.median(rate[TORCH_ID]):.1f}x the rows/s"
+    )
     print(f"  cosine int8 to fp32: mean {cos.mean():.4f}, min {cos.min():.4f}")
     print(f"  cosine int8 in padded batches of 64 to int8 alone: mean {self_cos.mean():.4f}, min {self_cos.min():.4f}")
 

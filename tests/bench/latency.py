@@ -53,18 +53,60 @@ def prepare(rows: int) -> dict:
     big, db = WORK / "big.jsonl", WORK / "big.db"
     model = WORK / "model"
     if not big.is_file():
-        subprocess.run([BIN / "bucketchat", "expand", "--input", str(DATA / "train.jsonl"), "--output", str(big), "--target", str(rows)], env=env, check=True)
+        subprocess.run(
+            [BIN / "bucketchat", "expand", "--input", str(DATA / "train.jsonl"), "--output", str(big), "--target", str(rows)],
+            env=env,
+            check=True,
+        )
     if not (db / "conversations.lance").is_dir():
         subprocess.run([BIN / "bucketchat", "db", "build", "--data", str(big), "--db", str(db)], env=env, check=True)
     if not (model / "head.safetensors").is_file():
         model.mkdir(exist_ok=True)
-        subprocess.run([BIN / "bucketchat", "finetune", "--data", str(DATA / "train.jsonl"), "--db", str(model / "llm_chat.db"), "--output", str(model / "head.safetensors"), "--meta", str(model / "meta.json")], env=env, check=True)
+        subprocess.run(
+            [
+                BIN / "bucketchat",
+                "finetune",
+                "--data",
+                str(DATA / "train.jsonl"),
+                "--db",
+                str(model / "llm_chat.db"),
+                "--output",
+                str(model / "head.safetensors"),
+                "--meta",
+                str(model / "meta.json"),
+            ],
+            env=env,
+            check=True,
+        )
     partial = WORK / "model_partial"
     if not (partial / "head.safetensors").is_file():
         # A head that learns 4 responses per bucket; the rest are only reachable through the table.
         partial.mkdir(exist_ok=True)
-        subprocess.run([BIN / "bucketchat", "finetune", "--db", str(db), "--max_candidates_per_bucket", "4", "--epochs", "5", "--output", str(partial / "head.safetensors"), "--meta", str(partial / "meta.json")], env=env, check=True)
-    return {"db": str(db), "weights": str(model / "head.safetensors"), "meta": str(model / "meta.json"), "partial_weights": str(partial / "head.safetensors"), "partial_meta": str(partial / "meta.json")}
+        subprocess.run(
+            [
+                BIN / "bucketchat",
+                "finetune",
+                "--db",
+                str(db),
+                "--max_candidates_per_bucket",
+                "4",
+                "--epochs",
+                "5",
+                "--output",
+                str(partial / "head.safetensors"),
+                "--meta",
+                str(partial / "meta.json"),
+            ],
+            env=env,
+            check=True,
+        )
+    return {
+        "db": str(db),
+        "weights": str(model / "head.safetensors"),
+        "meta": str(model / "meta.json"),
+        "partial_weights": str(partial / "head.safetensors"),
+        "partial_meta": str(partial / "meta.json"),
+    }
 
 
 class Baseline:
@@ -84,7 +126,11 @@ class Baseline:
 
     def answer(self, message: str, vec: np.ndarray) -> str:
         terms = " OR ".join(f'"{w}"' for w in "".join(c if c.isalnum() else " " for c in message.lower()).split())
-        fts = [r[0] for r in self.sql.execute("SELECT rowid FROM rows WHERE rows MATCH ? ORDER BY bm25(rows) LIMIT ?", (terms, self.k))] if terms else []
+        fts = (
+            [r[0] for r in self.sql.execute("SELECT rowid FROM rows WHERE rows MATCH ? ORDER BY bm25(rows) LIMIT ?", (terms, self.k))]
+            if terms
+            else []
+        )
         sims = self.matrix @ vec  # (N,)
         dense = np.argpartition(-sims, self.k)[: self.k]
         dense = dense[np.argsort(-sims[dense])]
@@ -104,7 +150,11 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--questions", type=int, default=1000)
     p.add_argument("--json", type=Path)
-    p.add_argument("--engines_only", action="store_true", help="time the three engines alone (no baseline or components between turns, whose 100k x 384 scans evict the caches the engines use)")
+    p.add_argument(
+        "--engines_only",
+        action="store_true",
+        help="time the three engines alone (no baseline or components between turns, whose 100k x 384 scans evict the caches the engines use)",
+    )
     a = p.parse_args()
     if not (DATA / "train.jsonl").is_file():
         sys.exit("this benchmark needs ../shared/data/banking77 beside the checkout")
@@ -124,13 +174,28 @@ def main() -> None:
     rows = open_table(paths["db"], "conversations").count_rows()
     t0 = time.perf_counter()
     base = Baseline(paths["db"])
-    print(f"table {rows:,} rows; baseline SQLite FTS5 + numpy index built in {time.perf_counter() - t0:.1f} s; {len(tests)} questions", flush=True)
+    print(
+        f"table {rows:,} rows; baseline SQLite FTS5 + numpy index built in {time.perf_counter() - t0:.1f} s; {len(tests)} questions",
+        flush=True,
+    )
     torch.set_num_threads(1)
     for t in tests[:20]:  # warm-up: caches, lazy index loads
         engine.answer(t["user"]), searching.answer(t["user"]), partial.answer(t["user"]), base.answer(t["user"], embed([t["user"]])[0])
 
-    print(f"in-memory search index: built in {searching.index.stats.build_s:.1f} s, {searching.index.stats.bytes / 2**20:.0f} MiB, {searching.index.stats.cells} cells, {searching.index.stats.nprobe} probed", flush=True)
-    lat = {"engine": [], "engine+search": [], "partial": [], "baseline": [], "encoder": [], "head": [], "hybrid search": [], "LanceDB hybrid": []}
+    print(
+        f"in-memory search index: built in {searching.index.stats.build_s:.1f} s, {searching.index.stats.bytes / 2**20:.0f} MiB, {searching.index.stats.cells} cells, {searching.index.stats.nprobe} probed",
+        flush=True,
+    )
+    lat = {
+        "engine": [],
+        "engine+search": [],
+        "partial": [],
+        "baseline": [],
+        "encoder": [],
+        "head": [],
+        "hybrid search": [],
+        "LanceDB hybrid": [],
+    }
     right = {"engine": 0, "engine+search": 0, "partial": 0, "baseline": 0}
     searched = 0
     for t in tests:
@@ -171,7 +236,11 @@ def main() -> None:
             continue
         row = {"p50": pct(values, 50), "p90": pct(values, 90), "p99": pct(values, 99), "mean": statistics.fmean(values)}
         report["latency_ms"][name] = row
-        ratio = f"   p50 {row['p50'] / b50:.2f}x, p99 {row['p99'] / b99:.2f}x baseline" if name in right and name != "baseline" and lat["baseline"] else ""
+        ratio = (
+            f"   p50 {row['p50'] / b50:.2f}x, p99 {row['p99'] / b99:.2f}x baseline"
+            if name in right and name != "baseline" and lat["baseline"]
+            else ""
+        )
         acc = f"   accuracy {right[name] / len(tests):.2%}" if name in right else ""
         print(f"  {name:<14} p50 {row['p50']:6.2f}  p90 {row['p90']:6.2f}  p99 {row['p99']:6.2f}  mean {row['mean']:6.2f}{ratio}{acc}")
     report["partial_searched"] = searched / len(tests)
@@ -179,7 +248,9 @@ def main() -> None:
     if a.engines_only:
         return
     rest = statistics.median(lat["engine+search"]) - sum(statistics.median(lat[k]) for k in ("encoder", "head", "hybrid search"))
-    print(f"  where engine+search's median turn goes: encoder {statistics.median(lat['encoder']):.2f}, head {statistics.median(lat['head']):.2f}, hybrid search {statistics.median(lat['hybrid search']):.2f}, selection and the rest {rest:.2f}")
+    print(
+        f"  where engine+search's median turn goes: encoder {statistics.median(lat['encoder']):.2f}, head {statistics.median(lat['head']):.2f}, hybrid search {statistics.median(lat['hybrid search']):.2f}, selection and the rest {rest:.2f}"
+    )
     if a.json:
         a.json.write_text(json.dumps(report, indent=2))
 

@@ -62,18 +62,45 @@ def main() -> None:
         counts = (len(ins.read_text().splitlines()), len(oos.read_text().splitlines()))
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "BUCKETCHAT_HOME": str(tmp / "home")}
         t0 = time.perf_counter()
-        subprocess.run([BIN / "bucketchat", "pipeline", "--data", str(tr), "--workdir", str(tmp / "run")], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        print(f"held out {a.holdout} intents ({', '.join(sorted(held))}); pipeline on the other {len(intents) - a.holdout}: {time.perf_counter() - t0:.0f} s", flush=True)
+        subprocess.run(
+            [BIN / "bucketchat", "pipeline", "--data", str(tr), "--workdir", str(tmp / "run")],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        print(
+            f"held out {a.holdout} intents ({', '.join(sorted(held))}); pipeline on the other {len(intents) - a.holdout}: {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         results = []
         for label, flags in SETTINGS:
-            out = subprocess.run([BIN / "bucketchat", "eval", "--data", str(ins), "--oos", str(oos), "--json", *flags], env=env, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [BIN / "bucketchat", "eval", "--data", str(ins), "--oos", str(oos), "--json", *flags],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             r = json.loads(out)
-            results.append({"setting": label, "flags": flags, "oos_recall": r["oos"]["recall"], "in_scope_accuracy": r["response_accuracy"], "in_scope_ranking": r["ranking_accuracy"], "in_scope_fallback": r["fallback_rate"], "thresholds": r["thresholds"]})
+            results.append(
+                {
+                    "setting": label,
+                    "flags": flags,
+                    "oos_recall": r["oos"]["recall"],
+                    "in_scope_accuracy": r["response_accuracy"],
+                    "in_scope_ranking": r["ranking_accuracy"],
+                    "in_scope_fallback": r["fallback_rate"],
+                    "thresholds": r["thresholds"],
+                }
+            )
     print(f"\n{counts[0]} in-scope and {counts[1]} out-of-scope test messages")
     print(f"  {'setting':<34} {'OOS recall':>10} {'in-scope acc':>12} {'cost':>7}  thresholds (confidence, margin)")
     for r in results:
         t = r["thresholds"]
-        print(f"  {r['setting']:<34} {r['oos_recall']:>10.2%} {r['in_scope_accuracy']:>12.2%} {r['in_scope_ranking'] - r['in_scope_accuracy']:>7.2%}  ({t['min_confidence']:.3f}, {t['min_margin']:.3f})")
+        print(
+            f"  {r['setting']:<34} {r['oos_recall']:>10.2%} {r['in_scope_accuracy']:>12.2%} {r['in_scope_ranking'] - r['in_scope_accuracy']:>7.2%}  ({t['min_confidence']:.3f}, {t['min_margin']:.3f})"
+        )
     if a.json:
         a.json.write_text(json.dumps({"held_out": sorted(held), "results": results}, indent=2))
 

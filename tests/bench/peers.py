@@ -29,7 +29,9 @@ DATA = ROOT.parent / "shared" / "data" / "banking77"
 
 
 def rows(path: Path) -> list[dict]:
-    return [r for r in (json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()) if "user" in r and "assistant" in r]
+    return [
+        r for r in (json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()) if "user" in r and "assistant" in r
+    ]
 
 
 def run(train: list[dict], test: list[dict]) -> dict:
@@ -46,7 +48,9 @@ def run(train: list[dict], test: list[dict]) -> dict:
     out = {}
 
     t0 = time.perf_counter()
-    vec = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True))
+    vec = make_union(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)
+    )
     svm = LinearSVC(C=1.0).fit(vec.fit_transform(x_txt), y)
     fit = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -62,14 +66,22 @@ def run(train: list[dict], test: list[dict]) -> dict:
 
     t0 = time.perf_counter()
     nn = y[np.argmax(te @ xe.T, axis=1)]
-    out["minilm_nearest_neighbour"] = {"accuracy": float((nn == t_y).mean()), "fit_s": embed_train, "predict_s": embed_test + time.perf_counter() - t0}
+    out["minilm_nearest_neighbour"] = {
+        "accuracy": float((nn == t_y).mean()),
+        "fit_s": embed_train,
+        "predict_s": embed_test + time.perf_counter() - t0,
+    }
 
     t0 = time.perf_counter()
     lr = LogisticRegression(C=10, max_iter=2000).fit(xe, y)
     fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     pred = lr.predict(te)
-    out["minilm_logistic_regression"] = {"accuracy": float((pred == t_y).mean()), "fit_s": embed_train + fit, "predict_s": embed_test + time.perf_counter() - t0}
+    out["minilm_logistic_regression"] = {
+        "accuracy": float((pred == t_y).mean()),
+        "fit_s": embed_train + fit,
+        "predict_s": embed_test + time.perf_counter() - t0,
+    }
     return out
 
 
@@ -87,10 +99,18 @@ def main() -> None:
     for i in range(a.repeats):
         runs.append(run(train, test))
         print(f"run {i + 1}: " + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in runs[-1].items()), flush=True)
-    summary = {k: {m: {"median": statistics.median(r[k][m] for r in runs), "min": min(r[k][m] for r in runs), "max": max(r[k][m] for r in runs)} for m in runs[0][k]} for k in runs[0]}
+    summary = {
+        k: {
+            m: {"median": statistics.median(r[k][m] for r in runs), "min": min(r[k][m] for r in runs), "max": max(r[k][m] for r in runs)}
+            for m in runs[0][k]
+        }
+        for k in runs[0]
+    }
     print(f"\n{a.train.name} -> {a.test.name} ({len(train)} train, {len(test)} test), median of {a.repeats}:")
     for k, v in summary.items():
-        print(f"  {k:<28} accuracy {v['accuracy']['median']:.4f}  fit {v['fit_s']['median']:.1f} s  predict {v['predict_s']['median']:.1f} s")
+        print(
+            f"  {k:<28} accuracy {v['accuracy']['median']:.4f}  fit {v['fit_s']['median']:.1f} s  predict {v['predict_s']['median']:.1f} s"
+        )
     if a.json:
         a.json.write_text(json.dumps({"train": str(a.train), "test": str(a.test), "runs": runs, "summary": summary}, indent=2))
 

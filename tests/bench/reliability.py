@@ -38,7 +38,25 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT / "conversation_data.sample.jsonl"
-TROUBLE = ["\ud800", "\udfff", "\x00", "\ufeff", "\r\n", "\r", "\x1b", "\x85", "\u2028", "é", "😀", " ", "\t", "where is my parcel", "{", '"', "\\"]
+TROUBLE = [
+    "\ud800",
+    "\udfff",
+    "\x00",
+    "\ufeff",
+    "\r\n",
+    "\r",
+    "\x1b",
+    "\x85",
+    "\u2028",
+    "é",
+    "😀",
+    " ",
+    "\t",
+    "where is my parcel",
+    "{",
+    '"',
+    "\\",
+]
 
 
 def hostile_text(rng: random.Random) -> str:
@@ -119,7 +137,9 @@ def fuzz_pipeline(work: Path, env: dict, rng: random.Random, n: int) -> dict:
     rng.shuffle(lines)
     data = work / "hostile.jsonl"
     data.write_bytes(b"\n".join(lines) + b"\n")
-    done = subprocess.run(cmd("pipeline", "--data", str(data), "--workdir", str(work / "pipeline")), env=env, cwd=work, capture_output=True, text=True)
+    done = subprocess.run(
+        cmd("pipeline", "--data", str(data), "--workdir", str(work / "pipeline")), env=env, cwd=work, capture_output=True, text=True
+    )
     crashed = done.returncode != 0 or "Traceback" in done.stderr
     if crashed:
         return {"inputs": len(lines), "hostile": n, "crashes": 1, "lost": None, "stderr_tail": done.stderr[-500:]}
@@ -135,8 +155,21 @@ def fuzz_pipeline(work: Path, env: dict, rng: random.Random, n: int) -> dict:
     nonblank = {i for i, raw in enumerate(lines, start=1) if not blank(raw)}
     report = json.loads((work / "pipeline" / "dataset.report.json").read_text())
     src = report["sources"][str(data)]
-    lost = len(nonblank - pair_lines - reject_lines) + abs(src["pairs"] - pairs) + abs(src["malformed"] - len(reject_lines)) + abs(report["kept"] + report["dropped_total"] - pairs)
-    return {"inputs": len(lines), "hostile": n, "crashes": 0, "lost": lost, "kept_pairs": report["kept"], "rejected_lines": len(reject_lines), "dropped_pairs": report["dropped_total"]}
+    lost = (
+        len(nonblank - pair_lines - reject_lines)
+        + abs(src["pairs"] - pairs)
+        + abs(src["malformed"] - len(reject_lines))
+        + abs(report["kept"] + report["dropped_total"] - pairs)
+    )
+    return {
+        "inputs": len(lines),
+        "hostile": n,
+        "crashes": 0,
+        "lost": lost,
+        "kept_pairs": report["kept"],
+        "rejected_lines": len(reject_lines),
+        "dropped_pairs": report["dropped_total"],
+    }
 
 
 def fuzz_chat(work: Path, env: dict, rng: random.Random, n: int) -> dict:
@@ -145,8 +178,13 @@ def fuzz_chat(work: Path, env: dict, rng: random.Random, n: int) -> dict:
     rows = [json.loads(l) for l in done.stdout.decode("utf-8").split("\n") if l]
     expected = [i for i, raw in enumerate(lines, start=1) if not blank(raw)]
     answered = [r["line"] for r in rows if ("response" in r) != ("error" in r)]
-    return {"inputs": n, "crashes": int(done.returncode != 0 or b"Traceback" in done.stderr), "lost": len(set(expected) - set(answered)) + abs(len(answered) - len(expected)),
-            "answered": sum("response" in r for r in rows), "reported": sum("error" in r for r in rows)}
+    return {
+        "inputs": n,
+        "crashes": int(done.returncode != 0 or b"Traceback" in done.stderr),
+        "lost": len(set(expected) - set(answered)) + abs(len(answered) - len(expected)),
+        "answered": sum("response" in r for r in rows),
+        "reported": sum("error" in r for r in rows),
+    }
 
 
 def fuzz_server(work: Path, env: dict, rng: random.Random, n: int) -> dict:
@@ -162,7 +200,13 @@ def fuzz_server(work: Path, env: dict, rng: random.Random, n: int) -> dict:
                 if i % 3 == 2:
                     body = rng.randbytes(rng.randrange(0, 200))
                 else:
-                    msgs = [{"role": rng.choice(["user", "assistant", "system", "bot"]), "content": hostile_text(rng) if rng.random() < 0.9 else rng.choice([None, 3, [], {"x": 1}])} for _ in range(rng.randrange(1, 4))]
+                    msgs = [
+                        {
+                            "role": rng.choice(["user", "assistant", "system", "bot"]),
+                            "content": hostile_text(rng) if rng.random() < 0.9 else rng.choice([None, 3, [], {"x": 1}]),
+                        }
+                        for _ in range(rng.randrange(1, 4))
+                    ]
                     body = json.dumps({"messages": msgs, **({"stream": True} if rng.random() < 0.2 else {})}).encode()
                 try:
                     status = client.post(url, content=body, headers={"content-type": "application/json"}).status_code
@@ -172,7 +216,12 @@ def fuzz_server(work: Path, env: dict, rng: random.Random, n: int) -> dict:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    return {"inputs": n, "crashes": statuses.get(500, 0) + errors, "lost": errors, "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+    return {
+        "inputs": n,
+        "crashes": statuses.get(500, 0) + errors,
+        "lost": errors,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+    }
 
 
 def prefect_states(home: Path, pid: int) -> list[str]:
@@ -194,7 +243,12 @@ def try_signal(name: str, args: list[str], sig: int, env: dict, work: Path, home
     proc = subprocess.Popen(cmd(*args), env=env, cwd=work, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if not ready(proc):
         proc.kill()
-        return {"command": name, "signal": signal.Signals(sig).name, "ok": False, "why": "never got mid-run: " + proc.stderr.read().decode()[-300:]}
+        return {
+            "command": name,
+            "signal": signal.Signals(sig).name,
+            "ok": False,
+            "why": "never got mid-run: " + proc.stderr.read().decode()[-300:],
+        }
     helpers = descendants(proc.pid)
     t0 = time.monotonic()
     proc.send_signal(sig)
@@ -202,9 +256,21 @@ def try_signal(name: str, args: list[str], sig: int, env: dict, work: Path, home
     took = time.monotonic() - t0
     err = err.decode(errors="replace")
     left = leftover(helpers)
-    row = {"command": name, "signal": signal.Signals(sig).name, "stop_s": round(took, 2), "exit": proc.returncode, "traceback": "Traceback" in err, "leftover_processes": left}
+    row = {
+        "command": name,
+        "signal": signal.Signals(sig).name,
+        "stop_s": round(took, 2),
+        "exit": proc.returncode,
+        "traceback": "Traceback" in err,
+        "leftover_processes": left,
+    }
     if sig == signal.SIGKILL:
-        subprocess.run(cmd("expand", "--input", str(SAMPLE), "--output", str(work / "after-kill.jsonl"), "--target", "450"), env=env, cwd=work, capture_output=True)
+        subprocess.run(
+            cmd("expand", "--input", str(SAMPLE), "--output", str(work / "after-kill.jsonl"), "--target", "450"),
+            env=env,
+            cwd=work,
+            capture_output=True,
+        )
         row["flow_runs_after_next_command"] = prefect_states(home, proc.pid)
         row["ok"] = left == 0 and "RUNNING" not in row["flow_runs_after_next_command"]
     else:
@@ -228,11 +294,21 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="bucketchat-reliability-"))
     work = home / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BUCKETCHAT_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "BUCKETCHAT_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+    }
     env.pop("PREFECT_API_URL", None)
 
     fuzz = {}
-    for name, fn, n in (("pipeline (file)", fuzz_pipeline, max(50, a.lines // 4)), ("chat (piped)", fuzz_chat, a.lines), ("serve (HTTP)", fuzz_server, a.lines)):
+    for name, fn, n in (
+        ("pipeline (file)", fuzz_pipeline, max(50, a.lines // 4)),
+        ("chat (piped)", fuzz_chat, a.lines),
+        ("serve (HTTP)", fuzz_server, a.lines),
+    ):
         t0 = time.perf_counter()
         fuzz[name] = {**fn(work, env, rng, n), "s": round(time.perf_counter() - t0, 1)}
         print(name, fuzz[name], flush=True)
@@ -254,9 +330,31 @@ def main() -> None:
     plans = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         w = work / f"run-{sig.name}"
-        plans.append(("pipeline", ["pipeline", "--data", str(SAMPLE), "--workdir", str(w), "--epochs", "400"], sig, after(w / "llm_chat.db")))
-        plans.append(("finetune", ["finetune", "--db", str(db), "--output", str(work / "f.pth"), "--meta", str(work / "f.json"), "--epochs", "400", "--force"], sig, lambda proc: time.sleep(12) or proc.poll() is None))
-        plans.append(("size-sweep", ["size-sweep", "--db", str(db), "--epochs", "400"], sig, lambda proc: time.sleep(12) or proc.poll() is None))
+        plans.append(
+            ("pipeline", ["pipeline", "--data", str(SAMPLE), "--workdir", str(w), "--epochs", "400"], sig, after(w / "llm_chat.db"))
+        )
+        plans.append(
+            (
+                "finetune",
+                [
+                    "finetune",
+                    "--db",
+                    str(db),
+                    "--output",
+                    str(work / "f.pth"),
+                    "--meta",
+                    str(work / "f.json"),
+                    "--epochs",
+                    "400",
+                    "--force",
+                ],
+                sig,
+                lambda proc: time.sleep(12) or proc.poll() is None,
+            )
+        )
+        plans.append(
+            ("size-sweep", ["size-sweep", "--db", str(db), "--epochs", "400"], sig, lambda proc: time.sleep(12) or proc.poll() is None)
+        )
     for sig in (signal.SIGINT, signal.SIGTERM):
         plans.append(("chat", ["chat", "--json"], sig, chatting))
         plans.append(("serve", ["serve", "--port", str(port)], sig, serving))

@@ -51,8 +51,12 @@ def run_script(out: Path, name: str, script: str, *args: str) -> dict | None:
     target.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(logs / f"{name}.log", "w") as log:
-        done = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(target)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    print(f"  {name}: {'ok' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} in {time.perf_counter() - t0:.0f} s", flush=True)
+        done = subprocess.run(
+            [sys.executable, str(BENCH / script), *args, "--json", str(target)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+    print(
+        f"  {name}: {'ok' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} in {time.perf_counter() - t0:.0f} s", flush=True
+    )
     return json.loads(target.read_text()) if done.returncode == 0 and target.is_file() else None
 
 
@@ -113,14 +117,20 @@ def bars(ax, labels: list[str], groups: dict[str, list[list[float]]], ylabel: st
 
 
 def quality(rep: Report, out: Path, repeats: int) -> None:
-    rep.add("## Quality: BANKING77 response accuracy", "",
-            "`bucketchat pipeline --data TRAIN` on defaults in a fresh workdir and store, then every test line through `bucketchat chat --json`; a fallback counts as wrong. The peers train on the same file and predict the response text. Same test file (3,080 lines), same run.", "")
+    rep.add(
+        "## Quality: BANKING77 response accuracy",
+        "",
+        "`bucketchat pipeline --data TRAIN` on defaults in a fresh workdir and store, then every test line through `bucketchat chat --json`; a fallback counts as wrong. The peers train on the same file and predict the response text. Same test file (3,080 lines), same run.",
+        "",
+    )
     names = {"full": "train.jsonl", "10shot": "train_10shot.jsonl"}
     results = {}
     for key, file in names.items():
         train = DATA / file
-        results[key] = (run_script(out, f"accuracy-{key}", "accuracy.py", "--train", str(train), "--repeats", str(repeats)),
-                        run_script(out, f"peers-{key}", "peers.py", "--train", str(train), "--repeats", "1"))
+        results[key] = (
+            run_script(out, f"accuracy-{key}", "accuracy.py", "--train", str(train), "--repeats", str(repeats)),
+            run_script(out, f"peers-{key}", "peers.py", "--train", str(train), "--repeats", "1"),
+        )
     rows, plot_groups = [], {"bucketchat": [], "TF-IDF + SVM": [], "MiniLM nearest neighbour": [], "MiniLM logistic regression": []}
     for key, (ours, peers) in results.items():
         if ours is None or peers is None:
@@ -131,101 +141,223 @@ def quality(rep: Report, out: Path, repeats: int) -> None:
         acc = [r["accuracy"] for r in ours["runs"]]
         p = peers["summary"]
         best_peer = max(p[k]["accuracy"]["median"] for k in p)
-        rows.append([names[key], spread(acc, "{:.2%}"), pct(p["tfidf_svm"]["accuracy"]["median"]), pct(p["minilm_nearest_neighbour"]["accuracy"]["median"]), pct(p["minilm_logistic_regression"]["accuracy"]["median"]),
-                     f"{(statistics.median(acc) - best_peer) * 100:+.2f} pt", spread([r["accuracy_without_fallback"] for r in ours["runs"]], "{:.2%}"), spread([r["fallback_rate"] for r in ours["runs"]], "{:.2%}"),
-                     spread([r["pipeline_s"] for r in ours["runs"]], "{:.0f}") + " s", spread([r.get("pipeline_peak_rss_mb", float("nan")) for r in ours["runs"]], "{:.0f}") + " MB"])
+        rows.append(
+            [
+                names[key],
+                spread(acc, "{:.2%}"),
+                pct(p["tfidf_svm"]["accuracy"]["median"]),
+                pct(p["minilm_nearest_neighbour"]["accuracy"]["median"]),
+                pct(p["minilm_logistic_regression"]["accuracy"]["median"]),
+                f"{(statistics.median(acc) - best_peer) * 100:+.2f} pt",
+                spread([r["accuracy_without_fallback"] for r in ours["runs"]], "{:.2%}"),
+                spread([r["fallback_rate"] for r in ours["runs"]], "{:.2%}"),
+                spread([r["pipeline_s"] for r in ours["runs"]], "{:.0f}") + " s",
+                spread([r.get("pipeline_peak_rss_mb", float("nan")) for r in ours["runs"]], "{:.0f}") + " MB",
+            ]
+        )
         plot_groups["bucketchat"].append(acc)
         plot_groups["TF-IDF + SVM"].append([p["tfidf_svm"]["accuracy"]["median"]])
         plot_groups["MiniLM nearest neighbour"].append([p["minilm_nearest_neighbour"]["accuracy"]["median"]])
         plot_groups["MiniLM logistic regression"].append([p["minilm_logistic_regression"]["accuracy"]["median"]])
     if rows:
-        rep.table(["train file", f"bucketchat (median of {repeats}, range)", "TF-IDF+SVM", "MiniLM NN", "MiniLM LR", "vs best peer", "ranking alone", "fallbacks", "pipeline wall time", "pipeline peak RSS"], rows)
+        rep.table(
+            [
+                "train file",
+                f"bucketchat (median of {repeats}, range)",
+                "TF-IDF+SVM",
+                "MiniLM NN",
+                "MiniLM LR",
+                "vs best peer",
+                "ranking alone",
+                "fallbacks",
+                "pipeline wall time",
+                "pipeline peak RSS",
+            ],
+            rows,
+        )
         rep.plot("quality", lambda ax: (bars(ax, [names[k] for k in results], plot_groups, "response accuracy"), ax.set_ylim(0.6, 1.0)))
 
 
 def latency(rep: Report, out: Path) -> None:
-    rep.add("## Chat latency: 100k-row table", "",
-            "1,000 BANKING77 test questions, one process, each turn timed through the engine; the baseline is SQLite FTS5 bm25 + numpy cosine over the same rows with the same encoder (latency.py). Percentiles are over the 1,000 turns.", "")
+    rep.add(
+        "## Chat latency: 100k-row table",
+        "",
+        "1,000 BANKING77 test questions, one process, each turn timed through the engine; the baseline is SQLite FTS5 bm25 + numpy cosine over the same rows with the same encoder (latency.py). Percentiles are over the 1,000 turns.",
+        "",
+    )
     r = run_script(out, "latency", "latency.py")
     if r is None:
         return rep.failed("latency", "latency")
     lat, base = r["latency_ms"], r["latency_ms"].get("baseline")
     rows = []
     for name, row in lat.items():
-        ratio = f"{row['p50'] / base['p50']:.2f}× / {row['p99'] / base['p99']:.2f}×" if base and name != "baseline" and name in r["accuracy"] else ""
+        ratio = (
+            f"{row['p50'] / base['p50']:.2f}× / {row['p99'] / base['p99']:.2f}×"
+            if base and name != "baseline" and name in r["accuracy"]
+            else ""
+        )
         acc = pct(r["accuracy"][name]) if name in r["accuracy"] else ""
         rows.append([name, f"{row['p50']:.1f}", f"{row['p90']:.1f}", f"{row['p99']:.1f}", ratio, acc])
     rep.table(["engine / component", "p50 ms", "p90 ms", "p99 ms", "vs baseline (p50 / p99)", "accuracy"], rows)
     names = list(lat)
-    rep.plot("latency", lambda ax: bars(ax, names, {"p50": [[lat[n]["p50"]] for n in names], "p99": [[lat[n]["p99"]] for n in names]}, "ms per turn (log)", log=True))
+    rep.plot(
+        "latency",
+        lambda ax: bars(
+            ax, names, {"p50": [[lat[n]["p50"]] for n in names], "p99": [[lat[n]["p99"]] for n in names]}, "ms per turn (log)", log=True
+        ),
+    )
 
 
 def training(rep: Report, out: Path, repeats: int) -> None:
-    rep.add("## Training and database build", "",
-            "BANKING77 train (10,003 rows) in a temp table; each measurement in its own process, through the same code as `bucketchat finetune` (training.py). Examples/s counts training rows per second of epoch time. The baseline is scikit-learn's LogisticRegression fit on the same vectors (wall time for the whole fit).", "")
+    rep.add(
+        "## Training and database build",
+        "",
+        "BANKING77 train (10,003 rows) in a temp table; each measurement in its own process, through the same code as `bucketchat finetune` (training.py). Examples/s counts training rows per second of epoch time. The baseline is scikit-learn's LogisticRegression fit on the same vectors (wall time for the whole fit).",
+        "",
+    )
     r = run_script(out, "training", "training.py", "--repeats", str(repeats))
     if r is None:
         return rep.failed("training", "training")
     lr = [b["fit_s"] for b in r["baseline"]]
-    rows = [[size, spread([x["examples_per_second"] for x in runs], "{:,.0f}"), spread([x["fit_s"] for x in runs]) + " s", f"{statistics.median(x['fit_s'] for x in runs) / statistics.median(lr):.2f}×", f"{max(x['peak_rss_mb'] for x in runs):.0f} MB"] for size, runs in r["heads"].items()]
+    rows = [
+        [
+            size,
+            spread([x["examples_per_second"] for x in runs], "{:,.0f}"),
+            spread([x["fit_s"] for x in runs]) + " s",
+            f"{statistics.median(x['fit_s'] for x in runs) / statistics.median(lr):.2f}×",
+            f"{max(x['peak_rss_mb'] for x in runs):.0f} MB",
+        ]
+        for size, runs in r["heads"].items()
+    ]
     rows.append(["LogisticRegression (baseline)", "", spread(lr) + " s", "1×", f"{max(b['peak_rss_mb'] for b in r['baseline']):.0f} MB"])
     rep.table(["head size", "examples/s", "whole fit", "fit vs LR", "peak RSS"], rows)
     extra = []
     if "build_s" in r:
-        extra.append(f"- database build (embed + bucket + LanceDB write + indices): {r['rows']:,} rows in {r['build_s']:.1f} s = **{r['rows'] / r['build_s']:,.0f} rows/s**")
+        extra.append(
+            f"- database build (embed + bucket + LanceDB write + indices): {r['rows']:,} rows in {r['build_s']:.1f} s = **{r['rows'] / r['build_s']:,.0f} rows/s**"
+        )
     if r.get("train_all"):
         t = r["train_all"]
-        extra.append(f"- `--train_all`: one epoch of {t['rows']:,} rows in {t['epoch_s']:.0f} s ({t['examples_per_second']:.0f} examples/s), peak RSS {t['peak_rss_mb']:.0f} MB")
+        extra.append(
+            f"- `--train_all`: one epoch of {t['rows']:,} rows in {t['epoch_s']:.0f} s ({t['examples_per_second']:.0f} examples/s), peak RSS {t['peak_rss_mb']:.0f} MB"
+        )
     rep.add(*extra, "")
     heads = r["heads"]
-    rep.plot("training", lambda ax: bars(ax, list(heads), {"examples/s": [[x["examples_per_second"] for x in runs] for runs in heads.values()]}, "examples/s (frozen encoder)"))
+    rep.plot(
+        "training",
+        lambda ax: bars(
+            ax,
+            list(heads),
+            {"examples/s": [[x["examples_per_second"] for x in runs] for runs in heads.values()]},
+            "examples/s (frozen encoder)",
+        ),
+    )
 
 
 def data(rep: Report, out: Path, repeats: int) -> None:
-    rep.add("## Data stages", "", "`bucketchat expand` 5,000 → 120,000 and `bucketchat build-super` over three inputs totalling 260,000 records, each in its own process (data.py).", "")
+    rep.add(
+        "## Data stages",
+        "",
+        "`bucketchat expand` 5,000 → 120,000 and `bucketchat build-super` over three inputs totalling 260,000 records, each in its own process (data.py).",
+        "",
+    )
     r = run_script(out, "data", "data.py", "--repeats", str(repeats))
     if r is None:
         return rep.failed("data", "data")
     res = r["results"]
     n = {"expand": 120_000, "build-super": 260_000}
-    rep.table(["stage", "time", "records/s", "peak RSS"], [[k, spread(v["s"]) + " s", f"{n[k] / statistics.median(v['s']):,.0f}", spread(v["mb"], "{:.0f}") + " MB"] for k, v in res.items()])
+    rep.table(
+        ["stage", "time", "records/s", "peak RSS"],
+        [[k, spread(v["s"]) + " s", f"{n[k] / statistics.median(v['s']):,.0f}", spread(v["mb"], "{:.0f}") + " MB"] for k, v in res.items()],
+    )
 
 
 def serving(rep: Report, out: Path, repeats: int) -> None:
-    rep.add("## Serving", "", "`bucketchat serve` on loopback, 8 keep-alive clients, BANKING77 questions against the 100k-row model; the ceiling is the same server's `/healthz` (serve.py).", "")
+    rep.add(
+        "## Serving",
+        "",
+        "`bucketchat serve` on loopback, 8 keep-alive clients, BANKING77 questions against the 100k-row model; the ceiling is the same server's `/healthz` (serve.py).",
+        "",
+    )
     r = run_script(out, "serving", "serve.py", "--repeats", str(repeats))
     if r is None:
         return rep.failed("serving", "serving")
     chat, health = [x["rps"] for x in r["chat"]], [x["rps"] for x in r["healthz"]]
-    rep.table(["endpoint", "requests/s", "errors", "p50 ms", "p99 ms", "vs /healthz"], [
-        ["chat completions", spread(chat, "{:.0f}"), str(sum(x["errors"] for x in r["chat"])), spread([x["p50_ms"] for x in r["chat"]]), spread([x["p99_ms"] for x in r["chat"]]), f"{statistics.median(chat) / statistics.median(health):.2f}×"],
-        ["/healthz (ceiling)", spread(health, "{:.0f}"), str(sum(x["errors"] for x in r["healthz"])), "", "", "1×"]])
+    rep.table(
+        ["endpoint", "requests/s", "errors", "p50 ms", "p99 ms", "vs /healthz"],
+        [
+            [
+                "chat completions",
+                spread(chat, "{:.0f}"),
+                str(sum(x["errors"] for x in r["chat"])),
+                spread([x["p50_ms"] for x in r["chat"]]),
+                spread([x["p99_ms"] for x in r["chat"]]),
+                f"{statistics.median(chat) / statistics.median(health):.2f}×",
+            ],
+            ["/healthz (ceiling)", spread(health, "{:.0f}"), str(sum(x["errors"] for x in r["healthz"])), "", "", "1×"],
+        ],
+    )
 
 
 def retrain(rep: Report, out: Path, repeats: int) -> None:
-    rep.add("## Incremental retraining", "", "`bucketchat retrain` on a folder holding BANKING77 train, cold, then rerun on the unchanged folder: no table version written, nothing trained (retrain.py).", "")
+    rep.add(
+        "## Incremental retraining",
+        "",
+        "`bucketchat retrain` on a folder holding BANKING77 train, cold, then rerun on the unchanged folder: no table version written, nothing trained (retrain.py).",
+        "",
+    )
     r = run_script(out, "retrain", "retrain.py", "--repeats", str(repeats))
     if r is None:
         return rep.failed("retrain", "retrain")
-    rep.table(["run", "time", "vs cold"], [["cold", f"{r['cold_s']:.0f} s", "1×"], ["unchanged rerun", spread(r["unchanged_s"]) + " s", f"{statistics.median(r['unchanged_s']) / r['cold_s']:.2f}×"]])
+    rep.table(
+        ["run", "time", "vs cold"],
+        [
+            ["cold", f"{r['cold_s']:.0f} s", "1×"],
+            ["unchanged rerun", spread(r["unchanged_s"]) + " s", f"{statistics.median(r['unchanged_s']) / r['cold_s']:.2f}×"],
+        ],
+    )
 
 
 def reliability(rep: Report, out: Path, repeats: int) -> None:
-    rep.add("## Reliability", "",
-            "Seeded hostile inputs (any Unicode with lone surrogates, NUL and control characters, byte-order marks, CRLF, Latin-1 lines, random bytes, lines over the limits) into each entry point through the real commands, and signals into each long-running command mid-run (reliability.py). A crash is a non-zero exit or a traceback (pipeline, chat) or a 500 or dropped connection (server); a lost line is one neither answered nor reported/rejected.", "")
+    rep.add(
+        "## Reliability",
+        "",
+        "Seeded hostile inputs (any Unicode with lone surrogates, NUL and control characters, byte-order marks, CRLF, Latin-1 lines, random bytes, lines over the limits) into each entry point through the real commands, and signals into each long-running command mid-run (reliability.py). A crash is a non-zero exit or a traceback (pipeline, chat) or a 500 or dropped connection (server); a lost line is one neither answered nor reported/rejected.",
+        "",
+    )
     r = run_script(out, "reliability", "reliability.py")
     if r is None:
         return rep.failed("reliability", "reliability")
     rows = []
     for name, f in r["fuzz"].items():
-        detail = {"pipeline (file)": lambda: f"{f.get('kept_pairs', '?')} pairs kept, {f.get('rejected_lines', '?')} lines rejected, {f.get('dropped_pairs', '?')} pairs dropped", "chat (piped)": lambda: f"{f['answered']} answered, {f['reported']} reported per line", "serve (HTTP)": lambda: ", ".join(f"{n}× {code}" for code, n in f["statuses"].items())}[name]()
+        if name == "pipeline (file)":
+            detail = f"{f.get('kept_pairs', '?')} pairs kept, {f.get('rejected_lines', '?')} lines rejected, {f.get('dropped_pairs', '?')} pairs dropped"
+        elif name == "chat (piped)":
+            detail = f"{f['answered']} answered, {f['reported']} reported per line"
+        else:
+            detail = ", ".join(f"{n}× {code}" for code, n in f["statuses"].items())
         rows.append([name, f"{f['inputs']:,}", str(f["crashes"]), str(f["lost"]), detail, f"{f['s']:.0f} s"])
     rep.table(["entry point", "inputs", "crashes", "lost lines", "outcome", "time"], rows)
-    sig_rows = [[x["command"], x["signal"], f"{x['stop_s']:.2f} s" if "stop_s" in x else "-", str(x.get("exit", "-")), "yes" if x.get("traceback") else "no", str(x.get("leftover_processes", "-")), ", ".join(sorted(set(x.get("flow_runs") or x.get("flow_runs_after_next_command") or []))) or "-", "ok" if x["ok"] else f"FAILED {x.get('why', '')}"] for x in r["signals"]]
+    sig_rows = [
+        [
+            x["command"],
+            x["signal"],
+            f"{x['stop_s']:.2f} s" if "stop_s" in x else "-",
+            str(x.get("exit", "-")),
+            "yes" if x.get("traceback") else "no",
+            str(x.get("leftover_processes", "-")),
+            ", ".join(sorted(set(x.get("flow_runs") or x.get("flow_runs_after_next_command") or []))) or "-",
+            "ok" if x["ok"] else f"FAILED {x.get('why', '')}",
+        ]
+        for x in r["signals"]
+    ]
     rep.table(["command", "signal", "stopped in", "exit", "traceback", "processes left", "its flow runs", "verdict"], sig_rows)
     crashes = sum(f["crashes"] for f in r["fuzz"].values())
     lost = sum(f["lost"] or 0 for f in r["fuzz"].values())
-    rep.add(f"Totals: {sum(f['inputs'] for f in r['fuzz'].values()):,} hostile inputs, **{crashes} crashes, {lost} lost lines**; {len(r['signals'])} signals, **{sum(not x['ok'] for x in r['signals'])} failed checks, {sum(x.get('leftover_processes') or 0 for x in r['signals'])} leftover processes**.", "")
+    rep.add(
+        f"Totals: {sum(f['inputs'] for f in r['fuzz'].values()):,} hostile inputs, **{crashes} crashes, {lost} lost lines**; {len(r['signals'])} signals, **{sum(not x['ok'] for x in r['signals'])} failed checks, {sum(x.get('leftover_processes') or 0 for x in r['signals'])} leftover processes**.",
+        "",
+    )
 
 
 def main() -> None:
@@ -239,14 +371,31 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     rep = Report(a.out)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "?"
-    dirty = " (uncommitted changes)" if subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip() else ""
-    rep.add("# bucketchat benchmark report", "",
-            f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · commit {commit}{dirty} · {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()} · repeats {a.repeats}", "",
-            "Medians with their min–max range over repeats; ratios are against the baseline measured in the same run.", "")
+    dirty = (
+        " (uncommitted changes)"
+        if subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        else ""
+    )
+    rep.add(
+        "# bucketchat benchmark report",
+        "",
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · commit {commit}{dirty} · {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()} · repeats {a.repeats}",
+        "",
+        "Medians with their min–max range over repeats; ratios are against the baseline measured in the same run.",
+        "",
+    )
     t0 = time.perf_counter()
     for name in a.only:
         print(f"{name}:", flush=True)
-        fn = {"quality": quality, "latency": latency, "training": training, "data": data, "serving": serving, "retrain": retrain, "reliability": reliability}[name]
+        fn = {
+            "quality": quality,
+            "latency": latency,
+            "training": training,
+            "data": data,
+            "serving": serving,
+            "retrain": retrain,
+            "reliability": reliability,
+        }[name]
         fn(rep, a.out) if name == "latency" else fn(rep, a.out, a.repeats)
         (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")  # after each section: a partial report survives a crash
     rep.add(f"_Total benchmark time: {(time.perf_counter() - t0) / 60:.0f} min._")

@@ -27,7 +27,12 @@ DATA = ROOT.parent / "shared" / "data" / "banking77" / "train.jsonl"
 
 def run(work: Path, env: dict) -> tuple[float, str]:
     t0 = time.perf_counter()
-    done = subprocess.run([str(BIN / "bucketchat"), "retrain", "--data_dir", str(work / "drops"), "--workdir", str(work / "run")], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "bucketchat"), "retrain", "--data_dir", str(work / "drops"), "--workdir", str(work / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         sys.exit(f"bucketchat retrain failed:\n{done.stderr[-2000:]}")
     return time.perf_counter() - t0, done.stdout
@@ -56,7 +61,9 @@ def main() -> None:
             reruns.append(s)
             print(f"unchanged rerun {i + 1}: {s:.1f} s", flush=True)
     med = statistics.median(reruns)
-    print(f"\ncold {cold:.1f} s; unchanged rerun median {med:.1f} s (min {min(reruns):.1f}, max {max(reruns):.1f}) = {med / cold:.2f}x the cold run; no table version written, nothing trained")
+    print(
+        f"\ncold {cold:.1f} s; unchanged rerun median {med:.1f} s (min {min(reruns):.1f}, max {max(reruns):.1f}) = {med / cold:.2f}x the cold run; no table version written, nothing trained"
+    )
     if a.json:
         a.json.write_text(json.dumps({"data": str(a.data), "cold_s": cold, "unchanged_s": reruns}, indent=2))
 

@@ -63,7 +63,14 @@ def hammer(url: str, method: str, bodies: list[dict], clients: int, seconds: flo
         t.join()
     wall = time.perf_counter() - t0
     lat.sort()
-    return {"requests": len(lat), "rps": len(lat) / wall, "errors": len(errors), "first_errors": errors[:3], "p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99)]}
+    return {
+        "requests": len(lat),
+        "rps": len(lat) / wall,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "p50_ms": lat[len(lat) // 2],
+        "p99_ms": lat[int(len(lat) * 0.99)],
+    }
 
 
 def main() -> None:
@@ -77,7 +84,12 @@ def main() -> None:
     questions = [json.loads(l)["user"] for l in (DATA / "test.jsonl").read_text().splitlines() if l.strip() and '"user"' in l][:500]
     bodies = [{"model": "bucketchat", "messages": [{"role": "user", "content": q}]} for q in questions]
     port = free_port()
-    server = subprocess.Popen([BIN / "bucketchat", "serve", "--weights", paths["weights"], "--meta", paths["meta"], "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [BIN / "bucketchat", "serve", "--weights", paths["weights"], "--meta", paths["meta"], "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -95,15 +107,20 @@ def main() -> None:
         for i in range(a.repeats):
             runs["healthz"].append(hammer(f"{base}/healthz", "GET", [], a.clients, a.seconds / 3))
             runs["chat"].append(hammer(f"{base}/v1/chat/completions", "POST", bodies, a.clients, a.seconds))
-            print(f"repeat {i + 1}: chat {runs['chat'][-1]['rps']:.0f} req/s ({runs['chat'][-1]['errors']} errors, p50 {runs['chat'][-1]['p50_ms']:.1f} ms, p99 {runs['chat'][-1]['p99_ms']:.1f} ms); healthz {runs['healthz'][-1]['rps']:.0f} req/s", flush=True)
+            print(
+                f"repeat {i + 1}: chat {runs['chat'][-1]['rps']:.0f} req/s ({runs['chat'][-1]['errors']} errors, p50 {runs['chat'][-1]['p50_ms']:.1f} ms, p99 {runs['chat'][-1]['p99_ms']:.1f} ms); healthz {runs['healthz'][-1]['rps']:.0f} req/s",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(10)
     chat = statistics.median(r["rps"] for r in runs["chat"])
     ceiling = statistics.median(r["rps"] for r in runs["healthz"])
     errors = sum(r["errors"] for r in runs["chat"] + runs["healthz"])
-    print(f"\n{a.clients} keep-alive clients, {a.repeats} x {a.seconds:.0f} s: chat completions median {chat:.0f} req/s (min {min(r['rps'] for r in runs['chat']):.0f}, max {max(r['rps'] for r in runs['chat']):.0f}), "
-          f"{chat / ceiling:.2f}x the /healthz ceiling of {ceiling:.0f} req/s; p50 {statistics.median(r['p50_ms'] for r in runs['chat']):.1f} ms, p99 {statistics.median(r['p99_ms'] for r in runs['chat']):.1f} ms; errors: {errors}")
+    print(
+        f"\n{a.clients} keep-alive clients, {a.repeats} x {a.seconds:.0f} s: chat completions median {chat:.0f} req/s (min {min(r['rps'] for r in runs['chat']):.0f}, max {max(r['rps'] for r in runs['chat']):.0f}), "
+        f"{chat / ceiling:.2f}x the /healthz ceiling of {ceiling:.0f} req/s; p50 {statistics.median(r['p50_ms'] for r in runs['chat']):.1f} ms, p99 {statistics.median(r['p99_ms'] for r in runs['chat']):.1f} ms; errors: {errors}"
+    )
     if a.json:
         a.json.write_text(json.dumps(runs, indent=2))
 

@@ -47,7 +47,9 @@ def phase_profile(db: str, epochs: int, precision: str, lexical: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA), help="training JSONL (default BANKING77 train)")
-    p.add_argument("--db", help="an existing database folder with a `conversations` table (default: build one from --data in a temp folder)")
+    p.add_argument(
+        "--db", help="an existing database folder with a `conversations` table (default: build one from --data in a temp folder)"
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
@@ -81,7 +83,10 @@ def main() -> None:
         for lexical, rs in runs.items():
             med = {k: statistics.median(r["ms_per_step"].get(k, 0.0) for r in rs) for k in PARTS}
             total = sum(med.values())
-            print(f"  lexical {lexical:<3} total {total:6.2f}  " + "  ".join(f"{k.split('.')[1]} {v:.2f} ({v / total:.0%})" for k, v in med.items() if v))
+            print(
+                f"  lexical {lexical:<3} total {total:6.2f}  "
+                + "  ".join(f"{k.split('.')[1]} {v:.2f} ({v / total:.0%})" for k, v in med.items() if v)
+            )
 
 
 if __name__ == "__main__":

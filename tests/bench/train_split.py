@@ -115,7 +115,10 @@ def splits(work: Path) -> dict[str, tuple[Path, Path]]:
         path.write_text("".join(json.dumps(rows[i]) + "\n" for i in sorted(ids)), encoding="utf-8")
         return path
 
-    return {"full": (write("full_train", np.setdiff1d(idx, held)), write("full_eval", held)), "few": (write("few_train", few), write("few_eval", few_eval))}
+    return {
+        "full": (write("full_train", np.setdiff1d(idx, held)), write("full_eval", held)),
+        "few": (write("few_train", few), write("few_eval", few_eval)),
+    }
 
 
 def append_encoder(folder: Path) -> str:
@@ -147,11 +150,17 @@ def append_encoder(folder: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("variants", nargs="*", default=["default", "no_lexical", "no_pref", "no_label_smoothing"], help=f"any of: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "variants", nargs="*", default=["default", "no_lexical", "no_pref", "no_label_smoothing"], help=f"any of: {', '.join(VARIANTS)}"
+    )
     p.add_argument("--split", choices=["full", "few", "few_expanded"], default="few")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="train each variant with each of these seeds; the summary line is their mean")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[42], help="train each variant with each of these seeds; the summary line is their mean"
+    )
     p.add_argument("--work", type=Path, default=ROOT / ".bucketchat" / "bench-train-split")
-    p.add_argument("--extra_encoder", type=Path, help="a local sentence-transformers folder whose vectors are appended to MiniLM's (module doc)")
+    p.add_argument(
+        "--extra_encoder", type=Path, help="a local sentence-transformers folder whose vectors are appended to MiniLM's (module doc)"
+    )
     a = p.parse_args()
     if not TRAIN.is_file():
         sys.exit(f"{TRAIN} not found; this benchmark needs ../shared/data/banking77 beside the checkout")
@@ -172,7 +181,19 @@ def main() -> None:
         if not train_file.is_file():
             import subprocess
 
-            subprocess.run([Path(sys.executable).parent / "bucketchat", "expand", "--input", str(files["few"][0]), "--output", str(train_file), "--target", "5000"], check=True)
+            subprocess.run(
+                [
+                    Path(sys.executable).parent / "bucketchat",
+                    "expand",
+                    "--input",
+                    str(files["few"][0]),
+                    "--output",
+                    str(train_file),
+                    "--target",
+                    "5000",
+                ],
+                check=True,
+            )
     else:
         train_file, eval_file = files[a.split]
     db = a.work / f"db_{a.split}"
@@ -184,7 +205,10 @@ def main() -> None:
         build_table(load_records(train_file)[0], db, "conversations")
     version = int(open_table(db, "conversations").version)
     held = len(eval_file.read_text(encoding="utf-8").splitlines())
-    print(f"{a.split}: {train_file.name} -> {held} held-out rows of BANKING77 train" + (f", vectors [MiniLM, {a.extra_encoder.name}]" if a.extra_encoder else ""))
+    print(
+        f"{a.split}: {train_file.name} -> {held} held-out rows of BANKING77 train"
+        + (f", vectors [MiniLM, {a.extra_encoder.name}]" if a.extra_encoder else "")
+    )
     for name in a.variants:
         train_opts, head_opts = VARIANTS[name]
         scores = []
@@ -200,11 +224,20 @@ def main() -> None:
                 # encoder: a --train_all head's fine-tuned encoder goes beside it, as finetune saves it.
                 checkpoint.save(head, meta, f"{tmp}/head.safetensors", f"{tmp}/meta.json", encoder=extras["encoder"])
                 r = evaluate(ChatEngine(f"{tmp}/head.safetensors", f"{tmp}/meta.json"), eval_file)
-            scores.append((r["response_accuracy"], r["ranking_accuracy"], r["fallback_rate"], fit_s, meta["metrics"]["examples_per_second"]))
-            print(f"  {name:<20} seed {seed:<3} accuracy {scores[-1][0]:.4f}  ranking alone {scores[-1][1]:.4f}  fallback {scores[-1][2]:.4f}  best epoch {meta['metrics']['best_epoch']}/{meta['metrics']['epochs_run']}  fit {scores[-1][3]:.0f} s  {scores[-1][4]:,.0f} ex/s", flush=True)
+            scores.append(
+                (r["response_accuracy"], r["ranking_accuracy"], r["fallback_rate"], fit_s, meta["metrics"]["examples_per_second"])
+            )
+            print(
+                f"  {name:<20} seed {seed:<3} accuracy {scores[-1][0]:.4f}  ranking alone {scores[-1][1]:.4f}  fallback {scores[-1][2]:.4f}  best epoch {meta['metrics']['best_epoch']}/{meta['metrics']['epochs_run']}  fit {scores[-1][3]:.0f} s  {scores[-1][4]:,.0f} ex/s",
+                flush=True,
+            )
         if len(a.seeds) > 1:
             m = np.mean(scores, axis=0)
-            print(f"  {name:<20} mean of {len(a.seeds)} accuracy {m[0]:.4f}  ranking alone {m[1]:.4f}  fallback {m[2]:.4f}  {m[3]:.0f} s  {m[4]:,.0f} ex/s", flush=True)
+            print(
+                f"  {name:<20} mean of {len(a.seeds)} accuracy {m[0]:.4f}  ranking alone {m[1]:.4f}  fallback {m[2]:.4f}  {m[3]:.0f} s  {m[4]:,.0f} ex/s",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -47,8 +47,21 @@ def phase_head(db: str, version: int, size: str, epochs: int, precision: str, le
     from tasks.training import fit
 
     t0 = time.perf_counter()
-    head, meta, _ = fit(db, "conversations", version, TrainConfig(epochs=epochs, early_stop_patience=0, precision=precision), {"model_size": size, **({} if lexical == "on" else {"lexical_features": 0})})
-    return {"size": size, "examples_per_second": meta["metrics"]["examples_per_second"], "fit_s": time.perf_counter() - t0, "val_response_acc": meta["metrics"].get("val_response_acc"), "peak_rss_mb": peak_mb(), "batch_size": meta["train_config"]["batch_size"]}
+    head, meta, _ = fit(
+        db,
+        "conversations",
+        version,
+        TrainConfig(epochs=epochs, early_stop_patience=0, precision=precision),
+        {"model_size": size, **({} if lexical == "on" else {"lexical_features": 0})},
+    )
+    return {
+        "size": size,
+        "examples_per_second": meta["metrics"]["examples_per_second"],
+        "fit_s": time.perf_counter() - t0,
+        "val_response_acc": meta["metrics"].get("val_response_acc"),
+        "peak_rss_mb": peak_mb(),
+        "batch_size": meta["train_config"]["batch_size"],
+    }
 
 
 def phase_baseline(db: str, version: int) -> dict:
@@ -70,7 +83,7 @@ def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
 
     from models.encoder import TrainableEncoder
     from models.heads import BucketHead, HeadConfig
-    from models.train import Candidates, TrainConfig, TrainData, Trainable, train
+    from models.train import Candidates, Trainable, TrainConfig, TrainData, train
     from tasks.training import table_rows
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -78,10 +91,19 @@ def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
     n = min(rows, len(r["ids"]))
     cands = Candidates.select(r["responses"][:n], r["buckets"][:n].tolist(), 256)
     y_cand = cands.targets(r["responses"][:n], r["buckets"][:n].tolist())
-    head = BucketHead(HeadConfig(num_candidates=len(cands.texts), lexical_features=0), torch.tensor(cands.buckets), torch.tensor(cands.learned))
+    head = BucketHead(
+        HeadConfig(num_candidates=len(cands.texts), lexical_features=0), torch.tensor(cands.buckets), torch.tensor(cands.learned)
+    )
     data = TrainData(r["buckets"][:n], y_cand, texts=r["users"][:n])
     t0 = time.perf_counter()
-    res = train(Trainable(head, TrainableEncoder()), data, train_idx=np.arange(n), val_idx=np.array([], dtype=np.int64), cfg=TrainConfig(epochs=1, batch_size=32, train_all=True, precision=precision), progress=True)
+    res = train(
+        Trainable(head, TrainableEncoder()),
+        data,
+        train_idx=np.arange(n),
+        val_idx=np.array([], dtype=np.int64),
+        cfg=TrainConfig(epochs=1, batch_size=32, train_all=True, precision=precision),
+        progress=True,
+    )
     return {"rows": n, "epoch_s": time.perf_counter() - t0, "examples_per_second": res.examples_per_second, "peak_rss_mb": peak_mb()}
 
 
@@ -97,7 +119,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs per head fit (early stopping off)")
     p.add_argument("--sizes", nargs="+", default=["base", "large", "xlarge", "xxlarge"])
     p.add_argument("--train_all_rows", type=int, default=10000, help="rows of the --train_all epoch (0 skips it)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="training arithmetic, as `bucketchat finetune --precision` (run fp32 and bf16 to compare them)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="training arithmetic, as `bucketchat finetune --precision` (run fp32 and bf16 to compare them)",
+    )
     p.add_argument("--no_lexical", action="store_true", help="heads without the n-gram path (`--lexical_features 0`), to see what it costs")
     p.add_argument("--json", type=Path)
     p.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
@@ -119,17 +146,26 @@ def main() -> None:
             for size in a.sizes:
                 r = run_phase("head", db, str(built["version"]), size, str(a.epochs), a.precision, "off" if a.no_lexical else "on")
                 report["heads"].setdefault(size, []).append(r)
-                print(f"repeat {i + 1} {size}: {r['examples_per_second']:,.0f} examples/s, fit {r['fit_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB (baseline LR fit {report['baseline'][-1]['fit_s']:.1f} s)", flush=True)
+                print(
+                    f"repeat {i + 1} {size}: {r['examples_per_second']:,.0f} examples/s, fit {r['fit_s']:.1f} s, peak {r['peak_rss_mb']:.0f} MB (baseline LR fit {report['baseline'][-1]['fit_s']:.1f} s)",
+                    flush=True,
+                )
         lr_fit = statistics.median(b["fit_s"] for b in report["baseline"])
-        print(f"\nhead training, frozen encoder, {a.epochs} epochs, median of {a.repeats} (LogisticRegression fit on the same vectors: {lr_fit:.1f} s):")
+        print(
+            f"\nhead training, frozen encoder, {a.epochs} epochs, median of {a.repeats} (LogisticRegression fit on the same vectors: {lr_fit:.1f} s):"
+        )
         for size, runs in report["heads"].items():
             eps = [r["examples_per_second"] for r in runs]
             fit_s = statistics.median(r["fit_s"] for r in runs)
-            print(f"  {size:<8} {statistics.median(eps):>9,.0f} examples/s (min {min(eps):,.0f}, max {max(eps):,.0f})  fit {fit_s:.1f} s = {fit_s / lr_fit:.2f}x LR  peak {max(r['peak_rss_mb'] for r in runs):.0f} MB")
+            print(
+                f"  {size:<8} {statistics.median(eps):>9,.0f} examples/s (min {min(eps):,.0f}, max {max(eps):,.0f})  fit {fit_s:.1f} s = {fit_s / lr_fit:.2f}x LR  peak {max(r['peak_rss_mb'] for r in runs):.0f} MB"
+            )
         if a.train_all_rows:
             r = run_phase("train_all", db, str(built["version"]), str(a.train_all_rows), a.precision)
             report["train_all"] = r
-            print(f"  --train_all: one epoch of {r['rows']} rows in {r['epoch_s']:.0f} s ({r['examples_per_second']:.0f} examples/s), peak {r['peak_rss_mb']:.0f} MB")
+            print(
+                f"  --train_all: one epoch of {r['rows']} rows in {r['epoch_s']:.0f} s ({r['examples_per_second']:.0f} examples/s), peak {r['peak_rss_mb']:.0f} MB"
+            )
         if a.json:
             a.json.write_text(json.dumps(report, indent=2))
 
