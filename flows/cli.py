@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -1003,7 +1004,7 @@ COMMANDS = {
 
 
 # After Ctrl-C or SIGTERM a command gets this long to record how its runs ended, then exits anyway.
-STOP_GRACE_S = 1.2
+STOP_GRACE_S = 1.0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1025,19 +1026,21 @@ def _stop_now(name: str, signum: int) -> None:
     must record (its crashed state) was recorded while the exception unwound, every file is written
     atomically, and the local Prefect server goes with this process (flows/orchestration.py).
     A run whose unwinding the grace period cut short is marked Crashed here, not left Running."""
-    if _said.acquire(blocking=False):
-        if "prefect" in sys.modules:
-            try:
-                from flows.orchestration import crash_dead_runs
+    if not _said.acquire(blocking=False):
+        time.sleep(1.0)  # the other thread is saying it, and ends the process when it has
+        os._exit(128 + signum)
+    if "prefect" in sys.modules:
+        try:
+            from flows.orchestration import crash_dead_runs
 
-                crash_dead_runs(own=True, timeout=0.3)
-            except Exception:  # noqa: BLE001 - stopping anyway; the next command marks them
-                pass
-        sys.stderr.write(
-            f"\n{name}: stopped by {signal.Signals(signum).name}; files it writes are replaced whole, so nothing half-written was kept (run it again to continue)\n"
-        )
-        sys.stderr.flush()
-        sys.stdout.flush()
+            crash_dead_runs(own=True, timeout=0.4)
+        except Exception:  # noqa: BLE001 - stopping anyway; the next command marks them
+            pass
+    sys.stderr.write(
+        f"\n{name}: stopped by {signal.Signals(signum).name}; files it writes are replaced whole, so nothing half-written was kept (run it again to continue)\n"
+    )
+    sys.stderr.flush()
+    sys.stdout.flush()
     os._exit(128 + signum)
 
 
@@ -1048,6 +1051,22 @@ def _begin_stop(name: str, signum: int) -> None:
         timer = threading.Timer(STOP_GRACE_S, _stop_now, args=(name, signum))
         timer.daemon = True
         timer.start()
+
+
+def _watch_signals() -> None:
+    """Start the grace period on every Ctrl-C or SIGTERM, also the ones a library's own handler
+    takes (Prefect raises its own exception for SIGTERM inside a flow run): the kernel-level
+    handler writes each signal's number to this pipe whichever Python handler then runs."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while data := os.read(read, 1):
+            if data[0] in (signal.SIGINT, signal.SIGTERM):
+                _begin_stop(_NAME[0], data[0])
+
+    threading.Thread(target=watch, name="bucketchat-signals", daemon=True).start()
 
 
 def _on_signal(signum: int, frame) -> None:
@@ -1135,6 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        _watch_signals()
     from tasks.records import RecordError
 
     try:
@@ -1157,6 +1177,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in handlers.items():  # main() called in-process (tests) leaves them as they were
             signal.signal(sig, handler)
+        if handlers:
+            signal.set_wakeup_fd(-1)
     return 0
 
 

@@ -134,7 +134,8 @@ def crash_dead_runs(own: bool = False, timeout: float | None = None) -> list[str
     longer exist as Crashed; returns the ids of the flow runs marked.
 
     ``own``: this process's runs instead, as it stops on a signal: Prefect records the runs it
-    unwinds, but one whose unwinding the grace period cuts short would stay Running.
+    unwinds, but one whose unwinding the grace period cuts short would stay Running. ``timeout``
+    bounds the whole call (seconds); what it leaves unmarked, the next command marks.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -150,10 +151,13 @@ def crash_dead_runs(own: bool = False, timeout: float | None = None) -> list[str
 
     live = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
     mine = runner_tag()
+    deadline = time.monotonic() + timeout if timeout else float("inf")
     marked = []
     with get_client(sync_client=True, httpx_settings={"timeout": timeout} if timeout else None) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=live), tags=FlowRunFilterTags(all_=[TAG])))
         for run in runs:
+            if time.monotonic() > deadline:
+                break
             runner = next((t for t in run.tags if t.startswith(RUNNER_PREFIX)), None)
             if runner is None or (runner != mine if own else runner_alive(runner)):
                 continue
