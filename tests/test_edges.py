@@ -20,10 +20,10 @@ from flows.cli import answer_lines
 from retrieval.answer import ChatEngine
 from retrieval.server import ServerConfig
 from retrieval.text import MAX_MESSAGE_CHARS
+from tests.bench.reliability import TROUBLE, blank
 from tests.conftest import INTENTS, running_server, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-TROUBLE = ["\ud800", "\udfff", "\x00", "\ufeff", "\r\n", "\r", "\x1b", "\x85", "\u2028", "é", "😀", " ", "where is my parcel"]
 any_text = st.one_of(
     st.text(max_size=60),
     st.text(st.characters(codec=None, exclude_categories=()), max_size=60),  # lone surrogates too
@@ -45,14 +45,6 @@ def input_line(draw) -> bytes:
     return draw(st.sampled_from([b"", b"  ", b"\t", b"\r"]))
 
 
-def _blank(raw: bytes) -> bool:
-    """A line piped chat skips: valid UTF-8 with nothing but whitespace (and a leading BOM)."""
-    try:
-        return not raw.decode("utf-8").rstrip("\r\n").lstrip("\ufeff").strip()
-    except UnicodeDecodeError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def engine(chat_model):
     return ChatEngine(*chat_model)
@@ -64,7 +56,7 @@ def test_piped_chat_answers_or_reports_every_line(engine, lines):
     out = io.BytesIO()
     failed = answer_lines(engine, io.BytesIO(b"\n".join(lines) + b"\n"), out, as_json=True, echo=False)
     rows = [json.loads(l) for l in out.getvalue().decode("utf-8").split("\n") if l]
-    expected = [i for i, raw in enumerate(lines, start=1) if not _blank(raw)]
+    expected = [i for i, raw in enumerate(lines, start=1) if not blank(raw)]
     assert [r["line"] for r in rows] == expected  # every line once, in order
     assert all(("error" in r) != ("response" in r) for r in rows)
     assert failed == sum("error" in r for r in rows)
