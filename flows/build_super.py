@@ -2,10 +2,10 @@
 
 from prefect import flow
 
+from conversations.dataset import sibling
 from flows.prepare import prepare_flow
 from tasks.caching import outputs_missing
 from tasks.data import expand_dataset
-from tasks.dataset import sibling
 
 
 @flow(name="build-super")

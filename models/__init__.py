@@ -1,1 +1,2 @@
-"""torch: the bucket heads, losses, training loop and checkpoints. No Prefect or MLflow in here."""
+"""torch: the bucket heads, losses, training loop, calibration and checkpoints. The lowest layer:
+it imports nothing else of bucketchat's, and no Prefect or MLflow."""

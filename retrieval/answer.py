@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from conversations.text import MAX_MESSAGE_CHARS, clean_text, clean_turns
 from models import checkpoint
 from models.train import Candidates
 from retrieval.encoder import TORCH_ID, embed
@@ -33,7 +34,6 @@ from retrieval.neighbours import mix, vote
 from retrieval.search import SearchIndex
 from retrieval.store import db_key, hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
-from retrieval.text import MAX_MESSAGE_CHARS, clean_text, clean_turns
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
 # Softmax temperature turning cosine similarities of retrieved rows into a distribution.

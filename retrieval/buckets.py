@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.dataset import normalise
+from conversations.dataset import normalise
 
 
 def group_key(label: str | None, response: str) -> str:

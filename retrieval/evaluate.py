@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from conversations.text import MAX_LINE_BYTES, MAX_MESSAGE_CHARS, TextError, clean_text, decode_line, read_lines
 from retrieval.answer import ChatEngine
-from retrieval.text import MAX_LINE_BYTES, MAX_MESSAGE_CHARS, TextError, clean_text, decode_line, read_lines
 
 
 def read_messages(path: str | Path) -> list[str]:
     """Out-of-scope messages: a conversation JSONL (its user side) or plain text, one per line.
-    Text follows the one rule of ``retrieval.text``; a line it rejects is an error naming the line."""
-    from tasks.records import check_input
+    Text follows the one rule of ``conversations.text``; a line it rejects is an error naming the line."""
+    from conversations.records import check_input
 
     path = check_input(path, "--oos")
     out = []
@@ -55,7 +55,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None) -> dict:
     """Every test line (and out-of-scope message) through ``engine.answer``; returns the report."""
-    from tasks.records import load_records
+    from conversations.records import load_records
 
     pairs, rejects = load_records(data)
     if not pairs:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-# LanceDB 0.40 logs a deprecation warning (output columns without `_distance`/`_score`) on every
-# hybrid search, to stderr: two lines per chat turn. Its Python API has no switch for the new
-# behaviour yet, so quiet its logger (set before lancedb is first imported) unless the user asked.
-os.environ.setdefault("LANCEDB_LOG", "error")
-
+from conversations.records import Pair
 from models.atomic import failpoint
 from retrieval.buckets import assign_buckets, group_keys
-from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache
-from tasks.records import Pair
+from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache, cache_home
 
 # Below this a flat scan is faster than building an index (DESIGN.md §5: ~8 ms per 100k at numpy speed).
 VECTOR_INDEX_MIN_ROWS = 20_000
@@ -73,13 +67,11 @@ def db_key(db: str | Path) -> str:
 
 def local_dir(db: str | Path) -> Path:
     """The local folder for a table's side files (embedding cache, fine-tuned encoders, resume
-    states): the db folder itself, or for an object-store URI a folder per URI in the state home,
-    so nothing but LanceDB's own files goes to the bucket."""
+    states): the db folder itself, or for an object-store URI a folder per URI in the machine's
+    bucketchat cache, so nothing but LanceDB's own files goes to the bucket."""
     if not is_uri(db):
         return Path(db)
-    from tasks.settings import state_home
-
-    return state_home() / "object-store" / hashlib.sha256(str(db).encode()).hexdigest()[:16]
+    return cache_home() / "object-store" / hashlib.sha256(str(db).encode()).hexdigest()[:16]
 
 
 def connect(db: str | Path):

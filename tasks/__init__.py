@@ -1,9 +1,6 @@
-"""Prefect tasks and the plain data-stage logic they wrap (records, expansion, dedupe, registry)."""
-
-from tasks.settings import apply_environment
-
-# Before any module here imports prefect: Prefect reads its settings once, at import.
-apply_environment()
+"""Prefect tasks and MLflow tracking around the core: each task takes and returns plain data (paths,
+table names, versions, run ids). Importing this package changes nothing; the interfaces apply the
+environment (``tasks.settings.apply_environment``) before Prefect is first imported."""
 
 
 def run_logger():

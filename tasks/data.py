@@ -8,14 +8,14 @@ from pathlib import Path
 
 from prefect import task
 
+from conversations.augment import expand
+from conversations.dataset import iter_parquet, read_input, read_pairs, rejects_path, sibling, write_dataset, write_rejects
+from conversations.dedupe import QualityConfig, filter_and_dedupe
+from conversations.records import Reject
+from conversations.text import json_line
 from models.atomic import atomic_path, write_text
-from retrieval.text import json_line
 from tasks import run_logger
-from tasks.augment import expand
 from tasks.caching import CACHED, file_digest
-from tasks.dataset import iter_parquet, read_input, read_pairs, rejects_path, sibling, write_dataset, write_rejects
-from tasks.dedupe import QualityConfig, filter_and_dedupe
-from tasks.records import Reject
 
 
 class NoUsablePairs(ValueError):
@@ -88,7 +88,7 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
 def expand_dataset(
     input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False
 ) -> dict:
-    """Grow a dataset to exactly ``target`` pairs with synthetic variants (see tasks/augment.py)."""
+    """Grow a dataset to exactly ``target`` pairs with synthetic variants (see conversations/augment.py)."""
     pairs, rejected, rejects_file = read_input(input, output, strict)
     grown, inconsistent = expand(pairs, target, creative_prob=creative_prob, blend_prob=blend_prob, seed=seed)
     run_logger().info(

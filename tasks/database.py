@@ -7,9 +7,9 @@ from pathlib import Path
 
 from prefect import task
 
+from conversations.dataset import read_input
 from retrieval.store import build_table, is_uri, local_dir, stats
 from tasks import run_logger
-from tasks.dataset import read_input
 from tasks.retries import IO_RETRIES
 
 

@@ -71,3 +71,6 @@ def apply_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # MLflow 3 warns on every run about git and environment capture we do not use.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # LanceDB 0.40 logs a deprecation warning (output columns without `_distance`/`_score`) on every
+    # hybrid search, to stderr: two lines per chat turn, and its Python API has no switch for it.
+    os.environ.setdefault("LANCEDB_LOG", "error")

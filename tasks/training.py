@@ -187,7 +187,7 @@ def fit(
                     )
             encoder = None
             if train_cfg.train_all:  # encoder_start None: the stock encoder
-                from models.encoder import TrainableEncoder
+                from retrieval.trainable_encoder import TrainableEncoder
 
                 encoder = TrainableEncoder(encoder_start, device=train_cfg.device)
             return Trainable(head, encoder), report
@@ -696,7 +696,7 @@ def shared_responses(meta_a: dict, meta_b: dict) -> float:
     """The share of responses two models have in common, over the smaller set (1.0 when one bot's
     responses all appear in the other's: grown data of the same bot), compared after case,
     whitespace and Unicode normalisation."""
-    from tasks.dataset import normalise
+    from conversations.dataset import normalise
 
     a, b = ({normalise(t) for t in m["candidates"]["texts"] if t is not None} for m in (meta_a, meta_b))
     return len(a & b) / min(len(a), len(b)) if a and b else 0.0

@@ -19,11 +19,16 @@ if "BUCKETCHAT_TEST_STATE" not in os.environ:
     os.environ["BUCKETCHAT_HOME"] = os.environ["BUCKETCHAT_TEST_STATE"]
     os.environ["PREFECT_HOME"] = os.path.join(os.environ["BUCKETCHAT_TEST_STATE"], "prefect")
     os.environ["BUCKETCHAT_ENCODER_CACHE"] = os.path.join(os.environ["BUCKETCHAT_TEST_STATE"], "encoders")
+    os.environ["BUCKETCHAT_CACHE"] = os.path.join(os.environ["BUCKETCHAT_TEST_STATE"], "cache")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 _STATE = os.environ["BUCKETCHAT_TEST_STATE"]
 # Prefect's console handler would log "stopping temporary server" into pytest's already-closed
 # capture stream at session end; tests assert on results, not on Prefect's INFO lines.
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+# What the `bucketchat` command does first, before anything here imports prefect.
+from tasks.settings import apply_environment  # noqa: E402
+
+apply_environment()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = Path(__file__).resolve().parents[1] / "conversation_data.sample.jsonl"
@@ -134,10 +139,10 @@ def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
     """Build a table of ``records`` in ``folder`` and fit a small head that learns one response per
     bucket (the rest only retrieval reaches); returns (weights, meta). Validation is off, so the
     fallback thresholds are 0 unless a test sets them."""
+    from conversations.records import load_records
     from models import checkpoint
     from models.train import TrainConfig
     from retrieval.store import build_table
-    from tasks.records import load_records
     from tasks.training import fit
 
     pairs, _ = load_records(write_jsonl(folder / "d.jsonl", records))
@@ -210,7 +215,7 @@ def running_server(engine, cfg=None):
 
     import uvicorn
 
-    from retrieval.server import ServerConfig, create_app
+    from interfaces.server import ServerConfig, create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -181,8 +181,8 @@ def test_answers_mix_in_the_vote_of_the_nearest_stored_messages(model, tmp_path)
     import json
     from pathlib import Path
 
+    from conversations.records import load_records
     from retrieval.store import build_table
-    from tasks.records import load_records
     from tests.conftest import write_jsonl
 
     engine = ChatEngine(*model)

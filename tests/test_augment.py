@@ -1,8 +1,8 @@
 import pytest
 
-from tasks.augment import expand
-from tasks.dataset import normalise
-from tasks.records import load_records
+from conversations.augment import expand
+from conversations.dataset import normalise
+from conversations.records import load_records
 
 
 def test_expand_reaches_exact_target_deterministically(tiny_jsonl):
@@ -36,8 +36,8 @@ def test_expand_refuses_to_shrink_or_bad_probabilities(tiny_jsonl):
 
 
 def test_consistency_check_drops_variants_that_change_meaning(tiny_jsonl):
-    from tasks.augment import ConsistencyFilter
-    from tasks.records import Pair
+    from conversations.augment import ConsistencyFilter
+    from conversations.records import Pair
 
     pairs, _ = load_records(tiny_jsonl)
     check = ConsistencyFilter(pairs)
@@ -55,7 +55,7 @@ def test_expand_reports_dropped_variants(tiny_jsonl):
 
 
 def test_impossible_targets_fail_clearly():
-    from tasks.records import Pair
+    from conversations.records import Pair
 
     pairs = [Pair("hi", "hello"), Pair("yo", "hey")]  # two one-word messages cannot become 500
     with pytest.raises(ValueError, match="lower --target to at most"):

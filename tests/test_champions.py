@@ -105,7 +105,7 @@ def test_a_retried_registration_leaves_one_version(tmp_path, mlflow_store, prefe
 
 
 def test_cli_commands_take_the_bot_name(tmp_path, mlflow_store, capsys):
-    from flows.cli import build_parser, main
+    from interfaces.cli import build_parser, main
 
     for argv in (
         ["pipeline", "--data", "x.jsonl"],

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from flows.cli import build_parser, main
+from conversations.records import load_records
+from interfaces.cli import build_parser, main
 from models import checkpoint
 from models.train import TrainConfig
 from retrieval.store import build_table
-from tasks.records import load_records
 from tasks.training import fit
 
 COMMANDS = [
@@ -70,7 +70,7 @@ def test_seed_flags_parse_in_snake_and_kebab_case():
 
 @pytest.mark.parametrize("line", SEED_FINETUNE, ids=lambda l: l.split("--output ")[-1].split()[0] if "--output" in l else "sample")
 def test_every_seed_finetune_line_parses_and_validates(line):
-    from flows.cli import _train_dicts
+    from interfaces.cli import _train_dicts
 
     a = build_parser().parse_args(["finetune", *line.split()])
     train, head = _train_dicts(a, a.seed)

@@ -2,8 +2,8 @@ import json
 
 import pyarrow.parquet as pq
 
-from tasks.dataset import normalise, read_pairs, rejects_path, write_dataset, write_rejects
-from tasks.records import Pair, load_records
+from conversations.dataset import normalise, read_pairs, rejects_path, write_dataset, write_rejects
+from conversations.records import Pair, load_records
 from tests.conftest import write_jsonl
 
 
@@ -13,7 +13,7 @@ def test_rejects_file_sits_beside_output(tmp_path):
 
 
 def test_dotted_names_keep_their_dots(tmp_path):
-    from tasks.dataset import sibling
+    from conversations.dataset import sibling
 
     assert sibling(tmp_path / "conversation_data.sample-ab12.parquet", ".jsonl") == tmp_path / "conversation_data.sample-ab12.jsonl"
     assert rejects_path(tmp_path / "conversation_data.sample.jsonl") == tmp_path / "conversation_data.sample.rejects.jsonl"

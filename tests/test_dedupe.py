@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dataset import normalise
-from tasks.dedupe import _NON_WORD, QualityConfig, Signer, filter_and_dedupe, quality_problem, similarity
-from tasks.records import Pair, load_records
+from conversations.dataset import normalise
+from conversations.dedupe import _NON_WORD, QualityConfig, Signer, filter_and_dedupe, quality_problem, similarity
+from conversations.records import Pair, load_records
 
 
 def shingles(text: str, n: int) -> set[str]:

@@ -61,7 +61,7 @@ def test_deployments_run_on_a_local_server_with_a_process_worker(tmp_path, tiny_
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "interfaces.cli",
                 "pipeline",
                 "--data",
                 str(data),

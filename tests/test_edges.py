@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.cli import answer_lines
+from conversations.text import MAX_MESSAGE_CHARS
+from interfaces.cli import answer_lines
+from interfaces.server import ServerConfig
 from retrieval.answer import ChatEngine
-from retrieval.server import ServerConfig
-from retrieval.text import MAX_MESSAGE_CHARS
 from tests.bench.reliability import TROUBLE, blank
 from tests.conftest import INTENTS, running_server, write_jsonl
 
@@ -67,7 +67,7 @@ def test_piped_chat_answers_or_reports_every_line(engine, lines):
 def test_piped_chat_command_goes_on_after_a_bad_line_and_strict_sets_the_status(chat_model):
     weights, meta = chat_model
     data = b"where is my parcel\n\xff\xfe\n\xef\xbb\xbfhow long do I boil an egg\r\n\xed\xa0\x80 hi\n\x00\n"
-    cmd = [sys.executable, "-m", "flows.cli", "chat", "--weights", weights, "--meta", meta, "--json"]
+    cmd = [sys.executable, "-m", "interfaces.cli", "chat", "--weights", weights, "--meta", meta, "--json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, input=data, capture_output=True, cwd=ROOT, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -182,7 +182,7 @@ def test_pipeline_command_on_a_hostile_file_accounts_for_every_line(tmp_path, ti
     cmd = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "interfaces.cli",
         "pipeline",
         "--data",
         str(data),

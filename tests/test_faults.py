@@ -37,7 +37,7 @@ def test_kill_during_db_build_keeps_the_pinned_version_answering(tmp_path, tiny_
     weights, meta = train_chat_model(tmp_path, tiny_records)
     pinned = json.loads(Path(meta).read_text())["table"]["version"]
     db = tmp_path / "db"
-    rebuild = f"from retrieval.store import build_table; from tasks.records import load_records; p, _ = load_records({str(tmp_path / 'd.jsonl')!r}); build_table(p[:20], {str(db)!r}, 'conversations')"
+    rebuild = f"from retrieval.store import build_table; from conversations.records import load_records; p, _ = load_records({str(tmp_path / 'd.jsonl')!r}); build_table(p[:20], {str(db)!r}, 'conversations')"
 
     assert _killed(_child(rebuild, "db:rows-written"))  # new rows committed, not yet indexed
     engine = ChatEngine(weights, meta, ChatOptions(llm_db=str(db)))  # its own table: the pinned version, searched every turn
@@ -56,7 +56,7 @@ TRAIN = "from tasks.training import train_head, register_and_promote; r = train_
 
 @pytest.fixture
 def table(tmp_path, tiny_jsonl):
-    from tasks.records import load_records
+    from conversations.records import load_records
 
     pairs, _ = load_records(tiny_jsonl)
     return str(tmp_path / "db"), build_table(pairs, tmp_path / "db", "conversations").version

@@ -40,7 +40,7 @@ def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, p
     import io
     import sys
 
-    from flows.cli import main
+    from interfaces.cli import main
 
     for name in ("one", "two"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name / 'mlflow.db'}")
@@ -114,7 +114,7 @@ def test_sources_are_read_by_mapped_tasks_on_a_dask_cluster(tmp_path, tiny_recor
 
 
 def test_size_sweep_trains_every_size_on_one_table_version(tmp_path, tiny_jsonl, prefect_harness, mlflow_store, capsys):
-    from flows.cli import main
+    from interfaces.cli import main
 
     db = str(tmp_path / "db")
     assert main(["size-sweep", "--data", str(tiny_jsonl), "--db", db, "--epochs", "3", "--hidden_dim", "32", "--expansion_dim", "16"]) == 0

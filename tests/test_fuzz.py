@@ -12,8 +12,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.dataset import read_pairs
-from tasks.records import iter_records
+from conversations.dataset import read_pairs
+from conversations.records import iter_records
 
 LIMIT = 4096  # the loaders' line limit, scaled down so huge lines stay cheap to generate
 

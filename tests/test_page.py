@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
+from interfaces.server import ServerConfig
 from retrieval.answer import ChatEngine
-from retrieval.server import ServerConfig
 from tests.conftest import INTENTS, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

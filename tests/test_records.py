@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.records import RecordError, load_records
+from conversations.records import RecordError, load_records
 from tests.conftest import write_jsonl
 
 

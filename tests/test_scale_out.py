@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from interfaces.cli import main
 from tasks import registry
 from tests.conftest import free_port, http_process
 

@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 
+from conversations.records import load_records
 from retrieval.encoder import embed
 from retrieval.search import BM25_B, BM25_K1, IVF_MIN_ROWS, RRF_K, SearchIndex
 from retrieval.store import build_table, hybrid_search, open_table
-from tasks.records import load_records
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""retrieval/server.py against the official openai client and raw HTTP: answers, streaming,
+"""interfaces/server.py against the official openai client and raw HTTP: answers, streaming,
 conversations, auth, and every kind of bad request getting a 4xx JSON error (never a 500)."""
 
 from concurrent.futures import ThreadPoolExecutor
@@ -7,8 +7,8 @@ import httpx
 import openai
 import pytest
 
+from interfaces.server import ServerConfig
 from retrieval.answer import ChatEngine, ChatOptions
-from retrieval.server import ServerConfig
 from tests.conftest import INTENTS, free_port, http_process, running_server
 
 KEY = "test-key-0123456789"
@@ -183,7 +183,7 @@ def test_abuse_flood_gets_4xx_or_429_and_memory_stays_bounded(chat_model, tmp_pa
     cmd = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "interfaces.cli",
         "serve",
         "--weights",
         weights,

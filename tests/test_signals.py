@@ -42,7 +42,7 @@ def home(tmp_path_factory):
 
 def _start(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw
+        [sys.executable, "-m", "interfaces.cli", *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw
     )
 
 
@@ -116,7 +116,18 @@ def test_kill_9_leaves_no_process_and_the_next_command_marks_its_runs_crashed(tm
 
     tiny = write_jsonl(tmp_path / "tiny.jsonl", tiny_records)
     nxt = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "expand", "--input", str(tiny), "--output", str(tmp_path / "grown.jsonl"), "--target", "30"],
+        [
+            sys.executable,
+            "-m",
+            "interfaces.cli",
+            "expand",
+            "--input",
+            str(tiny),
+            "--output",
+            str(tmp_path / "grown.jsonl"),
+            "--target",
+            "30",
+        ],
         env=env,
         cwd=tmp_path,
         capture_output=True,

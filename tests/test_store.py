@@ -1,8 +1,8 @@
 import numpy as np
 
+from conversations.records import load_records
 from retrieval.encoder import embed
 from retrieval.store import build_table, hybrid_search, open_table, stats
-from tasks.records import load_records
 
 
 def test_build_writes_versioned_table_with_fts_and_bucket_index(tmp_path, tiny_jsonl):

@@ -1,10 +1,10 @@
-"""retrieval/text.py: the one rule for text coming in, exact repairs and exact rejections."""
+"""conversations/text.py: the one rule for text coming in, exact repairs and exact rejections."""
 
 import io
 
 import pytest
 
-from retrieval.text import MAX_MESSAGE_CHARS, TextError, clean_text, clean_turns, decode_line, read_lines
+from conversations.text import MAX_MESSAGE_CHARS, TextError, clean_text, clean_turns, decode_line, read_lines
 
 
 @pytest.mark.parametrize(

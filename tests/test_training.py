@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import mlflow
+from conversations.records import load_records
 from models.train import TrainConfig
 from retrieval.encoder import INT8_ID
 from retrieval.store import build_table, open_table, read_columns
 from tasks import registry
-from tasks.records import load_records
 from tasks.training import fit, ids_digest, register_and_promote, response_accuracy, train_head
 from tests.conftest import INTENTS, write_jsonl
 
@@ -349,7 +349,7 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table,
 def test_cli_flags_and_a_deployments_few_parameters_make_the_same_run_settings():
     """The CLI passes every flag, a deployment only what it changes: the same settings either way,
     hence the same training key and the same MLflow params."""
-    from flows.cli import _train_dicts, build_parser
+    from interfaces.cli import _train_dicts, build_parser
     from tasks.training import run_settings
 
     a = build_parser().parse_args(["pipeline", "--data", "x.jsonl", "--epochs", "3", "--hidden_dim", "32"])

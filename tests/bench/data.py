@@ -41,9 +41,9 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 
 def make_inputs(folder: Path) -> tuple[Path, list[Path]]:
-    from tasks.augment import expand
-    from tasks.dataset import write_dataset
-    from tasks.records import load_records
+    from conversations.augment import expand
+    from conversations.dataset import write_dataset
+    from conversations.records import load_records
 
     train, _ = load_records(DATA / "train.jsonl")
     base = folder / "base5k.jsonl"

@@ -89,7 +89,7 @@ def hostile_line(rng: random.Random) -> bytes:
 
 
 def cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", *args]
+    return [sys.executable, "-m", "interfaces.cli", *args]
 
 
 def free_port() -> int:
@@ -131,7 +131,7 @@ def blank(raw: bytes) -> bool:
 
 
 def fuzz_pipeline(work: Path, env: dict, rng: random.Random, n: int) -> dict:
-    from tasks.records import Pair, iter_records
+    from conversations.records import Pair, iter_records
 
     lines = SAMPLE.read_bytes().splitlines() + [hostile_line(rng) for _ in range(n)]
     rng.shuffle(lines)

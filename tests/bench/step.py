@@ -67,8 +67,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         db = a.db
         if db is None:
+            from conversations.records import load_records
             from retrieval.store import build_table
-            from tasks.records import load_records
 
             db = str(Path(tmp) / "db")
             build_table(load_records(a.data)[0], db, "conversations")

@@ -166,12 +166,12 @@ def main() -> None:
         sys.exit(f"{TRAIN} not found; this benchmark needs ../shared/data/banking77 beside the checkout")
     import tempfile
 
+    from conversations.records import load_records
     from models import checkpoint
     from models.train import TrainConfig
     from retrieval.answer import ChatEngine
     from retrieval.evaluate import evaluate
     from retrieval.store import build_table, open_table
-    from tasks.records import load_records
     from tasks.training import fit
 
     a.work.mkdir(parents=True, exist_ok=True)

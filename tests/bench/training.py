@@ -33,8 +33,8 @@ def peak_mb() -> float:
 
 
 def phase_build(data: str, db: str) -> dict:
+    from conversations.records import load_records
     from retrieval.store import build_table
-    from tasks.records import load_records
 
     pairs, _ = load_records(data)
     t0 = time.perf_counter()
@@ -81,9 +81,9 @@ def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
     import numpy as np
     import torch
 
-    from models.encoder import TrainableEncoder
     from models.heads import BucketHead, HeadConfig
     from models.train import Candidates, Trainable, TrainConfig, TrainData, train
+    from retrieval.trainable_encoder import TrainableEncoder
     from tasks.training import table_rows
 
     torch.set_num_threads(os.cpu_count() or 1)

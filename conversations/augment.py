@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tasks.dataset import normalise
-from tasks.records import Pair
+from conversations.dataset import normalise
+from conversations.records import Pair
 
 FRAMES = (
     "Can you tell me {q}",

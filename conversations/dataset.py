@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conversations.records import Pair, Reject, load_records
+from conversations.text import json_line
 from models.atomic import atomic_path
-from retrieval.text import json_line
-from tasks.records import Pair, Reject, load_records
 
 SCHEMA = pa.schema(
     [

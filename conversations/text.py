@@ -1,7 +1,7 @@
 """Where text enters bucketchat: one rule for data files, piped chat and HTTP requests.
 
 Every message and every field of a conversation record passes ``clean_text`` (files through
-``tasks/records.py``, chat and the server through ``ChatEngine.answer``), and every line of bytes
+``conversations/records.py``, chat and the server through ``ChatEngine.answer``), and every line of bytes
 passes ``decode_line``. What is valid is decided here and nowhere else.
 
 Repaired, silently and always the same way:

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tasks.settings import CHAMPION_ALIAS, MODEL_NAME, TABLE_NAME
+from tasks.settings import CHAMPION_ALIAS, MODEL_NAME, TABLE_NAME, apply_environment
 
 EXAMPLES = """examples:
   bucketchat pipeline --data conversation_data.sample.jsonl
@@ -574,11 +574,11 @@ def _preflight(paths: list[str], strict: bool, flag: str = "--data") -> None:
     """Fail on a path that is missing, a folder, unreadable, empty or without one usable line (or,
     with --strict, on the first bad line) before anything is started or written: a typo should cost
     a second, not a server start and two tracebacks."""
-    from tasks.records import iter_records, require_pairs
+    from conversations.records import iter_records, require_pairs
 
     for path in paths:
         if Path(path).suffix == ".parquet":
-            from tasks.records import check_input
+            from conversations.records import check_input
 
             check_input(path, flag)
         elif strict:
@@ -866,8 +866,8 @@ def _print_why(why: dict) -> None:
 
 
 def cmd_chat(a) -> None:
+    from conversations.text import TextError, json_line
     from retrieval.answer import Conversation
-    from retrieval.text import TextError, json_line
 
     engine = _load_engine(a)
     if sys.stdin.isatty():
@@ -928,7 +928,7 @@ def answer_lines(engine, stream, out, as_json: bool, echo: bool) -> int:
     control characters) is reported on its own (``--json``: an ``error`` field; otherwise on stderr)
     and the next line is answered: one bad line never ends a batch.
     """
-    from retrieval.text import MAX_MESSAGE_CHARS, TextError, decode_line, json_line, read_lines
+    from conversations.text import MAX_MESSAGE_CHARS, TextError, decode_line, json_line, read_lines
 
     failed = 0
     limit = 4 * MAX_MESSAGE_CHARS  # bytes: a character is at most 4
@@ -968,7 +968,7 @@ def cmd_eval(a) -> None:
 def cmd_serve(a) -> None:
     import os
 
-    from retrieval.server import ServerConfig, serve
+    from interfaces.server import ServerConfig, serve
 
     a.model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
     cfg = ServerConfig(
@@ -1150,12 +1150,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     _quiet(verbose)
+    apply_environment()  # before anything imports prefect: it reads its settings once
     name = _NAME[0] = f"bucketchat {args.command}"
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         _watch_signals()
-    from tasks.records import RecordError
+    from conversations.records import RecordError
 
     try:
         COMMANDS[args.command](args)

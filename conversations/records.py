@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrieval.text import MAX_LINE_BYTES, TextError, clean_text, decode_line, read_lines
+from conversations.text import MAX_LINE_BYTES, TextError, clean_text, decode_line, read_lines
 
 LABEL_FIELDS = ("intent", "label", "bucket")
 ROLES = ("user", "assistant", "system")
@@ -191,7 +191,7 @@ def iter_records(path: str | Path, strict: bool = False, max_line_bytes: int = M
     non-blank line gives one or more pairs or exactly one reject.
 
     Reads bytes so one line of invalid UTF-8 is reported rather than aborting the whole file; text
-    is checked and repaired by ``retrieval.text`` (the one rule for every way text comes in).
+    is checked and repaired by ``conversations.text`` (the one rule for every way text comes in).
     """
     path = check_input(path)
     with open(path, "rb") as fh:

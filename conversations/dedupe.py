@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from rapidfuzz import fuzz, process
 
-from tasks.dataset import normalise
-from tasks.records import Pair, Reject
+from conversations.dataset import normalise
+from conversations.records import Pair, Reject
 
 _MOJIBAKE = re.compile("[\u00c2\u00c3][\u0080-\u00bf]|\u00e2\u20ac")  # "Ã©", "Â ", "â€™": UTF-8 decoded as cp1252/Latin-1
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)

@@ -3,7 +3,7 @@
     POST /v1/chat/completions   OpenAI-compatible; ``stream: true`` sends server-sent events
     GET  /v1/models             the one model served
     GET  /healthz               liveness, with the model and table it serves
-    GET  /                      a small chat page (retrieval/static/index.html), no build step
+    GET  /                      a small chat page (interfaces/static/index.html), no build step
 
 The answer is always a stored response (styled per --style_mode), so sampling parameters such as
 ``temperature``, ``top_p`` or ``max_tokens`` are accepted and ignored; what cannot be honoured
@@ -35,9 +35,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from conversations.text import MAX_MESSAGE_CHARS, TextError, clean_text
 from retrieval.answer import ChatEngine
 from retrieval.styles import STYLES
-from retrieval.text import MAX_MESSAGE_CHARS, TextError, clean_text
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
