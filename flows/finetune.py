@@ -2,6 +2,8 @@
 
 from prefect import flow
 
+from models.heads import HeadSettings
+from models.train import TrainConfig
 from tasks.database import build_database
 from tasks.settings import MODEL_NAME, TABLE_NAME
 from tasks.training import previous_training, register_and_promote, train_head
@@ -13,8 +15,8 @@ def finetune_flow(
     data: str | None = None,
     table: str = TABLE_NAME,
     table_version: int | None = None,
-    train: dict | None = None,
-    head: dict | None = None,
+    train: TrainConfig | None = None,
+    head: HeadSettings | None = None,
     output: str | None = None,
     meta: str | None = None,
     num_buckets: int = 10,
@@ -34,10 +36,10 @@ def finetune_flow(
     trained again (``force`` trains anyway): an unchanged data drop changes nothing. The model is a
     version of the bot ``model_name``; ``replace_champion`` lets a model whose responses differ from
     the champion's take over (tasks/training.py, ``register_and_promote``)."""
-    train, head = train or {}, head or {}
+    train, head = train or TrainConfig(), head or HeadSettings(num_buckets=num_buckets)
     built = None
     if data:
-        built = build_database(data, db, table, num_buckets, train.get("seed", 0), train.get("device", "cpu"), strict)
+        built = build_database(data, db, table, head.num_buckets, train.seed, train.device, strict)
         table_version = built["version"]
     elif table_version is None:
         from retrieval.store import latest_complete_version

@@ -12,6 +12,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.pipeline import pipeline_flow
+from models.heads import HeadSettings
+from models.train import TrainConfig
 from tasks import run_logger
 from tasks.settings import MODEL_NAME
 
@@ -21,8 +23,8 @@ def retrain_flow(
     data_dir: str,
     workdir: str | None = None,
     target: int | None = None,
-    train: dict | None = None,
-    head: dict | None = None,
+    train: TrainConfig | None = None,
+    head: HeadSettings | None = None,
     force: bool = False,
     model_name: str = MODEL_NAME,
 ) -> dict:
@@ -32,7 +34,7 @@ def retrain_flow(
     drops = sorted(str(p) for p in Path(data_dir).glob("*.jsonl") if not p.name.endswith(".rejects.jsonl"))
     if not drops:
         raise ValueError(f"data_dir {data_dir!r} holds no *.jsonl data drops; put conversation JSONL files there")
-    result = pipeline_flow(drops, workdir, target=target, train=train, head=head, force=force, model_name=model_name)
+    result = pipeline_flow(drops, workdir=workdir, target=target, train=train, head=head, force=force, model_name=model_name)
     build, reg = result["build"], result["registry"]
     table = f"table v{build['version']} " + ("unchanged" if build.get("reused") else f"written ({build['embedded']} rows newly embedded)")
     run_logger().info("retrain over %d drop(s): %s; model v%d: %s", len(drops), table, reg["version"], reg["reason"])

@@ -7,7 +7,8 @@ only slows each down.
 
 from prefect import flow
 
-from models.heads import BRANCHES, SIZES
+from models.heads import SIZES, HeadSettings
+from models.train import TrainConfig
 from tasks.database import build_database
 from tasks.settings import MODEL_NAME, TABLE_NAME
 from tasks.training import register_and_promote, train_head
@@ -20,29 +21,27 @@ def size_sweep_flow(
     table: str = TABLE_NAME,
     table_version: int | None = None,
     sizes: list[str] | None = None,
-    train: dict | None = None,
-    head: dict | None = None,
+    train: TrainConfig | None = None,
+    head: HeadSettings | None = None,
     num_buckets: int = 10,
     model_name: str = MODEL_NAME,
     replace_champion: bool = False,
 ) -> dict:
-    train, head = train or {}, head or {}
+    """``head`` gives the widths for the sizes that have those branches; each size keeps its own."""
+    train, head = train or TrainConfig(), head or HeadSettings(model_size="xxlarge", num_buckets=num_buckets)
     sizes = list(sizes or SIZES)
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         raise ValueError(f"--sizes {', '.join(unknown)} unknown; choose from {', '.join(SIZES)}")
     if data:
-        table_version = build_database(data, db, table, num_buckets, train.get("seed", 0), train.get("device", "cpu"))["version"]
+        table_version = build_database(data, db, table, head.num_buckets, train.seed, train.device)["version"]
     elif table_version is None:
         from retrieval.store import latest_complete_version
 
         table_version = latest_complete_version(db, table)
     results = {}
-    widths = ("expansion_dim", "extra_expansion_dim", "third_expansion_dim")
     for size in sizes:
-        # Branch widths apply to the sizes that have those branches (xlarge has two, base none).
-        own = {k: v for k, v in head.items() if k not in widths or widths.index(k) < BRANCHES[size]}
-        trained = train_head.with_options(task_run_name=f"train-{size}")(db, table, table_version, train, {**own, "model_size": size})
+        trained = train_head.with_options(task_run_name=f"train-{size}")(db, table, table_version, train, head.for_size(size))
         promotion = register_and_promote(
             trained["run_id"],
             db,

@@ -316,22 +316,19 @@ def _train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     )
 
 
-def _train_dicts(a: argparse.Namespace, seed: int) -> tuple[dict, dict]:
-    """The training and head settings from the flags: every TrainConfig field (each has its flag)
-    and the head settings, validated here, once, so a bad flag fails before Prefect starts."""
+def _run_config(a: argparse.Namespace, sweep: bool = False):
+    """The run's ``TrainConfig`` and ``HeadSettings`` from the flags (every field has its flag),
+    validated here, once, so a bad flag fails before Prefect starts. A sweep has no size of its own:
+    its widths are checked against the largest, and each size keeps the widths it has."""
     from dataclasses import fields
 
-    from models.heads import HEAD_SETTINGS, HeadConfig
+    from models.heads import HeadSettings
     from models.train import TrainConfig
 
-    train = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "seed"}
-    head = {k: getattr(a, k, None) for k in HEAD_SETTINGS if k != "num_buckets"} | {"num_buckets": a.num_buckets}
-
-    TrainConfig(**train, seed=seed)
-    HeadConfig(
-        num_candidates=1, **({"model_size": "xxlarge"} | {k: v for k, v in head.items() if v is not None})
-    )  # a sweep has no size: check the widths against the largest
-    return {**train, "seed": seed}, head
+    train = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
+    head = {f.name: getattr(a, f.name, None) for f in fields(HeadSettings)}
+    head["model_size"] = "xxlarge" if sweep else a.model_size
+    return train, HeadSettings(**head)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -666,7 +663,7 @@ def _check_weights(spec: str | None) -> None:
 
 
 def cmd_finetune(a) -> None:
-    train, head = _train_dicts(a, a.seed)
+    train, head = _run_config(a)
     _check_weights(a.weights)
     _preflight([a.data] if a.data else [], a.strict)
     _start_api()
@@ -675,34 +672,43 @@ def cmd_finetune(a) -> None:
     with _orchestrated():
         r = finetune_flow(
             a.db,
-            a.data,
-            a.table,
-            a.table_version,
-            train,
-            head,
-            a.output,
-            a.meta,
-            a.num_buckets,
-            a.strict,
-            a.weights,
-            a.resume,
-            sys.stderr.isatty(),
-            a.force,
-            a.model_name,
-            a.replace_champion,
+            data=a.data,
+            table=a.table,
+            table_version=a.table_version,
+            train=train,
+            head=head,
+            output=a.output,
+            meta=a.meta,
+            strict=a.strict,
+            weights=a.weights,
+            resume=a.resume,
+            progress=sys.stderr.isatty(),
+            force=a.force,
+            model_name=a.model_name,
+            replace_champion=a.replace_champion,
         )
     _report(r, a.model_name)
     print(f"local checkpoint: {a.output} + {a.meta}")
 
 
 def cmd_size_sweep(a) -> None:
-    train, head = _train_dicts(a, a.seed)
+    train, head = _run_config(a, sweep=True)
     _preflight([a.data] if a.data else [], False)
     _start_api()
     from flows.size_sweep import size_sweep_flow
 
     with _orchestrated():
-        r = size_sweep_flow(a.db, a.data, a.table, a.table_version, a.sizes, train, head, a.num_buckets, a.model_name, a.replace_champion)
+        r = size_sweep_flow(
+            a.db,
+            data=a.data,
+            table=a.table,
+            table_version=a.table_version,
+            sizes=a.sizes,
+            train=train,
+            head=head,
+            model_name=a.model_name,
+            replace_champion=a.replace_champion,
+        )
     print(f"table {r['table']['name']} v{r['table']['version']}:")
     print(f"  {'size':<8} {'val response acc':>16} {'examples/s':>11}  registered")
     for size, v in r["sizes"].items():
@@ -767,7 +773,7 @@ def _report_table(b: dict) -> None:
 
 
 def cmd_pipeline(a) -> None:
-    train, head = _train_dicts(a, a.seed)
+    train, head = _run_config(a)
     _preflight(a.data, a.strict)
     _check_weights(a.weights)
     _start_api()
@@ -776,22 +782,21 @@ def cmd_pipeline(a) -> None:
     with _orchestrated():
         r = pipeline_flow(
             a.data,
-            a.workdir,
-            a.target,
-            a.creative_prob,
-            a.blend_prob,
-            a.num_buckets,
-            a.seed,
-            train,
-            head,
-            a.strict,
-            a.near_dup_threshold,
-            a.weights,
-            a.resume,
-            a.force,
-            a.db,
-            a.model_name,
-            a.replace_champion,
+            workdir=a.workdir,
+            target=a.target,
+            creative_prob=a.creative_prob,
+            blend_prob=a.blend_prob,
+            seed=a.seed,
+            train=train,
+            head=head,
+            strict=a.strict,
+            near_dup_threshold=a.near_dup_threshold,
+            weights=a.weights,
+            resume=a.resume,
+            force=a.force,
+            db=a.db,
+            model_name=a.model_name,
+            replace_champion=a.replace_champion,
         )
     d = r["dataset"]
     if d["rejected_lines"]:

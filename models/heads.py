@@ -30,18 +30,6 @@ from models.fast import Dropout
 
 SIZES = ("base", "large", "xlarge", "xxlarge")
 BRANCHES = {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}
-# The HeadConfig fields a run chooses (the rest follow from the data); None leaves one to the
-# warm-start checkpoint or the default.
-HEAD_SETTINGS = (
-    "model_size",
-    "hidden_dim",
-    "dropout",
-    "expansion_dim",
-    "extra_expansion_dim",
-    "third_expansion_dim",
-    "lexical_features",
-    "num_buckets",
-)
 # Default branch widths per size when the flags are not given (the seed's examples use these ranges).
 DEFAULT_EXPANSION = {"large": (768,), "xlarge": (896, 1536), "xxlarge": (1024, 2048, 3072)}
 EXPANSION_FLAGS = ("--expansion_dim", "--extra_expansion_dim", "--third_expansion_dim")
@@ -101,6 +89,38 @@ class HeadConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class HeadSettings:
+    """The head a run asks for: the part of ``HeadConfig`` a user chooses (the rest follows from the
+    data). None leaves a setting to the warm-start checkpoint, else to ``HeadConfig``'s default.
+    Validated here, once, by building the config it describes."""
+
+    model_size: str = "base"
+    hidden_dim: int | None = None
+    dropout: float | None = None
+    expansion_dim: int | None = None
+    extra_expansion_dim: int | None = None
+    third_expansion_dim: int | None = None
+    lexical_features: int | None = None
+    num_buckets: int = 10
+
+    def __post_init__(self):
+        HeadConfig(num_candidates=1, **self.given())
+
+    def given(self) -> dict:
+        """The settings that are set (not None)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def for_size(self, size: str) -> HeadSettings:
+        """The same settings at another size, keeping only the branch widths that size has."""
+        widths = {k: None for i, k in enumerate(BRANCH_WIDTHS) if i >= BRANCHES[size]}
+        return HeadSettings(**{**asdict(self), **widths, "model_size": size})
+
+
+HEAD_SETTINGS = tuple(HeadSettings.__dataclass_fields__)
+BRANCH_WIDTHS = ("expansion_dim", "extra_expansion_dim", "third_expansion_dim")
 
 
 class Branch(nn.Module):

@@ -17,7 +17,7 @@ from prefect import task
 
 from models import checkpoint
 from models.atomic import failpoint
-from models.heads import HEAD_SETTINGS, BucketHead, HeadConfig, warm_start
+from models.heads import BRANCH_WIDTHS, BRANCHES, BucketHead, HeadConfig, HeadSettings, warm_start
 from models.train import Candidates, Trainable, TrainConfig, TrainData, answered_right, calibrate_thresholds, split_indices, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
@@ -99,33 +99,28 @@ class Source:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_settings(train: dict | None, head: dict | None) -> tuple[dict, dict]:
+def run_settings(train: TrainConfig | dict | None, head: HeadSettings | dict | None) -> tuple[TrainConfig, HeadSettings]:
     """Every training and head setting of a run, defaults filled in and validated once.
 
-    The CLI passes every flag, a deployment or a script only the ones it changes; both come out
-    the same here, so a run gets the same training key and logs the same MLflow params whichever
-    entry point started it.
+    The CLI passes every flag, a deployment or a script only the ones it changes (Prefect has already
+    turned its parameters into these dataclasses); both come out the same here, so a run gets the same
+    training key and logs the same MLflow params whichever entry point started it.
     """
-    train = asdict(TrainConfig(**(train or {})))
-    head = {k: (head or {}).get(k) for k in HEAD_SETTINGS}
-    head["model_size"] = head["model_size"] or "base"
-    head["num_buckets"] = head["num_buckets"] or 10
+    train = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
+    head = head if isinstance(head, HeadSettings) else HeadSettings(**(head or {}))
     return train, head
 
 
-def head_config(head_cfg: dict, source: Source | None, num_candidates: int, input_dim: int) -> HeadConfig:
+def head_config(settings: HeadSettings, source: Source | None, num_candidates: int, input_dim: int) -> HeadConfig:
     """Flags win; what they leave unset (None) comes from the warm-start checkpoint, then defaults."""
-    given = {k: v for k, v in head_cfg.items() if v is not None}
+    given = settings.given()
     inherited = {}
     if source is not None and source.meta:
         old = source.meta.get("head_config", {})
         inherited = {k: old[k] for k in ("hidden_dim", "dropout", "num_buckets", "lexical_features") if k in old}
         # Branch widths carry over to a size that has those branches (large -> xlarge keeps branch 1).
-        size = given.get("model_size", "base")
-        from models.heads import BRANCHES
-
-        for i, k in enumerate(("expansion_dim", "extra_expansion_dim", "third_expansion_dim")):
-            if old.get(k) is not None and i < BRANCHES.get(size, 0):
+        for i, k in enumerate(BRANCH_WIDTHS):
+            if old.get(k) is not None and i < BRANCHES[settings.model_size]:
                 inherited[k] = old[k]
     return HeadConfig(num_candidates=num_candidates, input_dim=input_dim, **{**inherited, **given})
 
@@ -135,7 +130,7 @@ def fit(
     table: str,
     version: int,
     train_cfg: TrainConfig,
-    head_cfg: dict,
+    head_settings: HeadSettings,
     on_epoch=None,
     on_step=None,
     weights: str | None = None,
@@ -152,7 +147,7 @@ def fit(
         cands = Candidates.select(rows["responses"], rows["buckets"].tolist(), train_cfg.max_candidates_per_bucket)
         y_cand = cands.targets(rows["responses"], rows["buckets"].tolist())
         tr, va = split_indices(rows["responses"], rows["ids"], train_cfg.val_split, train_cfg.split_mode, train_cfg.seed, rows["parents"])
-        cfg = head_config(head_cfg, source, len(cands.texts), rows["vectors"].shape[1])
+        cfg = head_config(head_settings, source, len(cands.texts), rows["vectors"].shape[1])
         encoder_start = None
         if train_cfg.train_all:
             # Start from the checkpoint's fine-tuned encoder when it has one, else from the table's.
@@ -516,8 +511,8 @@ def train_head(
     db: str,
     table: str,
     version: int,
-    train: dict,
-    head: dict,
+    train: TrainConfig | None,
+    head: HeadSettings | None,
     output: str | None = None,
     meta: str | None = None,
     weights: str | None = None,
@@ -532,10 +527,10 @@ def train_head(
     import mlflow
 
     logger = run_logger()
-    train, head = run_settings(train, head)
-    train_cfg = TrainConfig(**train)
+    train_cfg, head_settings = run_settings(train, head)
+    train, head = asdict(train_cfg), asdict(head_settings)
     registry.configure()
-    size = head["model_size"]
+    size = head_settings.model_size
     state_path = Path(f"{output}.state") if output else local_dir(db) / f"_train_{table}_v{version}.state"
     run_id = None
     if resume and state_path.with_suffix(".run").is_file():
@@ -570,7 +565,7 @@ def train_head(
             table,
             version,
             train_cfg,
-            head,
+            head_settings,
             on_epoch=on_epoch,
             on_step=on_step,
             weights=weights,
@@ -647,7 +642,7 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-def training_key(db: str, table: str, version: int, train: dict, head: dict) -> str | None:
+def training_key(db: str, table: str, version: int, train: TrainConfig, head: HeadSettings) -> str | None:
     """What a trained model is a function of: the table's content, the settings and the code.
 
     None when the table version carries no content key (built before tables had one, or re-embedded
@@ -656,13 +651,26 @@ def training_key(db: str, table: str, version: int, train: dict, head: dict) -> 
     content = (open_table(db, table, version).schema.metadata or {}).get(b"content")
     if not content:
         return None
-    spec = {"db": db_key(db), "table": table, "content": content.decode(), "train": train, "head": head, "code": _code_digest()}
+    spec = {
+        "db": db_key(db),
+        "table": table,
+        "content": content.decode(),
+        "train": asdict(train),
+        "head": asdict(head),
+        "code": _code_digest(),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @task
 def previous_training(
-    db: str, table: str, version: int, train: dict, head: dict, outputs: list[str], model_name: str = registry.MODEL_NAME
+    db: str,
+    table: str,
+    version: int,
+    train: TrainConfig | None,
+    head: HeadSettings | None,
+    outputs: list[str],
+    model_name: str = registry.MODEL_NAME,
 ) -> dict:
     """This training's key, and the registered version already trained from exactly that key (newest)
     if there is one and the local ``outputs`` it wrote still exist: training again would only repeat

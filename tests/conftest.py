@@ -141,6 +141,7 @@ def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
     fallback thresholds are 0 unless a test sets them."""
     from conversations.records import load_records
     from models import checkpoint
+    from models.heads import HeadSettings
     from models.train import TrainConfig
     from retrieval.store import build_table
     from tasks.training import fit
@@ -152,7 +153,7 @@ def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
         "conversations",
         res.version,
         TrainConfig(epochs=40, lr=5e-3, val_split=0.0, max_candidates_per_bucket=1),
-        {"hidden_dim": 64, "dropout": 0.0},
+        HeadSettings(hidden_dim=64, dropout=0.0),
     )
     checkpoint.save(head, meta, folder / "w.safetensors", folder / "m.json")
     return str(folder / "w.safetensors"), str(folder / "m.json")

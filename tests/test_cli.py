@@ -10,6 +10,7 @@ import pytest
 from conversations.records import load_records
 from interfaces.cli import build_parser, main
 from models import checkpoint
+from models.heads import HeadSettings
 from models.train import TrainConfig
 from retrieval.store import build_table
 from tasks.training import fit
@@ -70,12 +71,11 @@ def test_seed_flags_parse_in_snake_and_kebab_case():
 
 @pytest.mark.parametrize("line", SEED_FINETUNE, ids=lambda l: l.split("--output ")[-1].split()[0] if "--output" in l else "sample")
 def test_every_seed_finetune_line_parses_and_validates(line):
-    from interfaces.cli import _train_dicts
+    from interfaces.cli import _run_config
 
     a = build_parser().parse_args(["finetune", *line.split()])
-    train, head = _train_dicts(a, a.seed)
-    TrainConfig(**train)
-    assert train["device"] == "cpu" and head["model_size"] in ("base", "large", "xlarge", "xxlarge")
+    train, head = _run_config(a)
+    assert train.device == "cpu" and head.model_size in ("base", "large", "xlarge", "xxlarge")
 
 
 def test_bad_input_exits_2_with_a_message_naming_the_fix(tmp_path, capsys):
@@ -139,7 +139,7 @@ def test_chat_answers_each_piped_line_as_json(tmp_path, tiny_jsonl, monkeypatch,
         "conversations",
         res.version,
         TrainConfig(epochs=30, lr=5e-3, val_split=0.0),
-        {"hidden_dim": 64, "dropout": 0.0},
+        HeadSettings(hidden_dim=64, dropout=0.0),
     )
     checkpoint.save(head, meta, tmp_path / "w.pth", tmp_path / "m.json")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"where is my parcel\n\nhow long to boil eggs\n")))

@@ -7,6 +7,7 @@ import torch
 
 import mlflow
 from conversations.records import load_records
+from models.heads import HeadSettings
 from models.train import TrainConfig
 from retrieval.encoder import INT8_ID
 from retrieval.store import build_table, open_table, read_columns
@@ -33,7 +34,7 @@ def table(tmp_path, tiny_jsonl):
 
 def test_fit_meta_pins_table_and_explains_the_model(table):
     db, name, version = table
-    head, meta, val = fit(db, name, version, TrainConfig(epochs=30, lr=5e-3, val_split=0.2), {"hidden_dim": 64, "dropout": 0.0})
+    head, meta, val = fit(db, name, version, TrainConfig(epochs=30, lr=5e-3, val_split=0.2), HeadSettings(hidden_dim=64, dropout=0.0))
     assert meta["table"]["name"] == name and meta["table"]["version"] == version
     assert sorted(meta["candidates"]["texts"]) == sorted(resp for resp, _ in INTENTS.values())
     assert meta["all_responses_learned"] is True
@@ -53,7 +54,7 @@ def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
     from tasks.training import table_rows
 
     db, name, version = table
-    head, meta, val = fit(db, name, version, TrainConfig(epochs=3, lr=5e-3, val_split=0.2, refit=False), {"hidden_dim": 32})
+    head, meta, val = fit(db, name, version, TrainConfig(epochs=3, lr=5e-3, val_split=0.2, refit=False), HeadSettings(hidden_dim=32))
     assert meta["neighbours"] == {"weight": 0.2, "k": 10, "temperature": 0.05}
     rows = table_rows(db, name, version)
     where = {i: n for n, i in enumerate(rows["ids"])}
@@ -74,14 +75,14 @@ def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
 def test_same_data_and_seed_give_the_same_model(table):
     db, name, version = table
     cfg = TrainConfig(epochs=3, lr=5e-3, val_split=0.2)
-    a, _, _ = fit(db, name, version, cfg, {"hidden_dim": 32})
-    b, _, _ = fit(db, name, version, cfg, {"hidden_dim": 32})
+    a, _, _ = fit(db, name, version, cfg, HeadSettings(hidden_dim=32))
+    b, _, _ = fit(db, name, version, cfg, HeadSettings(hidden_dim=32))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_refit_ships_a_model_trained_on_every_row(table):
     db, name, version = table
-    head, meta, val = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.2), {"hidden_dim": 32})
+    head, meta, val = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.2), HeadSettings(hidden_dim=32))
     # 4 validation rows are too few to pick an epoch: the whole schedule, then a refit on all 26 rows.
     assert meta["train_config"]["select_metric"] == "last" and meta["metrics"]["best_epoch"] == 6
     assert (meta["refit"]["rows"], meta["refit"]["epochs"]) == (26, 6) and meta["metrics"]["refit_rows"] == 26
@@ -89,9 +90,9 @@ def test_refit_ships_a_model_trained_on_every_row(table):
     assert len(val["right"]) == len(val["ids"]) == 4 and sum(val["right"]) / 4 == val["accuracy"]
     assert meta["validation"] == {"rows": 4, "ids_digest": ids_digest(val["ids"]), "held_out_of_shipped_model": False}
     # Trained on every row for the chosen epochs from the same start: exactly a run without validation.
-    everything, _, _ = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.0), {"hidden_dim": 32})
+    everything, _, _ = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.0), HeadSettings(hidden_dim=32))
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), everything.state_dict().values()))
-    held_out, meta_off, _ = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.2, refit=False), {"hidden_dim": 32})
+    held_out, meta_off, _ = fit(db, name, version, TrainConfig(epochs=6, lr=5e-3, val_split=0.2, refit=False), HeadSettings(hidden_dim=32))
     assert meta_off["refit"] is None and meta_off["validation"]["held_out_of_shipped_model"] is True
     assert not all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), held_out.state_dict().values()))
 
@@ -349,17 +350,19 @@ def test_kill_9_mid_training_then_resume_reaches_the_uninterrupted_result(table,
 def test_cli_flags_and_a_deployments_few_parameters_make_the_same_run_settings():
     """The CLI passes every flag, a deployment only what it changes: the same settings either way,
     hence the same training key and the same MLflow params."""
-    from interfaces.cli import _train_dicts, build_parser
+    from dataclasses import asdict
+
+    from interfaces.cli import _run_config, build_parser
     from tasks.training import run_settings
 
     a = build_parser().parse_args(["pipeline", "--data", "x.jsonl", "--epochs", "3", "--hidden_dim", "32"])
-    cli = run_settings(*_train_dicts(a, a.seed))
-    deployment = run_settings({"seed": 42, "epochs": 3}, {"hidden_dim": 32})
+    cli = run_settings(*_run_config(a))
+    deployment = run_settings({"epochs": 3}, {"hidden_dim": 32})
     assert cli == deployment
     assert (
-        cli[0]["epochs"] == 3
-        and cli[0]["lr"] is None
-        and cli[1]
+        cli[0].epochs == 3
+        and cli[0].lr is None
+        and asdict(cli[1])
         == {
             "model_size": "base",
             "hidden_dim": 32,
@@ -373,3 +376,5 @@ def test_cli_flags_and_a_deployments_few_parameters_make_the_same_run_settings()
     )
     with pytest.raises(ValueError, match="--epochs"):
         run_settings({"epochs": 0}, {})
+    with pytest.raises(ValueError, match="--extra_expansion_dim needs --model_size xlarge or xxlarge"):
+        run_settings({}, {"model_size": "large", "extra_expansion_dim": 64})

@@ -30,12 +30,13 @@ PARTS = ("step.inputs", "step.forward", "step.loss", "step.backward", "step.opti
 def phase_profile(db: str, epochs: int, precision: str, lexical: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    from models.heads import HeadSettings
     from models.train import TrainConfig
     from retrieval.store import open_table
     from tasks.training import fit
 
     version = int(open_table(db, "conversations").version)
-    head_cfg = {} if lexical == "on" else {"lexical_features": 0}
+    head_cfg = HeadSettings() if lexical == "on" else HeadSettings(lexical_features=0)
     cfg = TrainConfig(epochs=epochs, early_stop_patience=0, refit=False, precision=precision)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _, meta, _ = fit(db, "conversations", version, cfg, head_cfg)

@@ -168,6 +168,7 @@ def main() -> None:
 
     from conversations.records import load_records
     from models import checkpoint
+    from models.heads import HeadSettings
     from models.train import TrainConfig
     from retrieval.answer import ChatEngine
     from retrieval.evaluate import evaluate
@@ -219,7 +220,9 @@ def main() -> None:
                     used = Path(tmp) / "db"
                     shutil.copytree(db, used)
                 t0 = time.perf_counter()
-                head, meta, extras = fit(str(used), "conversations", version, TrainConfig(**{"seed": seed, **train_opts}), head_opts)
+                head, meta, extras = fit(
+                    str(used), "conversations", version, TrainConfig(**{"seed": seed, **train_opts}), HeadSettings(**head_opts)
+                )
                 fit_s = time.perf_counter() - t0
                 # encoder: a --train_all head's fine-tuned encoder goes beside it, as finetune saves it.
                 checkpoint.save(head, meta, f"{tmp}/head.safetensors", f"{tmp}/meta.json", encoder=extras["encoder"])

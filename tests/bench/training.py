@@ -43,6 +43,7 @@ def phase_build(data: str, db: str) -> dict:
 
 
 def phase_head(db: str, version: int, size: str, epochs: int, precision: str, lexical: str = "on") -> dict:
+    from models.heads import HeadSettings
     from models.train import TrainConfig
     from tasks.training import fit
 
@@ -52,7 +53,7 @@ def phase_head(db: str, version: int, size: str, epochs: int, precision: str, le
         "conversations",
         version,
         TrainConfig(epochs=epochs, early_stop_patience=0, precision=precision),
-        {"model_size": size, **({} if lexical == "on" else {"lexical_features": 0})},
+        HeadSettings(model_size=size, lexical_features=None if lexical == "on" else 0),
     )
     return {
         "size": size,
