@@ -15,6 +15,7 @@ shows a dead run as Running.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -171,3 +172,43 @@ def crash_dead_runs(own: bool = False, timeout: float | None = None) -> list[str
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
             marked.append(str(run.id))
     return marked
+
+
+_STARTED = []  # the LocalApi this command started, if any (chat, serve, eval, registry never start one)
+
+
+def api_configured() -> bool:
+    """A Prefect API to use already: PREFECT_API_URL, or (prefect already imported, e.g. under a
+    test harness) Prefect's own settings."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if "prefect" in sys.modules:
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
+    return False
+
+
+def start_api() -> None:
+    """After a command's inputs are checked: start the local Prefect API unless one is configured.
+    It boots while the command imports torch, Prefect and LanceDB; ``orchestrated`` waits for it."""
+    if _STARTED or api_configured():
+        return
+    from tasks.settings import state_home
+
+    api = LocalApi(state_home() / "logs" / "prefect-api.log")
+    api.start()
+    _STARTED.append(api)
+
+
+@contextlib.contextmanager
+def orchestrated():
+    """Around a flow call: the API is up, runs of dead processes are marked crashed, and this
+    process's runs carry its runner tag."""
+    import prefect
+
+    for api in _STARTED:
+        api.wait()
+    crash_dead_runs()
+    with prefect.tags(TAG, runner_tag()):
+        yield

@@ -1,5 +1,5 @@
 """Training around MLflow: fit a head on a pinned table version, log it, register it, and move the
-champion alias only when the new version is at least as good on the same validation set."""
+champion alias only when the new version scores strictly better on the same validation set."""
 
 from __future__ import annotations
 

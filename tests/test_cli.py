@@ -71,10 +71,10 @@ def test_seed_flags_parse_in_snake_and_kebab_case():
 
 @pytest.mark.parametrize("line", SEED_FINETUNE, ids=lambda l: l.split("--output ")[-1].split()[0] if "--output" in l else "sample")
 def test_every_seed_finetune_line_parses_and_validates(line):
-    from interfaces.cli import _run_config
+    from interfaces.flags import run_config
 
     a = build_parser().parse_args(["finetune", *line.split()])
-    train, head = _run_config(a)
+    train, head = run_config(a)
     assert train.device == "cpu" and head.model_size in ("base", "large", "xlarge", "xxlarge")
 
 

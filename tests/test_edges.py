@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conversations.text import MAX_MESSAGE_CHARS
-from interfaces.cli import answer_lines
+from interfaces.repl import answer_lines
 from interfaces.server import ServerConfig
 from retrieval.answer import ChatEngine
 from tests.bench.reliability import TROUBLE, blank

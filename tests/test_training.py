@@ -352,11 +352,12 @@ def test_cli_flags_and_a_deployments_few_parameters_make_the_same_run_settings()
     hence the same training key and the same MLflow params."""
     from dataclasses import asdict
 
-    from interfaces.cli import _run_config, build_parser
+    from interfaces.flags import run_config
+    from interfaces.parser import build_parser
     from tasks.training import run_settings
 
     a = build_parser().parse_args(["pipeline", "--data", "x.jsonl", "--epochs", "3", "--hidden_dim", "32"])
-    cli = run_settings(*_run_config(a))
+    cli = run_settings(*run_config(a))
     deployment = run_settings({"epochs": 3}, {"hidden_dim": 32})
     assert cli == deployment
     assert (

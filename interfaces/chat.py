@@ -1,0 +1,83 @@
+"""The commands that answer: ``chat`` (the REPL, or one answer per piped line), ``eval`` and ``serve``,
+each on a registered model (the bot's champion by default) or a local checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import sys
+
+from interfaces.repl import answer_lines, run_repl
+from interfaces.signals import COMMAND, stop_now
+from tasks.settings import CHAMPION_ALIAS
+
+
+def load_engine(a):
+    from retrieval.answer import ChatEngine, ChatOptions
+    from tasks import registry
+
+    if bool(a.weights) != bool(a.meta):
+        raise ValueError("--weights and --meta go together; pass both, or neither to use --model")
+    a.model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
+    weights, meta = (a.weights, a.meta) if a.weights else registry.download_model(a.model)
+    opts = ChatOptions(
+        device=a.device,
+        model_size=a.model_size,
+        pool_mode=a.pool_mode,
+        top_labels=a.top_labels,
+        response_temperature=a.response_temperature,
+        llm_db=a.llm_db,
+        db_top_k=a.db_top_k,
+        min_confidence=a.min_confidence,
+        min_margin=a.min_margin,
+        style_mode=a.style_mode,
+        creativity=a.creativity,
+        seed=a.seed,
+    )
+    return ChatEngine(str(weights), str(meta), opts)
+
+
+def cmd_chat(a) -> None:
+
+    engine = load_engine(a)
+    if sys.stdin.isatty():
+        pinned = engine.meta.get("table", {})
+        run_repl(engine, f"model from {a.weights or a.model}, table {pinned.get('name')} v{pinned.get('version')}", a.json)
+        return
+    # Bytes, so that a line of invalid UTF-8 is one line's error rather than the end of the batch.
+    stdin = getattr(sys.stdin, "buffer", None) or io.BytesIO(sys.stdin.read().encode("utf-8", "surrogatepass"))
+    failed = answer_lines(engine, stdin, sys.stdout.buffer, a.json, a.echo)
+    if failed and a.strict:
+        raise SystemExit(1)
+
+
+def cmd_eval(a) -> None:
+    from retrieval.evaluate import evaluate, format_report
+
+    engine = load_engine(a)
+    report = evaluate(engine, a.data, a.oos)
+    print(json.dumps(report, indent=2) if a.json else format_report(report))
+
+
+def cmd_serve(a) -> None:
+    import os
+
+    from interfaces.server import ServerConfig, serve
+
+    a.model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
+    cfg = ServerConfig(
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key or os.environ.get("BUCKETCHAT_API_KEY") or None,
+        max_concurrency=a.max_concurrency,
+        threads=a.workers_threads,
+        model_name=a.weights or a.model,
+    )
+    engine = load_engine(a)
+    # The server writes nothing, so a signal may end it at once: raising inside uvicorn's start-up
+    # would leave a half-made event loop to complain at exit. uvicorn puts its own graceful handler
+    # in place while it runs, and raises the signal again after shutting down: it lands here.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_now(COMMAND[0], signum))
+    serve(engine, cfg)
