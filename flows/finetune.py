@@ -2,8 +2,8 @@
 
 from prefect import flow
 
+from models.config import TrainConfig
 from models.heads import HeadSettings
-from models.train import TrainConfig
 from tasks.database import build_database
 from tasks.settings import MODEL_NAME, TABLE_NAME
 from tasks.training import previous_training, register_and_promote, train_head

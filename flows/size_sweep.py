@@ -7,8 +7,8 @@ only slows each down.
 
 from prefect import flow
 
+from models.config import TrainConfig
 from models.heads import SIZES, HeadSettings
-from models.train import TrainConfig
 from tasks.database import build_database
 from tasks.settings import MODEL_NAME, TABLE_NAME
 from tasks.training import register_and_promote, train_head

@@ -26,7 +26,7 @@ import torch
 
 from conversations.text import MAX_MESSAGE_CHARS, clean_text, clean_turns
 from models import checkpoint
-from models.train import Candidates
+from models.candidates import Candidates
 from retrieval.encoder import TORCH_ID, embed
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K

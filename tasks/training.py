@@ -17,8 +17,11 @@ from prefect import task
 
 from models import checkpoint
 from models.atomic import failpoint
+from models.calibration import answered_right, calibrate_thresholds
+from models.candidates import Candidates, split_indices
+from models.config import TrainConfig
 from models.heads import BRANCH_WIDTHS, BRANCHES, BucketHead, HeadConfig, HeadSettings, warm_start
-from models.train import Candidates, Trainable, TrainConfig, TrainData, answered_right, calibrate_thresholds, split_indices, train
+from models.train import Trainable, TrainData, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K

@@ -10,8 +10,8 @@ import pytest
 from conversations.records import load_records
 from interfaces.cli import build_parser, main
 from models import checkpoint
+from models.config import TrainConfig
 from models.heads import HeadSettings
-from models.train import TrainConfig
 from retrieval.store import build_table
 from tasks.training import fit
 

@@ -55,7 +55,7 @@ def test_neighbour_log_probs_pull_toward_what_the_nearest_rows_answered():
 
 @pytest.mark.parametrize("weight", [-0.1, 1.0])
 def test_the_weight_is_validated_naming_the_flag(weight):
-    from models.train import TrainConfig
+    from models.config import TrainConfig
 
     with pytest.raises(ValueError, match="--neighbour_weight"):
         TrainConfig(neighbour_weight=weight)

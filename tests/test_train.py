@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.calibration import calibrate_thresholds
+from models.candidates import Candidates, split_indices
+from models.config import TrainConfig
 from models.heads import BucketHead, HeadConfig
-from models.train import EMA, Candidates, TrainConfig, calibrate_thresholds, lr_lambda, split_indices, train
+from models.train import EMA, lr_lambda, train
 
 
 def test_candidates_keep_the_most_frequent_per_bucket_plus_an_other_slot():
@@ -57,7 +60,7 @@ def test_lr_schedules():
 
 
 def test_auto_batch_and_rate_follow_the_data_size():
-    from models.train import SMALL_DATA_ROWS
+    from models.config import SMALL_DATA_ROWS
 
     small, big = TrainConfig().resolve(SMALL_DATA_ROWS - 1, 0), TrainConfig().resolve(SMALL_DATA_ROWS, 0)
     assert (small.batch_size, small.lr) == (64, 1e-3) and (big.batch_size, big.lr) == (512, 3e-3)
@@ -66,7 +69,7 @@ def test_auto_batch_and_rate_follow_the_data_size():
 
 
 def test_epoch_selection_and_refit_follow_the_validation_size():
-    from models.train import SELECT_MIN_VAL_ROWS
+    from models.config import SELECT_MIN_VAL_ROWS
 
     few, many = TrainConfig().resolve(700, SELECT_MIN_VAL_ROWS - 1), TrainConfig().resolve(9000, SELECT_MIN_VAL_ROWS)
     # Too few validation rows to tell epochs apart: the whole schedule runs and its last epoch is kept.
@@ -194,7 +197,7 @@ def test_gradient_accumulation_equals_the_big_batch():
 
 
 def test_precision_auto_follows_the_hardware_and_bf16_keeps_float32_weights(monkeypatch):
-    import models.train as train_module
+    import models.config as train_module
 
     # The hardware cannot change here: pretend each answer of the capability check in turn.
     monkeypatch.setattr(train_module, "bf16_is_fast", lambda device: False)
@@ -313,10 +316,10 @@ def test_preference_loss_and_ema_train_and_select_on_the_shadow():
 
 def test_state_writer_writes_a_snapshot_on_a_thread_and_raises_its_errors(tmp_path):
     from models.checkpoint import load_tree
-    from models.train import StateWriter, _snapshot
+    from models.state import StateWriter, snapshot
 
     w = torch.ones(3)
-    snap = _snapshot({"model": {"w": w}, "rng": (w, 3)})
+    snap = snapshot({"model": {"w": w}, "rng": (w, 3)})
     assert snap["model"]["w"] is not w and snap["rng"][0] is not w and snap["rng"][1] == 3
     assert torch.equal(snap["model"]["w"], w) and w.untyped_storage().data_ptr() != snap["model"]["w"].untyped_storage().data_ptr()
     writer = StateWriter(tmp_path / "s.state")

@@ -7,8 +7,8 @@ import torch
 
 import mlflow
 from conversations.records import load_records
+from models.config import TrainConfig
 from models.heads import HeadSettings
-from models.train import TrainConfig
 from retrieval.encoder import INT8_ID
 from retrieval.store import build_table, open_table, read_columns
 from tasks import registry
@@ -49,7 +49,7 @@ def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
     their nearest *training* rows mixed in; the thresholds and the reported answer accuracy use that."""
     import numpy as np
 
-    from models.train import answered_right, calibrate_thresholds
+    from models.calibration import answered_right, calibrate_thresholds
     from retrieval.neighbours import neighbour_log_probs
     from tasks.training import table_rows
 

@@ -30,8 +30,8 @@ PARTS = ("step.inputs", "step.forward", "step.loss", "step.backward", "step.opti
 def phase_profile(db: str, epochs: int, precision: str, lexical: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    from models.config import TrainConfig
     from models.heads import HeadSettings
-    from models.train import TrainConfig
     from retrieval.store import open_table
     from tasks.training import fit
 

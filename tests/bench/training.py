@@ -43,8 +43,8 @@ def phase_build(data: str, db: str) -> dict:
 
 
 def phase_head(db: str, version: int, size: str, epochs: int, precision: str, lexical: str = "on") -> dict:
+    from models.config import TrainConfig
     from models.heads import HeadSettings
-    from models.train import TrainConfig
     from tasks.training import fit
 
     t0 = time.perf_counter()
@@ -82,8 +82,10 @@ def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
     import numpy as np
     import torch
 
+    from models.candidates import Candidates
+    from models.config import TrainConfig
     from models.heads import BucketHead, HeadConfig
-    from models.train import Candidates, Trainable, TrainConfig, TrainData, train
+    from models.train import Trainable, TrainData, train
     from retrieval.trainable_encoder import TrainableEncoder
     from tasks.training import table_rows
 
