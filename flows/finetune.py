@@ -5,8 +5,9 @@ from prefect import flow
 from models.config import TrainConfig
 from models.heads import HeadSettings
 from tasks.database import build_database
+from tasks.promotion import previous_training, register_and_promote
 from tasks.settings import MODEL_NAME, TABLE_NAME
-from tasks.training import previous_training, register_and_promote, train_head
+from tasks.training import train_head
 
 
 @flow(name="finetune")
@@ -35,7 +36,7 @@ def finetune_flow(
     A table whose content, settings and training code already produced a registered version is not
     trained again (``force`` trains anyway): an unchanged data drop changes nothing. The model is a
     version of the bot ``model_name``; ``replace_champion`` lets a model whose responses differ from
-    the champion's take over (tasks/training.py, ``register_and_promote``)."""
+    the champion's take over (tasks/promotion.py, ``register_and_promote``)."""
     train, head = train or TrainConfig(), head or HeadSettings(num_buckets=num_buckets)
     built = None
     if data:

@@ -10,8 +10,9 @@ from prefect import flow
 from models.config import TrainConfig
 from models.heads import SIZES, HeadSettings
 from tasks.database import build_database
+from tasks.promotion import register_and_promote
 from tasks.settings import MODEL_NAME, TABLE_NAME
-from tasks.training import register_and_promote, train_head
+from tasks.training import train_head
 
 
 @flow(name="size-sweep")

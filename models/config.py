@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from models.heads import HeadSettings
 from models.losses import ESTIMATORS, OBJECTIVES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -179,3 +180,15 @@ SMALL_DATA_ROWS = 8192  # below this many training rows, auto picks small batche
 
 
 SELECT_MIN_VAL_ROWS = 500  # validation rows needed to pick an epoch (and stop early) by its score
+
+
+def run_settings(train: TrainConfig | dict | None, head: HeadSettings | dict | None) -> tuple[TrainConfig, HeadSettings]:
+    """Every training and head setting of a run, defaults filled in and validated once.
+
+    The CLI passes every flag, a deployment or a script only the ones it changes (Prefect has already
+    turned its parameters into these dataclasses); both come out the same here, so a run gets the same
+    training key and logs the same MLflow params whichever entry point started it.
+    """
+    train = train if isinstance(train, TrainConfig) else TrainConfig(**(train or {}))
+    head = head if isinstance(head, HeadSettings) else HeadSettings(**(head or {}))
+    return train, head

@@ -168,7 +168,9 @@ def batch_loss(
 
 
 @torch.no_grad()
-def validation_metrics(model: Trainable, data: TrainData, idx: torch.Tensor, cache: dict, cfg: TrainConfig, chunk: int = 2048) -> dict[str, float]:
+def validation_metrics(
+    model: Trainable, data: TrainData, idx: torch.Tensor, cache: dict, cfg: TrainConfig, chunk: int = 2048
+) -> dict[str, float]:
     """Validation loss, bucket accuracy and response accuracy: the argmax is the row's own learned
     response (an "other" slot names no response, so it never counts as right)."""
     model.eval()

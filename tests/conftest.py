@@ -144,7 +144,7 @@ def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
     from models.config import TrainConfig
     from models.heads import HeadSettings
     from retrieval.store import build_table
-    from tasks.training import fit
+    from tasks.fitting import fit
 
     pairs, _ = load_records(write_jsonl(folder / "d.jsonl", records))
     res = build_table(pairs, folder / "db", "conversations")

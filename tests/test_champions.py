@@ -6,7 +6,8 @@ import pytest
 
 from retrieval.store import build_table
 from tasks import registry
-from tasks.training import MIN_SHARED_RESPONSES, register_and_promote, shared_responses, train_head
+from tasks.promotion import MIN_SHARED_RESPONSES, register_and_promote, shared_responses
+from tasks.training import train_head
 from tests.conftest import INTENTS
 from tests.test_training import load_records_list
 

@@ -13,7 +13,7 @@ from models import checkpoint
 from models.config import TrainConfig
 from models.heads import HeadSettings
 from retrieval.store import build_table
-from tasks.training import fit
+from tasks.fitting import fit
 
 COMMANDS = [
     ["expand"],

@@ -51,7 +51,7 @@ def test_kill_during_db_build_keeps_the_pinned_version_answering(tmp_path, tiny_
     assert open_table(db, "conversations", pinned).count_rows() == 24
 
 
-TRAIN = "from tasks.training import train_head, register_and_promote; r = train_head.fn({db!r}, 'conversations', {v}, {{'epochs': 4, 'lr': 5e-3, 'seed': 0}}, {{'hidden_dim': 32}}, {out!r}, {meta!r}, None, {resume}); register_and_promote.fn(r['run_id'], {db!r}, 'conversations', r['table_version'], r['val_ids'], r['val_response_acc'])"
+TRAIN = "from tasks.training import train_head; from tasks.promotion import register_and_promote; r = train_head.fn({db!r}, 'conversations', {v}, {{'epochs': 4, 'lr': 5e-3, 'seed': 0}}, {{'hidden_dim': 32}}, {out!r}, {meta!r}, None, {resume}); register_and_promote.fn(r['run_id'], {db!r}, 'conversations', r['table_version'], r['val_ids'], r['val_response_acc'])"
 
 
 @pytest.fixture

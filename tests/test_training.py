@@ -12,7 +12,9 @@ from models.heads import HeadSettings
 from retrieval.encoder import INT8_ID
 from retrieval.store import build_table, open_table, read_columns
 from tasks import registry
-from tasks.training import fit, ids_digest, register_and_promote, response_accuracy, train_head
+from tasks.fitting import fit, ids_digest
+from tasks.promotion import register_and_promote, response_accuracy
+from tasks.training import train_head
 from tests.conftest import INTENTS, write_jsonl
 
 
@@ -51,7 +53,7 @@ def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
 
     from models.calibration import answered_right, calibrate_thresholds
     from retrieval.neighbours import neighbour_log_probs
-    from tasks.training import table_rows
+    from tasks.fitting import table_rows
 
     db, name, version = table
     head, meta, val = fit(db, name, version, TrainConfig(epochs=3, lr=5e-3, val_split=0.2, refit=False), HeadSettings(hidden_dim=32))
@@ -125,7 +127,7 @@ def test_a_refit_champion_is_scored_only_on_rows_it_never_trained_on(tmp_path, t
 
 def test_a_refit_champion_whose_table_version_is_gone_is_compared_only_on_recorded_scores(table, tmp_path):
     from retrieval.store import db_key
-    from tasks.training import champion_score
+    from tasks.promotion import champion_score
 
     db, name, version = table
     val_ids = read_columns(open_table(db, name, version), ["id"])["id"].to_pylist()[:5]
@@ -354,7 +356,7 @@ def test_cli_flags_and_a_deployments_few_parameters_make_the_same_run_settings()
 
     from interfaces.flags import run_config
     from interfaces.parser import build_parser
-    from tasks.training import run_settings
+    from models.config import run_settings
 
     a = build_parser().parse_args(["pipeline", "--data", "x.jsonl", "--epochs", "3", "--hidden_dim", "32"])
     cli = run_settings(*run_config(a))

@@ -3,7 +3,7 @@ backward, the dense optimizer and the n-gram weights' lazy Adam, in ms per step.
 
     python tests/bench/step.py [--data TRAIN.jsonl] [--db DB] [--epochs 3] [--repeats 3] [--precision auto|fp32|bf16]
 
-The same ``tasks.training.fit`` as ``bucketchat finetune`` (default settings, early stopping off) runs
+The same ``tasks.fitting.fit`` as ``bucketchat finetune`` (default settings, early stopping off) runs
 under torch.profiler, which times the ``step.*`` ranges the training loop marks (models/train.py).
 Each repeat runs in its own process; the figures are medians over repeats of each range's mean per
 step. The profiler adds its own cost to every op, so read the parts as shares of a step; the
@@ -33,7 +33,7 @@ def phase_profile(db: str, epochs: int, precision: str, lexical: str) -> dict:
     from models.config import TrainConfig
     from models.heads import HeadSettings
     from retrieval.store import open_table
-    from tasks.training import fit
+    from tasks.fitting import fit
 
     version = int(open_table(db, "conversations").version)
     head_cfg = HeadSettings() if lexical == "on" else HeadSettings(lexical_features=0)

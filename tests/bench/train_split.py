@@ -6,7 +6,7 @@
 train rows evaluate. ``few_expanded``: the same, with the 770 training rows grown to 5,000 by
 `bucketchat expand --target 5000` first (what `bucketchat pipeline --target 5000` does). The splits are
 drawn with seed 0, so every run sees the same rows. The table is
-built once per split (under ``--work``); each variant is a ``tasks.training.fit`` with some options
+built once per split (under ``--work``); each variant is a ``tasks.fitting.fit`` with some options
 changed from the defaults, saved, and asked every held-out row through ``bucketchat eval``'s engine
 (the one chat answers with: neighbour vote, both fallback gates; a fallback counts as wrong). This is
 how the defaults of ``TrainConfig`` were chosen. A ``train_all`` variant trains on a throwaway copy
@@ -127,7 +127,7 @@ def append_encoder(folder: Path) -> str:
     import functools
 
     from retrieval import answer, encoder, store
-    from tasks import training
+    from tasks import promotion
 
     if not (folder / "config.json").is_file():
         sys.exit(f"--extra_encoder {folder}: no config.json there; pass a sentence-transformers model folder on local disk")
@@ -144,7 +144,7 @@ def append_encoder(folder: Path) -> str:
         return (np.hstack([a, b]) / np.sqrt(2.0)).astype(np.float32)
 
     encoder.DIM = store.DIM = encoder.DIM + width
-    encoder.embed = answer.embed = training.embed = embed
+    encoder.embed = answer.embed = promotion.embed = embed
     return folder.name
 
 
@@ -173,7 +173,7 @@ def main() -> None:
     from retrieval.answer import ChatEngine
     from retrieval.evaluate import evaluate
     from retrieval.store import build_table, open_table
-    from tasks.training import fit
+    from tasks.fitting import fit
 
     a.work.mkdir(parents=True, exist_ok=True)
     files = splits(a.work)

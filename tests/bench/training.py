@@ -4,7 +4,7 @@
 
 The table is built once from ``--data`` (default BANKING77 train, 10,003 rows) in a temp folder.
 Each measurement runs in its own process (so peak RSS is its own), through the same code as
-``bucketchat finetune`` (``tasks.training.fit``): examples/s counts training rows seen per second of
+``bucketchat finetune`` (``tasks.fitting.fit``): examples/s counts training rows seen per second of
 epoch time (validation excluded). The baseline, measured in the same run on the same vectors, is
 scikit-learn's LogisticRegression fit (rows x iterations / s is not comparable, so it is reported as
 wall time for the whole fit next to the head's whole fit).
@@ -45,7 +45,7 @@ def phase_build(data: str, db: str) -> dict:
 def phase_head(db: str, version: int, size: str, epochs: int, precision: str, lexical: str = "on") -> dict:
     from models.config import TrainConfig
     from models.heads import HeadSettings
-    from tasks.training import fit
+    from tasks.fitting import fit
 
     t0 = time.perf_counter()
     head, meta, _ = fit(
@@ -69,7 +69,7 @@ def phase_baseline(db: str, version: int) -> dict:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    from tasks.training import table_rows
+    from tasks.fitting import table_rows
 
     rows = table_rows(db, "conversations", version)
     t0 = time.perf_counter()
@@ -87,7 +87,7 @@ def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
     from models.heads import BucketHead, HeadConfig
     from models.train import Trainable, TrainData, train
     from retrieval.trainable_encoder import TrainableEncoder
-    from tasks.training import table_rows
+    from tasks.fitting import table_rows
 
     torch.set_num_threads(os.cpu_count() or 1)
     r = table_rows(db, "conversations", version)
