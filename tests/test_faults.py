@@ -98,3 +98,23 @@ def test_kill_during_registry_promotion_keeps_the_champion(tmp_path, table, mlfl
     checkpoint.load(weights, meta_path)
     versions = {x["version"]: x for x in registry.list_versions()}
     assert sorted(versions) == [1, 2, 3] and versions[3]["promotion"] is None and versions[2]["aliases"] == ["champion"]
+
+
+def test_a_registration_killed_past_registering_and_retried_leaves_one_version(tmp_path, table, mlflow_store):
+    """What a task retry does after a failure past registration: the same run registered again."""
+    from tasks.promotion import register_and_promote
+    from tasks.training import train_head
+
+    db, v = table
+    r = train_head.fn(db, "conversations", v, {"epochs": 4, "lr": 5e-3, "seed": 0}, {"hidden_dim": 32})
+    promote = (
+        "from tasks.promotion import register_and_promote; "
+        f"register_and_promote.fn({r['run_id']!r}, {db!r}, 'conversations', {r['table_version']}, {r['val_ids']!r}, {r['val_response_acc']!r})"
+    )
+    assert _killed(_child(promote, "registry:registered"))
+    assert [x["version"] for x in registry.list_versions()] == [1] and registry.champion_version() is None
+
+    again = register_and_promote.fn(r["run_id"], db, "conversations", r["table_version"], r["val_ids"], r["val_response_acc"])
+    assert again["version"] == 1 and again["promoted"]
+    versions = registry.list_versions()
+    assert [(x["version"], x["run_id"], x["aliases"]) for x in versions] == [(1, r["run_id"], ["champion"])]
