@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel
 from torch.profiler import record_function
 
 from models.atomic import failpoint
@@ -50,40 +51,39 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters and buffers.
-
-    shadow <- d * shadow + (1 - d) * param after every optimizer step, with d = min(decay, (1 + n) /
-    (10 + n)) at update n: without that warm-up a 0.999 shadow of a short run would still be mostly
-    the random initialisation.
-    """
+    """Exponential moving average of a model's parameters: torch's ``AveragedModel`` with a warm-up on
+    the decay, d = min(decay, (1 + n) / (10 + n)) at update n, so that a 0.999 shadow of a short run is
+    not still mostly its first weights (torch's ``get_ema_multi_avg_fn`` has a fixed decay). The first
+    update copies the weights, as ``AveragedModel`` does."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+        self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=False)
 
-    def rate(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def _average(self, shadow: list[torch.Tensor], live: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(shadow, live, 1.0 - self.rate(int(num_averaged)))
 
-    @torch.no_grad()
+    def rate(self, updates: int | None = None) -> float:
+        n = int(self.averaged.n_averaged) if updates is None else updates
+        return min(self.decay, (1 + n) / (10 + n))
+
     def update(self, model: nn.Module) -> None:
-        d = self.rate()
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
-        self.updates += 1
+        self.averaged.update_parameters(model)
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.averaged.module.named_parameters()}
 
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": self.shadow}
+        return self.averaged.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.updates = int(state["updates"])
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        self.averaged.load_state_dict(state)
 
     def swap_in(self, model: nn.Module) -> dict:
         """Load the shadow into ``model``; returns the live weights to restore with ``load_state_dict``."""
         live = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict({**live, **self.shadow})
+        model.load_state_dict({**live, **{k: v.clone() for k, v in self.shadow.items()}})
         return live
 
 

@@ -172,15 +172,21 @@ def test_ema_arithmetic_with_its_warm_up():
     ema = EMA(lin, decay=0.9)
     with torch.no_grad():
         lin.weight.fill_(1.0)
-    ema.update(lin)  # d = min(0.9, 1/10) = 0.1: shadow = 0.1*0 + 0.9*1
-    assert ema.shadow["weight"].item() == pytest.approx(0.9)
-    ema.update(lin)  # d = min(0.9, 2/11)
-    assert ema.shadow["weight"].item() == pytest.approx(0.9 * 2 / 11 + (1 - 2 / 11))
+    ema.update(lin)  # the first update copies (AveragedModel's rule)
+    assert ema.shadow["weight"].item() == pytest.approx(1.0)
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+    ema.update(lin)  # n = 1: d = min(0.9, 2/11): shadow = d*1 + (1-d)*3
+    assert ema.shadow["weight"].item() == pytest.approx(2 / 11 * 1.0 + 9 / 11 * 3.0)
     for _ in range(100):
         ema.update(lin)
     assert ema.rate() == 0.9
+    shadow = ema.shadow["weight"].item()
     live = ema.swap_in(lin)
-    assert lin.weight.item() == pytest.approx(ema.shadow["weight"].item()) and live["weight"].item() == 1.0
+    assert lin.weight.item() == pytest.approx(shadow) and live["weight"].item() == 3.0
+    restored = EMA(torch.nn.Linear(1, 1, bias=False), decay=0.9)
+    restored.load_state_dict(ema.state_dict())  # a resumed run continues the same average
+    assert restored.rate() == 0.9 and restored.shadow["weight"].item() == pytest.approx(shadow)
 
 
 def test_gradient_accumulation_equals_the_big_batch():
