@@ -32,28 +32,43 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def spherical_kmeans(points: np.ndarray, k: int, weights: np.ndarray, seed: int = 0, iters: int = 50) -> np.ndarray:
-    """Cluster unit vectors (N, D) into ``k`` groups by cosine; k-means++ seeding; returns (N,) ids."""
-    rng = np.random.default_rng(seed)
+def spherical_kmeans(
+    points: np.ndarray,
+    k: int,
+    weights: np.ndarray | None = None,
+    iters: int = 50,
+    rng: np.random.Generator | int = 0,
+    plus_plus: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster unit vectors (N, D) into ``k`` groups by cosine -> ((k, D) unit centroids, (N,) ids).
+
+    Seeds by (weighted) k-means++ or, with ``plus_plus=False``, ``k`` distinct random rows (cheap for
+    many cells, where the search index uses it); stops when no row changes group. An emptied group
+    keeps its centroid. The same ``rng`` seed gives the same groups in every process."""
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
     n = len(points)
-    centers = [points[rng.choice(n, p=weights / weights.sum())]]
-    for _ in range(1, k):
-        dist = 1.0 - np.max(points @ np.stack(centers).T, axis=1)  # (N,)
-        prob = np.clip(dist, 0, None) * weights
-        idx = rng.choice(n, p=prob / prob.sum()) if prob.sum() > 0 else rng.choice(n)
-        centers.append(points[idx])
-    c = np.stack(centers)  # (k, D)
+    w = np.ones(n, points.dtype) if weights is None else np.asarray(weights, points.dtype)
+    if plus_plus:
+        centers = [points[rng.choice(n, p=w / w.sum())]]
+        for _ in range(1, k):
+            dist = 1.0 - np.max(points @ np.stack(centers).T, axis=1)  # (N,)
+            prob = np.clip(dist, 0, None) * w
+            idx = rng.choice(n, p=prob / prob.sum()) if prob.sum() > 0 else rng.choice(n)
+            centers.append(points[idx])
+        c = np.stack(centers).astype(points.dtype)
+    else:
+        c = points[np.sort(rng.choice(n, k, replace=False))].copy()
     assign = np.full(n, -1)
     for _ in range(iters):
         new = np.argmax(points @ c.T, axis=1)
         if np.array_equal(new, assign):
             break
         assign = new
-        for j in range(k):
-            members = assign == j
-            if members.any():
-                c[j] = _unit((points[members] * weights[members, None]).sum(0))
-    return assign
+        sums = np.zeros_like(c)
+        np.add.at(sums, assign, points * w[:, None])
+        keep = np.bincount(assign, minlength=k) > 0
+        c[keep] = _unit(sums[keep])
+    return c, assign
 
 
 def assign_buckets(
@@ -78,6 +93,6 @@ def assign_buckets(
         np.add.at(pos, row_group, user_vecs)
         np.add.at(resp, row_group, response_vecs)
         points = _unit(_unit(pos) + _unit(resp))
-        group_bucket = spherical_kmeans(points, num_buckets, counts, seed=seed)
+        _, group_bucket = spherical_kmeans(points, num_buckets, counts, rng=seed)
     mapping = {g: int(b) for g, b in zip(groups, group_bucket)}
     return group_bucket[row_group].astype(np.int32), mapping

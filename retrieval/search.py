@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval.buckets import spherical_kmeans
+
 # Below this an exact scan is ~1.5 ms (20k x 384): no index to build.
 IVF_MIN_ROWS = 20_000
 # Share of the rows the vector leg scans (nearest cells first): recall@20 ~0.99 at 100k (module doc).
@@ -37,21 +39,12 @@ COLUMNS = ["id", "user", "assistant", "bucket", "group", "source"]
 _KEEP = frozenset({"no", "not", "nor", "cannot", "never", "none", "nothing", "nobody", "without"})
 
 
-def kmeans(x: np.ndarray, k: int, iters: int = 10, per_cell: int = 40, seed: int = 0) -> np.ndarray:
-    """Spherical k-means on a sample of ``per_cell`` unit rows per cell (faiss trains IVF on 39-256)
-    -> (k, D) unit centroids. Seeded: the same table gives the same index in every process."""
+def ivf_centroids(x: np.ndarray, k: int, iters: int = 10, per_cell: int = 40, seed: int = 0) -> np.ndarray:
+    """The index's cells: spherical k-means on a sample of ``per_cell`` unit rows per cell (faiss trains
+    IVF on 39-256) -> (k, D) unit centroids. Seeded: the same table gives the same index in every process."""
     rng = np.random.default_rng(seed)
-    s = x[np.sort(rng.choice(len(x), min(per_cell * k, len(x)), replace=False))]
-    c = s[np.sort(rng.choice(len(s), k, replace=False))].copy()
-    for _ in range(iters):
-        assign = np.argmax(s @ c.T, axis=1)
-        sums = np.zeros_like(c)
-        np.add.at(sums, assign, s)
-        counts = np.bincount(assign, minlength=k)
-        keep = counts > 0  # an empty cell keeps its old centroid
-        c[keep] = sums[keep]
-        c /= np.linalg.norm(c, axis=1, keepdims=True) + 1e-12
-    return c
+    sample = x[np.sort(rng.choice(len(x), min(per_cell * k, len(x)), replace=False))]
+    return spherical_kmeans(sample, k, iters=iters, rng=rng, plus_plus=False)[0]
 
 
 @dataclass(frozen=True)
@@ -84,7 +77,7 @@ class SearchIndex:
         self.num_buckets = int(buckets.max()) + 1 if n else 0
         cells = int(round(np.sqrt(n))) if n >= IVF_MIN_ROWS else 1
         if cells > 1:
-            self.centroids = kmeans(vectors, cells, seed=seed)
+            self.centroids = ivf_centroids(vectors, cells, seed=seed)
             cell = np.concatenate([np.argmax(vectors[i : i + 8192] @ self.centroids.T, axis=1) for i in range(0, n, 8192)])
         else:
             self.centroids = np.zeros((1, vectors.shape[1] if n else 0), np.float32)

@@ -37,11 +37,14 @@ def test_all_rows_of_a_group_share_a_bucket_when_clustering():
     assert np.array_equal(buckets, again)
 
 
-def test_kmeans_separates_obvious_clusters():
+@pytest.mark.parametrize("plus_plus", [True, False])  # bucket groups; the search index's cells
+def test_kmeans_separates_obvious_clusters(plus_plus):
     pts = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.14, 0.99]], dtype=np.float32)
     pts /= np.linalg.norm(pts, axis=1, keepdims=True)
-    ids = spherical_kmeans(pts, 2, np.ones(4), seed=0)
+    centroids, ids = spherical_kmeans(pts, 2, np.ones(4), rng=0, plus_plus=plus_plus)
     assert ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2]
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, rtol=1e-6)
+    assert np.array_equal(np.argmax(pts @ centroids.T, axis=1), ids)
 
 
 def test_num_buckets_must_be_at_least_two():
