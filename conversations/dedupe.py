@@ -11,8 +11,7 @@ Every dropped pair is kept in the rejects file with its reason; ``DropReport`` c
   character 3-grams at a loose Jaccard (0.5); each is then verified by edit similarity. Indexing the
   answer too made every row sharing a long answer a candidate (~150 per row on BANKING77). Why not
   Jaccard alone: on short questions one typo costs as many shingles as a rephrasing, so a Jaccard
-  threshold that catches typo copies also deletes genuine paraphrases (15 % of BANKING77 train at
-  0.65); edit similarity separates them. Requiring both sides keeps different questions that share
+  threshold that catches typo copies also deletes genuine paraphrases; edit similarity separates them. Requiring both sides keeps different questions that share
   one answer.
 """
 
@@ -177,8 +176,7 @@ def filter_and_dedupe(
 
     ``near_duplicates="link"`` keeps a near duplicate but makes it part of its twin's family
     (``parent_id``), so a train/validation split keeps the twins together: for training data,
-    near-identical rows are real phrasings worth keeping (dropping them cost 1.7 points on
-    BANKING77), but a twin on each side of the split makes validation too easy.
+    near-identical rows are real phrasings worth keeping, but a twin on each side of the split makes validation too easy.
 
     Reads ``pairs`` (any iterable) a chunk at a time, so signatures are computed in bulk while memory
     holds what is kept, its LSH index, and one chunk. Each dropped pair goes to ``on_drop`` as it is
@@ -193,8 +191,7 @@ def filter_and_dedupe(
     kept: list[Pair] = []
     exact: dict[tuple, str] = {}
     near = cfg.near_dup_threshold < 1.0
-    # Balanced band weights: recall-weighted bands (0.2, 0.8) found 0.2 % more near duplicates on
-    # expanded data but returned ~540 candidates per row and cost 40 % more time.
+    # Balanced band weights: recall-weighted bands found few more near duplicates for far more candidates.
     lsh = MinHashLSH(threshold=cfg.candidate_jaccard, num_perm=cfg.num_perm) if near else None
     signer = Signer(cfg.num_perm, cfg.shingle)
     kept_norm: list[tuple[str, str, tuple]] = []  # normalised (user, assistant, context) of each kept pair

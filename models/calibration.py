@@ -24,14 +24,10 @@ def calibrate_thresholds(log_pr: torch.Tensor, y_cand: torch.Tensor, learned: to
     head finds unfamiliar; margin catches those torn between two responses (out-of-scope messages
     often land between two intents with a middling confidence).
 
-    With too few correct answers for that k (n < 199 at 1 %) nothing can promise it. The empirical
-    quantile is then the single least confident right answer, and it made 10-shot BANKING77 runs fall
-    back on 1-5 % of messages depending on the seed; no threshold at all let the bundled sample
-    answer "who won the 1954 world cup?" with a budgeting tip (confidence 0.06 against 0.26 for the
-    least sure right answer). So small validation sets get half the least confidence among right
-    answers (only what is far less sure than anything right falls back) and no margin gate: half the
-    smallest right margin made 10-shot runs fall back on ~3 % of test messages, where the confidence
-    rule alone cost ≤ 0.2 %. It bounds nothing statistically; `bucketchat eval --oos` measures it.
+    With too few correct answers for that k (n < 199 at 1 %) nothing can promise it: small validation
+    sets get half the least confidence among right answers (only what is far less sure than anything
+    right falls back) and no margin gate. It bounds nothing statistically; `bucketchat eval --oos`
+    measures it. The runs behind this rule: BENCHMARKS.md, "Trials behind the defaults: the fallback".
     """
     probs = log_pr.exp()
     top2 = probs.topk(min(2, probs.shape[1]), dim=1)

@@ -26,8 +26,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def bf16_is_fast(device: str) -> bool:
     """Whether bfloat16 matmuls beat float32 on ``device``: CUDA with bf16 support, or a CPU with AMX
-    tiles (on this 2-core Xeon a 512 x 384 x 1024 matmul takes 0.6 ms in bf16 against 1.8 ms in
-    fp32, ad hoc). CPUs without AMX emulate bf16 and would get slower, so they keep fp32."""
+    tiles. CPUs without AMX emulate bf16 and would get slower, so they keep fp32."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device == "cpu":
@@ -37,15 +36,9 @@ def bf16_is_fast(device: str) -> bool:
 
 @dataclass
 class TrainConfig:
-    # Defaults chosen on splits *of BANKING77 train*, never its test file (tests/bench/train_split.py).
-    # batch_size/lr None = auto (``resolve``): with 9k rows, batch 256 at 2e-3 matched 64 at 1e-3 and
-    # ran 2-3x faster, but with 770 rows its few steps cost 1.3 points, so small data gets 64 at 1e-3.
-    # Batch 512 at 3e-3 then beat 256 at 2e-3 on all three seeds (90 % of train: 91.81 vs 91.16 %
-    # after fallbacks, mean of seeds 42/1/2) in 0.6x the fit time; 1024 at 4e-3 did not (91.12 %).
-    # Label smoothing 0.1 on the bucket CE: +0.3 (ranking, 90 % of train) and +1.2 points (10 per intent).
-    # The 90 %-of-train figures here predate counting the margin gate (tests/bench/train_split.py);
-    # rechecked with it (with the neighbour vote, seeds 42/1/2): batch 512 91.74 against 256 at 2e-3
-    # 91.47 %; without label smoothing 90.57, without the preference term 91.54, with refit 91.71 %.
+    # Defaults chosen on splits *of BANKING77 train*, never its test file (tests/bench/train_split.py;
+    # the trials: BENCHMARKS.md, "Trials behind the defaults: training"). batch_size/lr None = auto
+    # (``resolve``): small data needs more, smaller steps; large data trains faster in big batches.
     epochs: int = 60
     batch_size: int | None = None
     lr: float | None = None
@@ -59,23 +52,18 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = no EMA shadow
     ema_select: bool = True  # with an EMA shadow, pick and keep the best checkpoint on the EMA weights
     # select_metric / early_stop_patience None = auto (``resolve``): "response_acc" and 6 epochs when
-    # validation has at least SELECT_MIN_VAL_ROWS rows, else "last" and 0 (the whole schedule). With
-    # 77 validation rows (10 per intent) one row is 1.3 points, so the "best" epoch is noise: on
-    # held-out rows of BANKING77 train, keeping the last of 60 epochs beat it by 0.8 points (83.7 vs
-    # 82.9 %, mean of seeds 42/1/2); with ~900 rows, picking the epoch beat the last by 0.3.
+    # validation has at least SELECT_MIN_VAL_ROWS rows, else "last" and 0 (the whole schedule): on a
+    # few dozen validation rows the "best" epoch is noise.
     select_metric: str | None = None  # "response_acc", "loss" or "last": how the kept epoch is chosen
     early_stop_patience: int | None = None
     # Refit: after validation has chosen the epoch (and calibrated the fallback), train again from the
     # same start on every row, validation included, up to that epoch, and ship that model. None = auto:
     # on below SMALL_DATA_ROWS training rows without --train_all (which would fine-tune the encoder
-    # twice). On held-out rows of BANKING77 train (seeds 42/1/2): with 10 per intent, 84.4 % against
-    # 83.7 % for the held-out run's own last epoch (its validation row per response is a tenth of the
-    # data); with 90 % of train, 91.75 vs 91.81 %: no gain for +60 % fit time, so big data skips it.
+    # twice): small data gains from every row; big data gained nothing for the extra fit time.
     refit: bool | None = None
     balanced_sampler: bool = False
     max_candidates_per_bucket: int = 256
-    # Preference term on by default: +0.6 (90 % of train) and +1.3 points (10 per intent) of held-out
-    # response accuracy (tests/bench/train_split.py).
+    # The preference term is on by default: it raised held-out response accuracy at both data sizes.
     pref_weight: float = 0.2
     pref_beta: float = 2.0
     pref_objective: str = "sigmoid"

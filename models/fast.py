@@ -1,10 +1,9 @@
 """Two drop-in replacements for torch pieces that dominated a head training step on CPU.
 
-An ad-hoc profile (torch.profiler over single steps; script not kept) of the base head at batch 256 on
-the 2-core box: torch's CPU dropout draws one random number per element (6.3 ms for a 256 x 1024
-mask, more than the trunk's matmuls), and SparseAdam's ``coalesce`` + ``sparse_mask`` of the n-gram
-weights took ~20 ms a step. Both are replaced by the same maths done with fewer, larger kernels; the
-effect on whole fits is measured by tests/bench/training.py (base 1.79x the examples/s).
+torch's CPU dropout draws one random number per element, and SparseAdam coalesces and masks the
+sparse n-gram gradients every step; both dominated a head step on CPU. Both are replaced by the same
+maths done with fewer, larger kernels; the profile and the effect on whole fits are in BENCHMARKS.md
+("Why the hand-written pieces stay").
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ class Dropout(nn.Module):
         words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         mask = words.view(torch.uint8)[:n].view(x.shape) < self.keep
         # One float mask with the scale in it: a single multiply forward and backward (x * bool_mask *
-        # scale converted the mask twice and multiplied twice each way: 3.3 vs 1.4 ms for a bf16
-        # 512 x 1024 forward + backward, ad hoc).
+        # scale converted the mask twice and multiplied twice each way).
         return x * mask.to(x.dtype).mul_(256.0 / self.keep)
 
     def extra_repr(self) -> str:
@@ -85,8 +83,7 @@ class LazyAdam(torch.optim.SparseAdam):
                     g = values.new_zeros((len(rows), values.shape[1])).index_add_(0, inverse, values)  # (U, D)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 # Gather the touched rows, run torch's fused Adam kernel on them (one pass instead of
-                # eight elementwise ops), scatter them back: 2.7 vs 5.6 ms for 9.3k rows x 87 (ad hoc,
-                # one batch of 512 on BANKING77). Rows are distinct, so index_copy_ is a plain write.
+                # eight elementwise ops), scatter them back. Rows are distinct, so index_copy_ is a plain write.
                 step = state["step"]
                 m, v, w = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows), p.index_select(0, rows)
                 # The fused kernel divides by (sqrt(v) / sqrt(1 - beta2^t) + eps); SparseAdam by

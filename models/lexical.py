@@ -1,26 +1,9 @@
 """Lexical evidence for the head: hashed character and word n-grams, TF-IDF weighted.
 
 Sentence embeddings blur exact wording ("top up" vs "top-up limit", a card brand, an error code); a
-sparse n-gram path straight to the logits keeps it. On held-out splits *of BANKING77 train* (the test
-file untouched; tests/bench/train_split.py; the head alone, before the neighbour vote): +0.85 points
-of response accuracy with ten examples per intent. With 90 % of train and the vote, +0.93 after
-fallbacks and +0.90 ranking (91.74 against 90.81 %, `batch512_no_refit` vs
-`batch512_no_refit_no_lexical`, seeds 42/1/2; before the batch-512 default it had measured neutral
-there). It costs half a training step (tests/bench/step.py). Ad hoc alternatives, all worse: a
-low-rank path through the hidden layer (no gain); a fixed sparse random projection of the n-grams
-(1,024 or 4,096 dims) into a dense layer (seed 42: 90.4-90.9 % against 91.5 %); word n-grams alone
-(91.47 against 91.78 %, seeds 42/1/2). Two more, tried with code not kept in the repo, with the
-neighbour vote (seeds 42/1/2, 90 % of train / ten per intent, after fallbacks: with 90 % of train the
-confidence gate only, see train_split.py): fixed nearest-centroid scores instead of learned weights
-(each output's mean TF-IDF row, leave-one-out on training rows, only a learned scale per output)
-trained twice as fast but scored 91.61 / 84.50 against 92.09 / 84.83 %; building the next batch's bag
-on a worker thread did not speed a step on 2 cores. Fewer hash buckets (``--lexical_features``,
-train_split.py `batch512_no_refit_lex*`, `lex*`): 4,096 lost (91.47 %), 16,384 lost (91.74 / 84.50 %),
-8,192 tied (92.16 / 84.70 %) with no clear speed gain (median of 3 interleaved, ad hoc), so
-``n_features_for`` keeps up to 32,768. Row-wise Adagrad (one accumulator per hash bucket, code not
-kept) instead of lazy Adam for these weights made a step ~3 ms (12 %) cheaper but lost at every rate
-tried (seeds 42/1/2, both gates): with 90 % of train 91.16 % at 0.1 against 91.74 %; with ten per
-intent 84.48 / 84.17 / 83.18 / 78.98 % at 0.01 / 0.03 / 0.1 / 0.3 against 84.83 %.
+sparse n-gram path straight to the logits keeps it. It costs about half a training step and
+earns its place on held-out data (BENCHMARKS.md, "Trials behind the defaults: the n-gram path");
+the alternatives tried there all did worse.
 
 Hashing (scikit-learn's murmurhash, deterministic across processes) needs no vocabulary, so the head
 carries only the IDF vector (a buffer) and the n-gram weights.

@@ -30,8 +30,8 @@ def snapshot(x):
 class StateWriter:
     """Writes each epoch's resume state on a worker thread while the next epoch trains.
 
-    Written in line, the states took 4.7 s of a 13 s fit on the bundled sample (120 epochs with the
-    refit, ~38 ms each, ad hoc), against 8.6 s for the training itself. The training thread now only
+    Written in line, the states took a third of a small fit's time (BENCHMARKS.md, "Why the
+    hand-written pieces stay"). The training thread now only
     copies the tensors (the snapshot), and the thread serialises and writes them. One state is in
     flight at a time: ``save`` first waits for the one before, so a kill loses at most the latest
     epoch's state, and the one before it is whole on disk (the write is atomic); resuming from it

@@ -155,7 +155,7 @@ class ChatEngine:
                 f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it"
             )
         # The pinned version never changes: read it into memory once (LanceDB's own hybrid query costs
-        # ~27 ms a turn at 100k rows, the whole turn budget is 10 ms; retrieval/search.py). Only when it
+        # more than the whole turn budget; retrieval/search.py). Only when it
         # is searched, and only while it fits (~1.6 KB a row): a bigger table is searched through LanceDB.
         self.index = None
         # The neighbour vote (retrieval/neighbours.py) reads the model's own pinned table: rows of
@@ -205,8 +205,7 @@ class ChatEngine:
         """Whether a retrieved row could beat the best learned candidate. From the model's own table,
         rows the head did not learn share their bucket's "other" slot, so each scores at most that
         slot's log probability: when no allowed slot beats the best learned score, searching cannot
-        change the answer and is skipped (at 100k rows ~2 ms of a ~9 ms turn in memory, ~27 ms
-        through LanceDB on tables over MEMORY_SEARCH_MAX_ROWS)."""
+        change the answer and is skipped (tests/bench/latency.py times the search on its own)."""
         pool = set(allowed.tolist())
         slots = [log_pr[j] for b, j in self.candidates.other.items() if b in pool]
         if not slots:

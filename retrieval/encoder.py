@@ -4,15 +4,14 @@ content-hash embedding cache, so a rebuild embeds only text it has not seen.
 Two forms of the same weights, told apart by the encoder id a table and a model record:
 
 - ``INT8_ID`` (the default for new tables): the shipped weights exported to ONNX once per machine and
-  quantized per channel to int8 with onnxruntime (DESIGN.md §3). On 2 cores (tests/bench/encoder.py):
-  3.4 ms per query against 14.8 ms for torch fp32 (p50), 753 against 360 table rows/s, mean cosine
-  0.994 to fp32.
+  quantized per channel to int8 with onnxruntime (DESIGN.md §3): about four times faster per query
+  than torch fp32 at a mean cosine above 0.99 to it (tests/bench/encoder.py; BENCHMARKS.md).
 - ``TORCH_ID``: sentence-transformers in fp32, for tables built before the int8 form, for
   ``--device cuda`` training paths, and as the start of a ``--train_all`` fine-tune (whose
   encoders are ``TORCH_ID+ft:HASH`` folders, always run by torch).
 
-The weights are Apache-2.0 (see retrieval/LICENSE-all-MiniLM-L6-v2); nothing is downloaded: the hub is
-switched off before sentence-transformers is imported, and the ONNX file is made from the local weights.
+The weights are Apache-2.0 (see retrieval/LICENSE-all-MiniLM-L6-v2); nothing is downloaded: the weights load
+with ``local_files_only``, and the ONNX file is made from the local weights.
 """
 
 from __future__ import annotations

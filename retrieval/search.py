@@ -1,14 +1,14 @@
 """Hybrid search of one pinned table version, in memory: BM25 over the user messages + vector
 similarity, fused by reciprocal rank (RRF), as LanceDB's hybrid search does.
 
-Why not LanceDB's own hybrid query on every chat turn: its planning and execution cost ~20-28 ms a
-query at 100k rows on 2 cores (DESIGN.md §5; tests/bench/latency.py), two to three times the whole
-10 ms turn budget, while the arithmetic itself is well under a millisecond. A pinned version never changes, so the chat engine reads it once
-into arrays and answers from them; LanceDB stays the store of record (building, versions, `/why`).
+Why not LanceDB's own hybrid query on every chat turn: its planning and execution cost several times
+the whole turn budget at 100k rows, while the arithmetic itself is well under a millisecond
+(BENCHMARKS.md, "Why the hand-written pieces stay"). A pinned version never changes, so the chat
+engine reads it once into arrays and answers from them; LanceDB stays the store of record (building,
+versions, `/why`).
 
 Vectors: an exact scan below ``IVF_MIN_ROWS``; above it an inverted-file index (k-means cells over the
-unit vectors, ~sqrt(N) of them) and a scan of the ``nprobe`` nearest cells, ~3 % of rows: recall@20
-against the exact scan ~0.99 on BANKING77 grown to 100k rows, ~1 ms a query. Rows are stored sorted
+unit vectors, ~sqrt(N) of them) and a scan of the ``nprobe`` nearest cells. Rows are stored sorted
 by (cell, bucket), so a cell's rows of one bucket are a contiguous slice: the bucket prefilter is a
 choice of slices, not a scan, and the probe widens to more cells until it has k rows of the allowed
 buckets.

@@ -14,10 +14,12 @@ Sections (each script runs in its own process; its JSON and log are kept under O
 - data: expand 5k -> 120k and build-super over 260k records, time and peak memory (data.py);
 - serving: requests/s of `bucketchat serve` against its /healthz ceiling (serve.py);
 - retrain: `bucketchat retrain` cold, then on the unchanged folder (retrain.py);
+- logging: per-step metric logging into MLflow, batched against MLflow's async logging (metric_logging.py);
 - reliability: hostile text into the pipeline, piped chat and the server, and SIGINT, SIGTERM and
   SIGKILL into each long-running command: crashes, lost lines, leftover processes (reliability.py).
 
-Figures are medians over --repeats with their min-max spread; ratios are against the baseline
+Each finished section also replaces its own block of BENCHMARKS.md (plots under benchmarks/), so a
+partial run updates what it measured and leaves the rest. Figures are medians over --repeats with their min-max spread; ratios are against the baseline
 measured in the same run. A section that fails is reported as failed, with its log, and the rest
 still run. OUT (default bench-report/) is git-ignored. The whole report takes about an hour on 2 cores
 with --repeats 3.
@@ -39,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tests" / "bench"
 DATA = ROOT.parent / "shared" / "data" / "banking77"
-SECTIONS = ("quality", "latency", "training", "data", "serving", "retrain", "reliability")
+SECTIONS = ("quality", "latency", "training", "data", "serving", "retrain", "reliability", "logging")
 
 
 def run_script(out: Path, name: str, script: str, *args: str) -> dict | None:
@@ -360,11 +362,53 @@ def reliability(rep: Report, out: Path, repeats: int) -> None:
     )
 
 
+def logging_cost(rep: Report, out: Path, repeats: int) -> None:
+    rep.add(
+        "## Metric logging",
+        "",
+        "Per-step training metrics into a fresh SQLite MLflow store: `MetricBuffer` (batched `log_batch`) against MLflow's own asynchronous logging, interleaved (metric_logging.py).",
+        "",
+    )
+    r = run_script(out, "logging", "metric_logging.py", "--repeats", str(repeats))
+    if r is None:
+        return rep.failed("metric logging", "logging")
+    rep.table(
+        ["way", f"seconds for {r['steps']:,} steps x {r['metrics_per_step']}", "vs MetricBuffer"],
+        [[k, f"{v:.2f}", f"{r['ratio_to_buffer'][k]:.1f}×"] for k, v in r["median_s"].items()],
+    )
+
+
+def update_benchmarks(rep: Report, sections: dict[str, tuple[int, int]], commit: str) -> None:
+    """Rewrite the measured sections of BENCHMARKS.md in place (the others stay as they were), with
+    their plots copied under benchmarks/."""
+    import re
+    import shutil
+
+    doc = ROOT / "BENCHMARKS.md"
+    text = doc.read_text()
+    plots = ROOT / "benchmarks"
+    plots.mkdir(exist_ok=True)
+    stamp = f"_Measured {dt.datetime.now(dt.UTC):%Y-%m-%d} at commit {commit}, {platform.machine()}, {os.cpu_count()} cores._"
+    for name, (start, end) in sections.items():
+        body = []
+        for line in rep.lines[start:end]:
+            m = re.fullmatch(r"!\[(.+)\]\((.+\.png)\)", line)
+            if m:
+                shutil.copyfile(rep.out / m.group(2), plots / m.group(2))
+                line = f"![{m.group(1)}](benchmarks/{m.group(2)})"
+            body.append(line)
+        block = f"<!-- section:{name} -->\n" + "\n".join(body).rstrip() + f"\n\n{stamp}\n<!-- /section:{name} -->"
+        pattern = re.compile(rf"<!-- section:{name} -->.*?<!-- /section:{name} -->", re.S)
+        text = pattern.sub(lambda _, block=block: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "bench-report")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--no-update", action="store_true", help="write only OUT/REPORT.md, leave BENCHMARKS.md as it is")
     a = p.parse_args()
     if not (DATA / "train.jsonl").is_file():
         sys.exit(f"{DATA} not found; the benchmarks need ../shared/data/banking77 beside the checkout")
@@ -385,8 +429,10 @@ def main() -> None:
         "",
     )
     t0 = time.perf_counter()
+    sections = {}
     for name in a.only:
         print(f"{name}:", flush=True)
+        start = len(rep.lines)
         fn = {
             "quality": quality,
             "latency": latency,
@@ -395,9 +441,13 @@ def main() -> None:
             "serving": serving,
             "retrain": retrain,
             "reliability": reliability,
+            "logging": logging_cost,
         }[name]
         fn(rep, a.out) if name == "latency" else fn(rep, a.out, a.repeats)
         (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")  # after each section: a partial report survives a crash
+        sections[name] = (start, len(rep.lines))
+        if not a.no_update:
+            update_benchmarks(rep, {name: sections[name]}, commit + dirty)
     rep.add(f"_Total benchmark time: {(time.perf_counter() - t0) / 60:.0f} min._")
     (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")
     print(f"report: {a.out / 'REPORT.md'}")
