@@ -143,3 +143,23 @@ def test_prepare_runs_again_after_its_workdir_is_deleted(tmp_path, tiny_jsonl, p
     shutil.rmtree(tmp_path / "work")
     again = prepare_flow([str(tiny_jsonl)], str(out))
     assert again["records"] == first["records"] == 26 and out.is_file()
+
+
+def test_flow_parameters_are_typed_and_validated_by_prefect():
+    """A deployment's --params become the same TrainConfig / HeadSettings the CLI builds; a bad value
+    fails before the run starts, naming the field and the fix."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import pipeline_flow
+    from flows.size_sweep import size_sweep_flow
+    from models.config import TrainConfig
+    from models.heads import HeadSettings
+
+    params = pipeline_flow.validate_parameters({"data": ["x.jsonl"], "train": {"epochs": 3}, "head": {"model_size": "large"}})
+    assert params["train"] == TrainConfig(epochs=3) and params["head"] == HeadSettings(model_size="large")
+    with pytest.raises(ParameterTypeError, match="--epochs=0 is invalid: use 1 or more"):
+        pipeline_flow.validate_parameters({"data": ["x.jsonl"], "train": {"epochs": 0}})
+    with pytest.raises(ParameterTypeError, match="train.epoch"):
+        pipeline_flow.validate_parameters({"data": ["x.jsonl"], "train": {"epoch": 3}})
+    with pytest.raises(ParameterTypeError, match="--model_size 'huge' is not available"):
+        size_sweep_flow.validate_parameters({"db": "x.db", "head": {"model_size": "huge"}})

@@ -118,3 +118,15 @@ def test_a_narrower_branch_warm_starts_a_wider_one_exactly():
     src.eval(), dst.eval()
     assert torch.allclose(src(x)[0], dst(x)[0], atol=1e-6) and torch.allclose(src(x)[1], dst(x)[1], atol=1e-6)
     assert "branches.0.down.weight (widened (6, 16) -> (10, 16))" in report["matched"] and report["skipped"] == []
+
+
+def test_head_settings_validate_once_and_keep_each_sizes_widths():
+    from models.heads import HeadSettings
+
+    wide = HeadSettings(model_size="xxlarge", expansion_dim=8, extra_expansion_dim=16, third_expansion_dim=32)
+    assert wide.for_size("base").given() == {"model_size": "base", "num_buckets": 10}
+    assert wide.for_size("xlarge").given() == {"model_size": "xlarge", "expansion_dim": 8, "extra_expansion_dim": 16, "num_buckets": 10}
+    with pytest.raises(ValueError, match="--third_expansion_dim needs --model_size xxlarge"):
+        HeadSettings(model_size="large", third_expansion_dim=32)
+    with pytest.raises(ValueError, match="--dropout must be in"):
+        HeadSettings(dropout=1.5)
