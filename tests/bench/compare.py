@@ -37,7 +37,7 @@ def checkout(ref: str) -> Path:
         here = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
         (site / "_borrowed.pth").write_text(f"{tree}\n{here}\n")  # REF's code first, then the packages
         cli = "interfaces.cli" if (tree / "interfaces" / "cli.py").is_file() else "flows.cli"
-        (venv / "bin" / "bucketchat").write_text(f'#!/bin/sh\nexec "{venv}/bin/python" -m {cli} "$@"\n')
+        (venv / "bin" / "bucketchat").write_text(f'#!/bin/sh\nexec "{venv}/bin/python" -P -m {cli} "$@"\n')  # -P: REF's code, not the cwd's
         (venv / "bin" / "bucketchat").chmod(0o755)
     return tree
 
