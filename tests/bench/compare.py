@@ -58,8 +58,10 @@ def main() -> None:
     p.add_argument("script")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
-    p.add_argument("args", nargs="*")
-    a = p.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    a.args = argv[cut + 1 :]  # the script's own arguments
     sides = {"before": checkout(a.ref), "after": ROOT}
     found: dict[str, list[dict]] = {"before": [], "after": []}
     for i in range(a.repeats):
