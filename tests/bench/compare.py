@@ -8,7 +8,9 @@ on this checkout's installed packages (a small venv whose path file points at th
 code first on the path and its own `bucketchat` command; so the two sides differ only in the code.
 SCRIPT is a file in tests/bench/ of *each* side, called with `--json`; the runs alternate (before,
 after, before, ...) so a busy spell of the shared machine hits both. Prints, for every number the two
-JSON results share at the same place, the median of each side and after/before.
+JSON results share at the same place, the median of each side and after/before. Both sides run
+from this checkout's folder; give data paths explicitly (a script's default is relative to its own
+tree, and the earlier tree sits elsewhere).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(prefix=f"bucketchat-compare-{side}-")) / "result.json"
             python = tree / ".venv" / "bin" / "python"
             print(f"[{i + 1}/{a.repeats}] {side}: {a.script} {' '.join(a.args)}", flush=True)
-            subprocess.run([str(python), str(tree / "tests" / "bench" / a.script), *a.args, "--json", str(out)], cwd=tree, check=True)
+            # From this checkout's folder, so a relative path in the arguments names the same file for both.
+            subprocess.run([str(python), str(tree / "tests" / "bench" / a.script), *a.args, "--json", str(out)], cwd=ROOT, check=True)
             found[side].append(numbers(json.loads(out.read_text())))
     shared = sorted(set.intersection(*(set(r) for r in found["before"] + found["after"])))
     table = {}
