@@ -2,8 +2,7 @@
 
 from prefect import flow
 
-from models.config import TrainConfig
-from models.heads import HeadSettings
+from models.config import HeadSettings, TrainConfig
 from tasks.database import build_database
 from tasks.promotion import previous_training, register_and_promote
 from tasks.settings import MODEL_NAME, TABLE_NAME

@@ -12,8 +12,7 @@ from prefect import flow
 from flows.build_db import build_db_flow
 from flows.build_super import build_super_flow
 from flows.finetune import finetune_flow
-from models.config import TrainConfig
-from models.heads import HeadSettings
+from models.config import HeadSettings, TrainConfig
 from tasks.settings import MODEL_NAME, TABLE_NAME, default_workdir
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.pipeline import pipeline_flow
-from models.config import TrainConfig
-from models.heads import HeadSettings
+from models.config import HeadSettings, TrainConfig
 from tasks import run_logger
 from tasks.settings import MODEL_NAME
 

@@ -7,8 +7,7 @@ only slows each down.
 
 from prefect import flow
 
-from models.config import TrainConfig
-from models.heads import SIZES, HeadSettings
+from models.config import SIZES, HeadSettings, TrainConfig
 from tasks.database import build_database
 from tasks.promotion import register_and_promote
 from tasks.settings import MODEL_NAME, TABLE_NAME

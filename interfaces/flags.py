@@ -68,8 +68,7 @@ def near_dup_arg(p: argparse.ArgumentParser, action: str = "drop a pair") -> Non
 
 def train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     """Every training flag of the seed, defaults from ``TrainConfig``/``HeadConfig`` (one source)."""
-    from models.config import TrainConfig
-    from models.heads import SIZES
+    from models.config import SIZES, TrainConfig
 
     d = TrainConfig()
     model_name_arg(p)
@@ -297,8 +296,7 @@ def run_config(a: argparse.Namespace, sweep: bool = False):
     its widths are checked against the largest, and each size keeps the widths it has."""
     from dataclasses import fields
 
-    from models.config import TrainConfig
-    from models.heads import HeadSettings
+    from models.config import HeadSettings, TrainConfig
 
     train = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
     head = {f.name: getattr(a, f.name, None) for f in fields(HeadSettings)}

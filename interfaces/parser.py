@@ -19,7 +19,7 @@ EXAMPLES = """examples:
 
 def engine_args(p: argparse.ArgumentParser) -> None:
     """The chat engine's flags (chat, eval, serve): the seed's chat_app.py flags plus thresholds."""
-    from models.heads import SIZES
+    from models.config import SIZES
     from retrieval.styles import STYLES
 
     arg(p, "--model", help=f"MLflow model URI (default models:/MODEL_NAME@{CHAMPION_ALIAS}: the champion of --model_name)")

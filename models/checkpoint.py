@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.atomic import atomic_dir, atomic_path, write_text
-from models.heads import BucketHead, HeadConfig
+from models.config import HeadConfig
+from models.heads import BucketHead
 
 META_FORMAT = "bucketchat-meta/1"
 

@@ -20,107 +20,12 @@ reproduce a trained two-branch mixture, so xlarge -> xxlarge would not be exact.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.config import HeadConfig
 from models.fast import Dropout
-
-SIZES = ("base", "large", "xlarge", "xxlarge")
-BRANCHES = {"base": 0, "large": 1, "xlarge": 2, "xxlarge": 3}
-# Default branch widths per size when the flags are not given (the seed's examples use these ranges).
-DEFAULT_EXPANSION = {"large": (768,), "xlarge": (896, 1536), "xxlarge": (1024, 2048, 3072)}
-EXPANSION_FLAGS = ("--expansion_dim", "--extra_expansion_dim", "--third_expansion_dim")
-
-
-@dataclass
-class HeadConfig:
-    num_candidates: int
-    input_dim: int = 384
-    num_buckets: int = 10
-    hidden_dim: int = 1024
-    dropout: float = 0.5
-    model_size: str = "base"
-    expansion_dim: int | None = None
-    extra_expansion_dim: int | None = None
-    third_expansion_dim: int | None = None
-    # Hashed n-gram buckets of the lexical path (models/lexical.py); None: sized from the outputs, 0: off.
-    lexical_features: int | None = None
-
-    def __post_init__(self):
-        if self.model_size not in SIZES:
-            raise ValueError(f"--model_size {self.model_size!r} is not available; choose one of {', '.join(SIZES)}")
-        if self.num_buckets < 2:
-            raise ValueError(f"--num_buckets must be at least 2, got {self.num_buckets}")
-        if self.num_candidates < 1:
-            raise ValueError("the head needs at least one response candidate; the training data has none")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.hidden_dim < 1:
-            raise ValueError(f"--hidden_dim must be at least 1, got {self.hidden_dim}")
-        n = BRANCHES[self.model_size]
-        given = [self.expansion_dim, self.extra_expansion_dim, self.third_expansion_dim]
-        for i, (flag, value) in enumerate(zip(EXPANSION_FLAGS, given)):
-            if value is None:
-                continue
-            if i >= n:
-                needs = [s for s, k in BRANCHES.items() if k > i]
-                raise ValueError(
-                    f"{flag} needs --model_size {' or '.join(needs)} (got --model_size {self.model_size}); drop the flag or pick a larger size"
-                )
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
-        if self.lexical_features is None:
-            from models.lexical import n_features_for
-
-            self.lexical_features = n_features_for(self.num_buckets + self.num_candidates)
-        if self.lexical_features < 0:
-            raise ValueError(f"--lexical_features must be 0 (off) or positive, got {self.lexical_features}")
-        # Fill the widths once, here, so the saved config says exactly what was built.
-        defaults = DEFAULT_EXPANSION.get(self.model_size, ())
-        widths = [g if g is not None else (defaults[i] if i < len(defaults) else None) for i, g in enumerate(given)]
-        self.expansion_dim, self.extra_expansion_dim, self.third_expansion_dim = widths
-
-    @property
-    def branch_dims(self) -> list[int]:
-        return [d for d in (self.expansion_dim, self.extra_expansion_dim, self.third_expansion_dim)[: BRANCHES[self.model_size]]]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class HeadSettings:
-    """The head a run asks for: the part of ``HeadConfig`` a user chooses (the rest follows from the
-    data). None leaves a setting to the warm-start checkpoint, else to ``HeadConfig``'s default.
-    Validated here, once, by building the config it describes."""
-
-    model_size: str = "base"
-    hidden_dim: int | None = None
-    dropout: float | None = None
-    expansion_dim: int | None = None
-    extra_expansion_dim: int | None = None
-    third_expansion_dim: int | None = None
-    lexical_features: int | None = None
-    num_buckets: int = 10
-
-    def __post_init__(self):
-        HeadConfig(num_candidates=1, **self.given())
-
-    def given(self) -> dict:
-        """The settings that are set (not None)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    def for_size(self, size: str) -> HeadSettings:
-        """The same settings at another size, keeping only the branch widths that size has."""
-        widths = {k: None for i, k in enumerate(BRANCH_WIDTHS) if i >= BRANCHES[size]}
-        return HeadSettings(**{**asdict(self), **widths, "model_size": size})
-
-
-HEAD_SETTINGS = tuple(HeadSettings.__dataclass_fields__)
-BRANCH_WIDTHS = ("expansion_dim", "extra_expansion_dim", "third_expansion_dim")
 
 
 class Branch(nn.Module):

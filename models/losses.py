@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-OBJECTIVES = ("sigmoid", "repo_relu")
-ESTIMATORS = ("mean", "epo")
+from models.config import ESTIMATORS, OBJECTIVES
 
 
 def sample_negatives(

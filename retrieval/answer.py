@@ -60,7 +60,7 @@ class ChatOptions:
     fallback_response: str = FALLBACK_RESPONSE
 
     def __post_init__(self):
-        from models.heads import SIZES
+        from models.config import SIZES
         from retrieval.styles import STYLES
 
         if self.model_size not in ("auto", *SIZES):

@@ -17,8 +17,8 @@ import torch
 from models import checkpoint
 from models.calibration import answered_right, calibrate_thresholds
 from models.candidates import Candidates, split_indices
-from models.config import TrainConfig
-from models.heads import BRANCH_WIDTHS, BRANCHES, BucketHead, HeadConfig, HeadSettings, warm_start
+from models.config import BRANCH_WIDTHS, BRANCHES, HeadConfig, HeadSettings, TrainConfig
+from models.heads import BucketHead, warm_start
 from models.train import Trainable, TrainData, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE

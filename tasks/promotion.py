@@ -16,8 +16,7 @@ from prefect import task
 
 from models import checkpoint
 from models.atomic import failpoint
-from models.config import TrainConfig, run_settings
-from models.heads import HeadSettings
+from models.config import HeadSettings, TrainConfig, run_settings
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
 from retrieval.store import db_key, open_table, read_columns
 from tasks import registry, run_logger

@@ -141,8 +141,7 @@ def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
     fallback thresholds are 0 unless a test sets them."""
     from conversations.records import load_records
     from models import checkpoint
-    from models.config import TrainConfig
-    from models.heads import HeadSettings
+    from models.config import HeadSettings, TrainConfig
     from retrieval.store import build_table
     from tasks.fitting import fit
 

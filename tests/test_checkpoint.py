@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models import checkpoint
-from models.heads import BucketHead, HeadConfig
+from models.config import HeadConfig
+from models.heads import BucketHead
 
 
 def _head():

@@ -4,14 +4,14 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conversations.records import load_records
 from interfaces.cli import build_parser, main
 from models import checkpoint
-from models.config import TrainConfig
-from models.heads import HeadSettings
+from models.config import HeadSettings, TrainConfig
 from retrieval.store import build_table
 from tasks.fitting import fit
 
@@ -276,3 +276,19 @@ def test_eval_reports_accuracy_fallback_oos_and_latency(chat_model, tmp_path, ca
     assert main(["eval", "--data", str(test), "--oos", str(oos), "--weights", w, "--meta", m, "--min_confidence", "1.0"]) == 0
     text = capsys.readouterr().out
     assert "response accuracy    0.00%" in text and "out-of-scope recall  100.00%" in text and "fallback rate        100.00%" in text
+
+
+@pytest.mark.parametrize(
+    "args", [["pipeline", "--data", "x.jsonl", "--epochs", "0"], ["finetune", "--model_size", "huge"], ["chat", "--bogus"]]
+)
+def test_a_flag_error_loads_no_torch_prefect_or_mlflow(args):
+    """An argument error is the parser's and the run config's: answered before anything heavy loads
+    (tests/bench/startup.py times it)."""
+    code = (
+        "import sys\nfrom interfaces.cli import main\n"
+        "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(sorted(m for m in ('torch', 'prefect', 'mlflow', 'lancedb') if m in sys.modules), code)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip().splitlines()[-1] == "[] 2"
+    assert "error" in out.stderr

@@ -112,7 +112,8 @@ def test_the_one_message_hasher_equals_scikit_learns():
 
 
 def test_a_head_scores_one_message_the_same_through_either_path():
-    from models.heads import BucketHead, HeadConfig
+    from models.config import HeadConfig
+    from models.heads import BucketHead
 
     torch.manual_seed(0)
     head = BucketHead(HeadConfig(num_candidates=4, input_dim=8, hidden_dim=16, lexical_features=1024), torch.tensor([0, 0, 1, 1])).eval()

@@ -152,8 +152,7 @@ def test_flow_parameters_are_typed_and_validated_by_prefect():
 
     from flows.pipeline import pipeline_flow
     from flows.size_sweep import size_sweep_flow
-    from models.config import TrainConfig
-    from models.heads import HeadSettings
+    from models.config import HeadSettings, TrainConfig
 
     params = pipeline_flow.validate_parameters({"data": ["x.jsonl"], "train": {"epochs": 3}, "head": {"model_size": "large"}})
     assert params["train"] == TrainConfig(epochs=3) and params["head"] == HeadSettings(model_size="large")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from models.heads import BucketHead, HeadConfig, warm_start
+from models.config import HeadConfig
+from models.heads import BucketHead, warm_start
 
 
 def _head(buckets=(0, 0, 1, 2)):
@@ -121,7 +122,7 @@ def test_a_narrower_branch_warm_starts_a_wider_one_exactly():
 
 
 def test_head_settings_validate_once_and_keep_each_sizes_widths():
-    from models.heads import HeadSettings
+    from models.config import HeadSettings
 
     wide = HeadSettings(model_size="xxlarge", expansion_dim=8, extra_expansion_dim=16, third_expansion_dim=32)
     assert wide.for_size("base").given() == {"model_size": "base", "num_buckets": 10}

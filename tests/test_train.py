@@ -4,8 +4,8 @@ import torch
 
 from models.calibration import calibrate_thresholds
 from models.candidates import Candidates, split_indices
-from models.config import TrainConfig
-from models.heads import BucketHead, HeadConfig
+from models.config import HeadConfig, TrainConfig
+from models.heads import BucketHead
 from models.train import EMA, lr_lambda, train
 
 

@@ -7,8 +7,7 @@ import torch
 
 import mlflow
 from conversations.records import load_records
-from models.config import TrainConfig
-from models.heads import HeadSettings
+from models.config import HeadSettings, TrainConfig
 from retrieval.encoder import INT8_ID
 from retrieval.store import build_table, open_table, read_columns
 from tasks import registry

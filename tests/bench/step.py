@@ -30,8 +30,7 @@ PARTS = ("step.inputs", "step.forward", "step.loss", "step.backward", "step.opti
 def phase_profile(db: str, epochs: int, precision: str, lexical: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from models.config import TrainConfig
-    from models.heads import HeadSettings
+    from models.config import HeadSettings, TrainConfig
     from retrieval.store import open_table
     from tasks.fitting import fit
 

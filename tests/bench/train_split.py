@@ -168,8 +168,7 @@ def main() -> None:
 
     from conversations.records import load_records
     from models import checkpoint
-    from models.config import TrainConfig
-    from models.heads import HeadSettings
+    from models.config import HeadSettings, TrainConfig
     from retrieval.answer import ChatEngine
     from retrieval.evaluate import evaluate
     from retrieval.store import build_table, open_table

@@ -43,8 +43,7 @@ def phase_build(data: str, db: str) -> dict:
 
 
 def phase_head(db: str, version: int, size: str, epochs: int, precision: str, lexical: str = "on") -> dict:
-    from models.config import TrainConfig
-    from models.heads import HeadSettings
+    from models.config import HeadSettings, TrainConfig
     from tasks.fitting import fit
 
     t0 = time.perf_counter()
@@ -83,8 +82,8 @@ def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
     import torch
 
     from models.candidates import Candidates
-    from models.config import TrainConfig
-    from models.heads import BucketHead, HeadConfig
+    from models.config import HeadConfig, TrainConfig
+    from models.heads import BucketHead
     from models.train import Trainable, TrainData, train
     from retrieval.trainable_encoder import TrainableEncoder
     from tasks.fitting import table_rows
