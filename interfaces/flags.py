@@ -67,8 +67,8 @@ def near_dup_arg(p: argparse.ArgumentParser, action: str = "drop a pair") -> Non
 
 
 def train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """Every training flag of the seed, defaults from ``TrainConfig``/``HeadConfig`` (one source)."""
-    from models.config import SIZES, TrainConfig
+    """Every training flag of the seed, defaults from ``TrainConfig``/``HeadSettings`` (one source)."""
+    from models.config import SIZES, HeadSettings, TrainConfig
 
     d = TrainConfig()
     model_name_arg(p)
@@ -78,8 +78,8 @@ def train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
             g,
             "--model_size",
             choices=SIZES,
-            default="base",
-            help="head size: base (MLP), large (+1 adapter branch), xlarge (+2, learned router), xxlarge (+3) (default base)",
+            default=HeadSettings.model_size,
+            help=f"head size: base (MLP), large (+1 adapter branch), xlarge (+2, learned router), xxlarge (+3) (default {HeadSettings.model_size})",
         )
     arg(g, "--expansion_dim", type=int, help="width of the first adapter branch (large and up; default 768, xlarge 896, xxlarge 1024)")
     arg(g, "--extra_expansion_dim", type=int, help="width of the second branch (xlarge and up; default 1536, xxlarge 2048)")

@@ -30,7 +30,7 @@ class HeadConfig:
     num_buckets: int = 10
     hidden_dim: int = 1024
     dropout: float = 0.5
-    model_size: str = "base"
+    model_size: str = SIZES[0]
     expansion_dim: int | None = None
     extra_expansion_dim: int | None = None
     third_expansion_dim: int | None = None
@@ -85,7 +85,7 @@ class HeadSettings:
     data). None leaves a setting to the warm-start checkpoint, else to ``HeadConfig``'s default.
     Validated here, once, by building the config it describes."""
 
-    model_size: str = "base"
+    model_size: str = SIZES[0]
     hidden_dim: int | None = None
     dropout: float | None = None
     expansion_dim: int | None = None

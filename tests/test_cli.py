@@ -30,7 +30,7 @@ COMMANDS = [
     ["pipeline"],
 ]
 
-# SEED.md's finetune lines, verbatim but for `python finetune_chat.py` -> `bucketchat finetune`.
+# The seed README's finetune lines, verbatim but for `python finetune_chat.py` -> `bucketchat finetune`.
 SEED_FINETUNE = [
     "--data conversation_data.sample.jsonl --device cpu",
     "--data conversation_data.massive.jsonl --weights champion_model_chat_large_ft_v3.pth --model_size large --train_all --balanced_sampler --split_mode stratified --pref_weight 0.22 --pref_beta 2.5 --pref_warmup_epochs 1.0 --hard_negative_ratio 0.7 --label_smoothing 0.05 --adaptive_pref_weighting --lr_schedule cosine --warmup_steps 400 --early_stop_patience 2 --epochs 2 --batch_size 128 --device cpu --output champion_model_chat_large_ft_v4.pth --meta chat_model_large_meta_v4.json",
@@ -40,7 +40,7 @@ SEED_FINETUNE = [
 ]
 
 
-# SEED.md's chat lines, verbatim but for `python chat_app.py` -> `bucketchat chat`.
+# The seed README's chat lines, verbatim but for `python chat_app.py` -> `bucketchat chat`.
 SEED_CHAT = [
     "--weights champion_model_chat_ft.pth --meta chat_model_meta.json --device cpu",
     "--weights champion_model_chat_large_ft_v4.pth --meta chat_model_large_meta_v4.json --device cpu --pool_mode all --response_temperature 0.10 --top_labels 4 --llm_db llm_chat.db --db_top_k 120",
@@ -160,7 +160,7 @@ def test_console_script_is_installed():
 
 @pytest.mark.slow
 def test_seed_finetune_lines_run_as_written(tmp_path, tiny_records, monkeypatch, mlflow_store, prefect_harness, capsys):
-    """SEED.md's five finetune command lines, in the order their checkpoints feed each other, on
+    """The seed README's five finetune command lines, in the order their checkpoints feed each other, on
     tiny stand-ins for the seed's data files; then the chat lines' checkpoints answer."""
     import shutil
     from pathlib import Path
