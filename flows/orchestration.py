@@ -206,9 +206,15 @@ def orchestrated():
     """Around a flow call: the API is up, runs of dead processes are marked crashed, and this
     process's runs carry its runner tag."""
     import prefect
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     for api in _STARTED:
         api.wait()
     crash_dead_runs()
-    with prefect.tags(TAG, runner_tag()):
+    # Heartbeats tell a shared server that a run's process is alive. On the command's own API the
+    # runner tag does that job (crash_dead_runs), and Prefect's heartbeat thread costs every flow run
+    # up to a second at its end (it sleeps in one-second steps before it sees the stop): five flow
+    # runs per pipeline. A server the user configured keeps them.
+    heartbeats = {} if not _STARTED else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with temporary_settings(updates=heartbeats), prefect.tags(TAG, runner_tag()):
         yield
