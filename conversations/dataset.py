@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conversations.records import Pair, Reject, load_records
+from conversations.records import Columns, Pair, Reject, load_records
 from conversations.text import json_line
 from models.atomic import atomic_path
 
@@ -72,21 +72,35 @@ def iter_parquet(path: str | Path, batch_size: int = 8192) -> Iterator[Pair]:
             )
 
 
-def read_pairs(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:
-    """Pairs from a ``.parquet`` dataset this project wrote, or from any conversation JSONL."""
-    if Path(path).suffix != ".parquet":
-        return load_records(path, strict=strict)
-    return list(iter_parquet(path)), []
+def is_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a ``.parquet`` dataset this project wrote (an earlier stage's output, whose
+    rejects were written then), rather than a table of conversations a user brings."""
+    if Path(path).suffix.lower() != ".parquet":
+        return False
+    try:
+        return set(SCHEMA.names) <= set(pq.read_schema(path).names)
+    except Exception:  # noqa: BLE001 - not Parquet at all: the reader says so, with the fix
+        return False
 
 
-def read_input(path: str | Path, output: str | Path, strict: bool = False) -> tuple[list[Pair], int, str | None]:
-    """Read a stage's input; for conversation JSONL, write its rejects beside ``output``.
+def read_pairs(path: str | Path, strict: bool = False, columns: Columns | None = None) -> tuple[list[Pair], list[Reject]]:
+    """Pairs from a dataset this project wrote, or from any conversation file (JSONL, a JSON
+    array, CSV, Parquet; ``columns`` names a table's columns)."""
+    if is_dataset(path):
+        return list(iter_parquet(path)), []
+    return load_records(path, strict=strict, columns=columns)
 
-    Returns (pairs, rejected line count, rejects path or None). A ``.parquet`` input was written by an
-    earlier stage, which already wrote its rejects; rewriting them here would erase them.
+
+def read_input(
+    path: str | Path, output: str | Path, strict: bool = False, columns: Columns | None = None
+) -> tuple[list[Pair], int, str | None]:
+    """Read a stage's input; for a conversation file, write its rejects beside ``output``.
+
+    Returns (pairs, rejected record count, rejects path or None). A dataset an earlier stage wrote
+    already had its rejects written; rewriting them here would erase them.
     """
-    pairs, rejects = read_pairs(path, strict=strict)
-    written = None if Path(path).suffix == ".parquet" else write_rejects(rejects, output)
+    pairs, rejects = read_pairs(path, strict=strict, columns=columns)
+    written = None if is_dataset(path) else write_rejects(rejects, output)
     if not pairs:
         raise ValueError(
             f"{str(path)!r} holds no usable conversation pairs"

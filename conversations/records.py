@@ -1,16 +1,22 @@
-"""Reading conversation JSONL into (user, assistant) pairs; every bad line is kept with its reason.
+"""Reading conversations into (user, assistant) pairs; every bad record is kept with its reason.
 
-Two record shapes (one JSON object per line, UTF-8):
+Files, by suffix: ``.jsonl`` (one JSON object per line, UTF-8; any other suffix reads as JSONL),
+``.json`` (one array of such objects), and tables: ``.csv``/``.tsv`` and ``.parquet``, one row per
+pair, whose columns ``Columns`` names. Two record shapes:
 
 - flat: ``{"user": "...", "assistant": "...", ...}``
 - multi-turn: ``{"messages": [{"role": "user", "content": "..."}, ...], ...}`` — one pair per
   assistant turn, the earlier turns kept as ``context``; ``system`` turns are allowed and skipped.
 
-Extra fields are kept as metadata; ``intent``/``label``/``bucket`` (first present) becomes ``label``.
+Extra fields (and extra columns) are kept as metadata; ``intent``/``label``/``bucket`` (first
+present) becomes ``label``. Every format goes through the same checks and rejects; a reject's
+``line`` is the file line for JSONL and CSV, the element number for a JSON array and the row number
+for Parquet (1 = the first).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -74,6 +80,54 @@ class Reject:
 
     def to_record(self) -> dict[str, Any]:
         return {"file": self.path, "line": self.line, "reason": self.reason, "fix": self.fix, "raw": self.raw}
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+INPUT_SUFFIXES = (".jsonl", ".json", *TABLE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a table hold the user's message, the stored response and the label
+    (``--user_col``, ``--assistant_col``, ``--label_col``). ``label`` None: the first of
+    intent/label/bucket the table has, if any. Other columns are kept as metadata."""
+
+    user: str = "user"
+    assistant: str = "assistant"
+    label: str | None = None
+
+    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A table row as a flat record (the JSONL shape); an empty cell is a missing field."""
+        named = {self.user: "user", self.assistant: "assistant"}
+        if self.label:
+            named[self.label] = "label"
+        # A column named like a field the loader interprets (context, source, id…) is the user's
+        # data, not ours to interpret: kept as metadata under another name.
+        rec = {(f"col_{k}" if k in RESERVED else k): v for k, v in row.items() if k not in named and v not in (None, "")}
+        rec = {k: v for k, v in rec.items() if not (k.startswith("col_") and k[4:] in LABEL_FIELDS)}
+        for column, field_name in named.items():
+            if row.get(column) not in (None, ""):
+                rec[field_name] = row[column]
+        if not self.label:
+            rec.update({k: row[k] for k in LABEL_FIELDS if row.get(k) not in (None, "")})
+        return rec
+
+    def explain(self, bad: Reject) -> Reject:
+        """A reject in the table's terms: its columns and cells, not the JSONL fields."""
+        if not bad.reason.startswith("missing field"):
+            return bad
+        missing = [c for c, f in ((self.user, "'user'"), (self.assistant, "'assistant'")) if f in bad.reason]
+        cells = " and ".join(repr(c) for c in missing)
+        return Reject(bad.path, bad.line, f"empty cell in column {cells}", "fill the cell or drop the row", bad.raw)
+
+    def check(self, names: list[str], path: Path, flag: str) -> None:
+        """A ``ValueError`` naming the missing column, the columns the table has and the flag to set."""
+        for column, option in ((self.user, "--user_col"), (self.assistant, "--assistant_col"), (self.label, "--label_col")):
+            if column and column not in names:
+                shown = ", ".join(repr(n) for n in names[:20]) + (" …" if len(names) > 20 else "")
+                raise ValueError(
+                    f"{flag} {str(path)!r} has no column {column!r}; its columns are {shown}; name the right one with {option}"
+                )
 
 
 class RecordError(ValueError):
@@ -156,12 +210,12 @@ def check_input(path: str | Path, flag: str = "--data") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(
-            f"{flag} {str(path)!r} is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)"
+            f"{flag} {str(path)!r} is a folder, not a file; pass a conversation file (.jsonl, .json, .csv, .parquet) (for a folder of drops use `bucketchat retrain --data_dir {path}`)"
         )
     if not path.exists():
         raise FileNotFoundError(f"{flag} {str(path)!r} does not exist; check the path")
     if not path.is_file():
-        raise ValueError(f"{flag} {str(path)!r} is not a regular file; pass a JSONL file")
+        raise ValueError(f"{flag} {str(path)!r} is not a regular file; pass a conversation file (.jsonl, .json, .csv, .parquet)")
     try:
         with open(path, "rb"):
             pass
@@ -186,14 +240,31 @@ def _surrogate_field(value: Any, where: str = "") -> str | None:
     return None
 
 
-def iter_records(path: str | Path, strict: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Pair | Reject]:
-    """Yield every pair in a JSONL file, and a ``Reject`` for every line that cannot be used: each
-    non-blank line gives one or more pairs or exactly one reject.
+def iter_records(
+    path: str | Path, strict: bool = False, max_line_bytes: int = MAX_LINE_BYTES, columns: Columns | None = None, flag: str = "--data"
+) -> Iterator[Pair | Reject]:
+    """Yield every pair in a conversation file, and a ``Reject`` for every record that cannot be
+    used: each non-blank line (element, row) gives one or more pairs or exactly one reject.
 
-    Reads bytes so one line of invalid UTF-8 is reported rather than aborting the whole file; text
-    is checked and repaired by ``conversations.text`` (the one rule for every way text comes in).
+    JSONL is read as bytes so one line of invalid UTF-8 is reported rather than aborting the whole
+    file; text is checked and repaired by ``conversations.text`` (the one rule for every way text
+    comes in). ``columns`` applies to tables (CSV, Parquet).
     """
-    path = check_input(path)
+    path = check_input(path, flag)
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES or suffix == ".json":
+        rows = _json_array(path) if suffix == ".json" else _table_rows(path, columns or Columns(), flag)
+        for number, obj, raw in rows:
+            bad = _read_object(obj, raw, str(path), number)
+            if isinstance(bad, list):
+                yield from bad
+                continue
+            if suffix in TABLE_SUFFIXES:
+                bad = (columns or Columns()).explain(bad)
+            if strict:
+                raise RecordError(bad.message())
+            yield bad
+        return
     with open(path, "rb") as fh:
         for number, (raw, size) in enumerate(read_lines(fh, max_line_bytes), start=1):
             bad = _read_line(raw, size, max_line_bytes, str(path), number)
@@ -205,6 +276,96 @@ def iter_records(path: str | Path, strict: bool = False, max_line_bytes: int = M
             if strict:
                 raise RecordError(bad.message())
             yield bad
+
+
+def _json_array(path: Path) -> Iterator[tuple[int, Any, str]]:
+    """The elements of a ``.json`` file holding one array (element number from 1)."""
+    try:
+        data = json.loads(decode_line(path.read_bytes()))
+    except TextError as exc:
+        raise ValueError(f"{str(path)!r}: {exc.reason}; {exc.fix}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); a .json file holds one array of records, a .jsonl file one record per line"
+        ) from None
+    if not isinstance(data, list):
+        raise ValueError(
+            f'{str(path)!r} holds a JSON {type(data).__name__}, not an array; write [{{"user": …, "assistant": …}}, …], or name the file .jsonl for one record per line'
+        )
+    for number, obj in enumerate(data, start=1):
+        yield number, obj, json.dumps(obj, ensure_ascii=False)[:2000]
+
+
+def _table_rows(path: Path, columns: Columns, flag: str) -> Iterator[tuple[int, dict, str]]:
+    """The rows of a CSV/TSV (file line of the row's end, so multi-line cells count) or Parquet file
+    (row number), as flat records."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+            raise ValueError(f"{flag} {str(path)!r} is not a readable Parquet file ({exc}); export the table again") from None
+        columns.check(table.schema_arrow.names, path, flag)
+        number = 0
+        for batch in table.iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, columns.record(row), json.dumps(row, ensure_ascii=False, default=str)[:2000]
+        return
+    # Undecodable bytes become lone surrogates here and are rejected row by row, as in JSONL.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        head = fh.read(65536)
+        fh.seek(0)
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        if path.suffix.lower() == ".csv":
+            try:
+                delimiter = csv.Sniffer().sniff(head, delimiters=",;\t|").delimiter
+            except csv.Error:
+                pass  # one column, or too little to tell: commas
+        csv.field_size_limit(MAX_LINE_BYTES)
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        try:
+            columns.check(list(reader.fieldnames or []), path, flag)
+        except csv.Error as exc:
+            raise ValueError(f"{flag} {str(path)!r} line {reader.line_num}: not readable as CSV ({exc}); check its quoting") from None
+        for row in _csv_rows(reader, path, flag):
+            raw = delimiter.join(v if isinstance(v, str) else "" for v in row.values())
+            row.pop(None, None)  # cells past the header's columns
+            yield reader.line_num, columns.record(row), raw.encode("utf-8", "replace").decode("utf-8")
+
+
+def _csv_rows(reader: csv.DictReader, path: Path, flag: str) -> Iterator[dict]:
+    """The reader's rows; a row the csv module cannot parse (an unclosed quote, a cell over 1 MiB)
+    stops the file with its line number: what follows it cannot be told apart."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ValueError(f"{flag} {str(path)!r} line {reader.line_num}: not readable as CSV ({exc}); fix that line's quoting") from None
+        yield row
+
+
+def _read_object(obj: Any, raw: str, path: str, number: int) -> list[Pair] | Reject:
+    """The pairs of one decoded record (a JSON value, a table row), or its ``Reject``."""
+    try:
+        where = _surrogate_field(obj)
+    except RecursionError:
+        return Reject(path, number, "JSON nested too deeply", "flatten the record", raw[:200])
+    if where is not None:
+        return Reject(
+            path,
+            number,
+            f"{f'field {where!r}' if where else 'the record'} holds text that is not valid Unicode (bytes that are not UTF-8, or a lone \\uD800-\\uDFFF escape)",
+            "save the file as UTF-8, with each character written as itself",
+            raw,
+        )
+    try:
+        return parse_record(obj, Path(path).stem, number)
+    except _Bad as exc:
+        return Reject(path, number, exc.reason, exc.fix, raw)
 
 
 def _read_line(raw: bytes, size: int, limit: int, path: str, number: int) -> list[Pair] | Reject | None:
@@ -247,25 +408,27 @@ def _read_line(raw: bytes, size: int, limit: int, path: str, number: int) -> lis
         return Reject(path, number, exc.reason, exc.fix, text)
 
 
-def require_pairs(path: str | Path, flag: str = "--data") -> None:
+def require_pairs(path: str | Path, flag: str = "--data", columns: Columns | None = None) -> None:
     """``ValueError`` unless ``path`` holds at least one usable pair; reads only up to the first one,
     so a good file costs a line and a useless one is reported before any work starts."""
     rejects: list[Reject] = []
-    for item in iter_records(path):
+    for item in iter_records(path, columns=columns, flag=flag):
         if isinstance(item, Pair):
             return
         rejects.append(item)
     if not rejects:
-        raise ValueError(f'{flag} {str(path)!r} is empty; it needs one JSON object per line, e.g. {{"user": "hi", "assistant": "hello"}}')
+        raise ValueError(
+            f'{flag} {str(path)!r} is empty; it needs conversations: one JSON object per line (.jsonl), e.g. {{"user": "hi", "assistant": "hello"}}, or a table (.csv, .parquet) with a row per pair'
+        )
     first = rejects[0]
     raise ValueError(
-        f"{flag} {str(path)!r} holds no usable conversation: all {len(rejects):,} of its non-blank lines were rejected, the first at line {first.line}: {first.reason}. Fix: {first.fix}"
+        f"{flag} {str(path)!r} holds no usable conversation: all {len(rejects):,} of its non-blank records were rejected, the first at line {first.line}: {first.reason}. Fix: {first.fix}"
     )
 
 
-def load_records(path: str | Path, strict: bool = False) -> tuple[list[Pair], list[Reject]]:
+def load_records(path: str | Path, strict: bool = False, columns: Columns | None = None) -> tuple[list[Pair], list[Reject]]:
     pairs: list[Pair] = []
     rejects: list[Reject] = []
-    for item in iter_records(path, strict=strict):
+    for item in iter_records(path, strict=strict, columns=columns):
         (pairs if isinstance(item, Pair) else rejects).append(item)
     return pairs, rejects

@@ -2,15 +2,23 @@
 
 from prefect import flow
 
+from conversations.records import Columns
 from tasks.database import build_database
 from tasks.settings import TABLE_NAME
 
 
 @flow(name="build-db")
 def build_db_flow(
-    data: str, db: str, table: str = TABLE_NAME, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False
+    data: str,
+    db: str,
+    table: str = TABLE_NAME,
+    num_buckets: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
+    strict: bool = False,
+    columns: Columns | None = None,
 ) -> dict:
-    return build_database(data, db, table, num_buckets, seed, device, strict)
+    return build_database(data, db, table, num_buckets, seed, device, strict, columns)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from prefect import flow
 
+from conversations.records import Columns
 from models.config import HeadSettings, TrainConfig
 from tasks.database import build_database
 from tasks.promotion import previous_training, register_and_promote
@@ -23,10 +24,10 @@ def finetune_flow(
     strict: bool = False,
     weights: str | None = None,
     resume: bool = False,
-    progress: bool = False,
     force: bool = False,
     model_name: str = MODEL_NAME,
     replace_champion: bool = False,
+    columns: Columns | None = None,
 ) -> dict:
     """With ``data``, (re)build the table first (cached embeddings make that cheap); otherwise train on
     ``table_version`` of an existing table (default: its latest). ``weights`` warm-starts from a local
@@ -39,7 +40,7 @@ def finetune_flow(
     train, head = train or TrainConfig(), head or HeadSettings(num_buckets=num_buckets)
     built = None
     if data:
-        built = build_database(data, db, table, head.num_buckets, train.seed, train.device, strict)
+        built = build_database(data, db, table, head.num_buckets, train.seed, train.device, strict, columns)
         table_version = built["version"]
     elif table_version is None:
         from retrieval.store import latest_complete_version
@@ -66,7 +67,7 @@ def finetune_flow(
             "train": {"run_id": previous["run_id"], "val_response_acc": previous["val_response_acc"], "skipped": True},
             "registry": registered,
         }
-    trained = train_head(db, table, table_version, train, head, output, meta, weights, resume, progress)
+    trained = train_head(db, table, table_version, train, head, output, meta, weights, resume)
     # With --train_all the model pins a new version (vectors from its fine-tuned encoder).
     pinned = trained["table_version"]
     promotion = register_and_promote(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from conversations.records import Columns
 from flows.build_db import build_db_flow
 from flows.build_super import build_super_flow
 from flows.finetune import finetune_flow
@@ -35,9 +36,11 @@ def pipeline_flow(
     db: str | None = None,
     model_name: str = MODEL_NAME,
     replace_champion: bool = False,
+    columns: Columns | None = None,
 ) -> dict:
     """``seed`` drives expansion and bucket assignment, and training when ``train`` is not given;
-    ``num_buckets`` applies when ``head`` is not given (a given ``head`` says its own)."""
+    ``num_buckets`` applies when ``head`` is not given (a given ``head`` says its own). ``data`` files
+    are JSONL, JSON arrays, CSV or Parquet; ``columns`` names a table's columns."""
     work = Path(workdir or default_workdir()).resolve()
     train, head = train or TrainConfig(seed=seed), head or HeadSettings(num_buckets=num_buckets)
     # Training keeps near duplicates (real phrasings) but links them to their twin's family, so the
@@ -52,6 +55,7 @@ def pipeline_flow(
         strict=strict,
         near_dup_threshold=near_dup_threshold,
         near_duplicates="link",
+        columns=columns,
     )
     db = db or str(work / "llm_chat.db")  # or an object-store URI (s3://…): only LanceDB's files go there
     built = build_db_flow(dataset["parquet"], db, table=TABLE_NAME, num_buckets=head.num_buckets, seed=seed, device=train.device)

@@ -56,7 +56,9 @@ def cmd_eval(a) -> None:
     from retrieval.evaluate import evaluate, format_report
 
     engine = load_engine(a)
-    report = evaluate(engine, a.data, a.oos)
+    from interfaces.flags import columns
+
+    report = evaluate(engine, a.data, a.oos, columns(a))
     print(json.dumps(report, indent=2) if a.json else format_report(report))
 
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import traceback
 
+from interfaces import console
 from interfaces.chat import cmd_chat, cmd_eval, cmd_serve
 from interfaces.commands import cmd_build_super, cmd_db, cmd_expand, cmd_finetune, cmd_pipeline, cmd_registry, cmd_retrain, cmd_size_sweep
 from interfaces.parser import build_parser
@@ -34,20 +35,24 @@ COMMANDS = {
 }
 
 
-def _quiet(verbose: bool) -> None:
-    """Libraries log to the console only with --verbose; a failure is then our one line, not
-    Prefect's tracebacks. Must run before prefect is imported (it reads its settings once)."""
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The commands that run flows write the libraries' logs to a log file (interfaces/console.py).
+FLOW_COMMANDS = {"expand", "build-super", "db", "finetune", "size-sweep", "pipeline", "retrain"}
+
+
+def _quiet(command: str, verbose: bool) -> None:
+    """Without --verbose, the commands that keep no log file keep library notices (MLflow's store
+    set-up) off the terminal. Must run before mlflow is imported (it reads its settings once)."""
+    if not verbose and command not in FLOW_COMMANDS:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 1 failed, 2 bad input or arguments (one line saying
     which and the fix), 128 + N stopped by signal N (130 for Ctrl-C, 143 for SIGTERM)."""
+    console.started()
     args = build_parser().parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
-    _quiet(verbose)
+    _quiet(args.command, verbose)
     apply_environment()  # before anything imports prefect: it reads its settings once
     name = COMMAND[0] = f"bucketchat {args.command}"
     handlers = {}

@@ -1,33 +1,86 @@
 """The data and training commands: check the inputs, start Prefect's API, run one flow, report.
-Each checks what it can before anything starts, so a typo costs a second, not a server start."""
+Each checks what it can before anything starts, so a typo costs a second, not a server start; while
+the flow runs the terminal shows progress, and the libraries' logs go to the command's log file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from flows.orchestration import orchestrated, start_api
-from interfaces.flags import run_config
+from interfaces import console
+from interfaces.flags import columns, run_config
 
 
-def preflight(paths: list[str], strict: bool, flag: str = "--data") -> None:
-    """Fail on a path that is missing, a folder, unreadable, empty or without one usable line (or,
-    with --strict, on the first bad line) before anything is started or written: a typo should cost
-    a second, not a server start and two tracebacks."""
-    from conversations.records import iter_records, require_pairs
+class FlowRun:
+    """One command's flow call: ``run(flow, *args, **kwargs)`` waits for Prefect's API (booting
+    while the flow's modules were imported) and calls the flow under the command's tags; ``log`` is
+    the command's log file (None with --verbose)."""
+
+    def __init__(self, log: Path | None):
+        self.log = log
+
+    def __call__(self, flow, *args, **kwargs):
+        with orchestrated():
+            return flow(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def flow_run(a, trains: bool = False) -> Iterator[FlowRun]:
+    """After the inputs are checked: stderr to the log file (unless --verbose), Prefect's API
+    starting, and for a command that ``trains``, what training needs loading on a thread
+    (``warm_up``). Import the flow inside, then call it through the ``FlowRun`` this yields."""
+    with console.captured(a.command, getattr(a, "verbose", False)) as log:
+        start_api()
+        if trains:
+            warm_up()
+        yield FlowRun(log)
+
+
+def warm_up() -> None:
+    """Open the MLflow store (its tables made on first use) and import what torch's optimizers load
+    on first use, on a thread while the server boots and the data stages run: a second or two each
+    that the training stage would otherwise wait for. A failure here is left for the stage that
+    needs the piece to raise, with its own message."""
+
+    def load() -> None:
+        try:
+            import torch._dynamo  # noqa: F401 - the first optimizer constructed imports it
+
+            from tasks import registry
+
+            registry.configure()
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
+
+    threading.Thread(target=load, name="warm-up", daemon=True).start()
+
+
+def done(run: FlowRun) -> None:
+    """The summary's last line: time taken and the log file."""
+    print(console.footer(run.log))
+
+
+def preflight(paths: list[str], strict: bool, flag: str = "--data", cols=None) -> None:
+    """Fail on a path that is missing, a folder, unreadable, empty or without one usable record (or,
+    with --strict, on the first bad one), or a table without the named columns, before anything is
+    started or written: a typo should cost a second, not a server start and two tracebacks."""
+    from conversations.dataset import is_dataset
+    from conversations.records import check_input, iter_records, require_pairs
 
     for path in paths:
-        if Path(path).suffix == ".parquet":
-            from conversations.records import check_input
-
+        if is_dataset(path):  # an earlier stage's output: checked when it was written
             check_input(path, flag)
         elif strict:
-            for _ in iter_records(path, strict=True):
+            for _ in iter_records(path, strict=True, columns=cols, flag=flag):
                 pass
-            require_pairs(path, flag)
+            require_pairs(path, flag, cols)
         else:
-            require_pairs(path, flag)
+            require_pairs(path, flag, cols)
 
 
 def report_rejects(result: dict) -> None:
@@ -37,12 +90,12 @@ def report_rejects(result: dict) -> None:
 
 
 def cmd_expand(a) -> None:
-    preflight([a.input], a.strict, "--input")
-    start_api()
-    from flows.expand import expand_flow
+    cols = columns(a)
+    preflight([a.input], a.strict, "--input", cols)
+    with flow_run(a) as run:
+        from flows.expand import expand_flow
 
-    with orchestrated():
-        r = expand_flow(a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict)
+        r = run(expand_flow, a.input, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict, cols)
     report_rejects(r)
     print(f"wrote {r['records']} records ({r['records'] - r['input_records']} new) to {r['jsonl']} and {r['parquet']}")
     dropped = r["inconsistent_variants"]
@@ -50,15 +103,27 @@ def cmd_expand(a) -> None:
         f"variants dropped by the consistency check: {sum(dropped.values())}"
         + (f" ({', '.join(f'{n} {k}' for k, n in sorted(dropped.items()))})" if dropped else "")
     )
+    done(run)
 
 
 def cmd_build_super(a) -> None:
-    preflight(a.inputs, a.strict, "--inputs")
-    start_api()
-    from flows.build_super import build_super_flow
+    cols = columns(a)
+    preflight(a.inputs, a.strict, "--inputs", cols)
+    with flow_run(a) as run:
+        from flows.build_super import build_super_flow
 
-    with orchestrated():
-        r = build_super_flow(a.inputs, a.output, a.target, a.creative_prob, a.blend_prob, a.seed, a.strict, a.near_dup_threshold)
+        r = run(
+            build_super_flow,
+            a.inputs,
+            a.output,
+            a.target,
+            a.creative_prob,
+            a.blend_prob,
+            a.seed,
+            a.strict,
+            a.near_dup_threshold,
+            columns=cols,
+        )
     report_rejects(r)
     print(f"wrote {r['records']} records to {r['jsonl']} and {r['parquet']}")
     print(
@@ -66,19 +131,21 @@ def cmd_build_super(a) -> None:
         + (", ".join(f"{n} {reason}" for reason, n in sorted(r["dropped"].items())) or "nothing")
         + f" (records in {r['rejects']}, counts in {r['report']})"
     )
+    done(run)
 
 
 def cmd_db(a) -> None:
     if a.db_command == "build":
-        preflight([a.data], a.strict)
-        start_api()
-        from flows.build_db import build_db_flow
+        cols = columns(a)
+        preflight([a.data], a.strict, "--data", cols)
+        with flow_run(a) as run:
+            from flows.build_db import build_db_flow
 
-        with orchestrated():
-            r = build_db_flow(a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict)
+            r = run(build_db_flow, a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict, cols)
         report_rejects(r)
         print(f"table {r['table']} in {r['db']}: version {r['version']}, {r['rows']} rows, {r['embedded']} newly embedded")
         print("rows per bucket: " + ", ".join(f"{b}: {n}" for b, n in r["buckets"].items()))
+        done(run)
         return
     from retrieval.store import stats
 
@@ -109,12 +176,13 @@ def check_weights(spec: str | None) -> None:
 def cmd_finetune(a) -> None:
     train, head = run_config(a)
     check_weights(a.weights)
-    preflight([a.data] if a.data else [], a.strict)
-    start_api()
-    from flows.finetune import finetune_flow
+    cols = columns(a)
+    preflight([a.data] if a.data else [], a.strict, "--data", cols)
+    with flow_run(a, trains=True) as run:
+        from flows.finetune import finetune_flow
 
-    with orchestrated():
-        r = finetune_flow(
+        r = run(
+            finetune_flow,
             a.db,
             data=a.data,
             table=a.table,
@@ -126,23 +194,24 @@ def cmd_finetune(a) -> None:
             strict=a.strict,
             weights=a.weights,
             resume=a.resume,
-            progress=sys.stderr.isatty(),
             force=a.force,
             model_name=a.model_name,
             replace_champion=a.replace_champion,
+            columns=cols,
         )
     report_training(r, a.model_name)
     print(f"local checkpoint: {a.output} + {a.meta}")
+    done(run)
 
 
 def cmd_size_sweep(a) -> None:
     train, head = run_config(a, sweep=True)
     preflight([a.data] if a.data else [], False)
-    start_api()
-    from flows.size_sweep import size_sweep_flow
+    with flow_run(a, trains=True) as run:
+        from flows.size_sweep import size_sweep_flow
 
-    with orchestrated():
-        r = size_sweep_flow(
+        r = run(
+            size_sweep_flow,
             a.db,
             data=a.data,
             table=a.table,
@@ -159,7 +228,8 @@ def cmd_size_sweep(a) -> None:
         reg = v["registry"]
         acc = f"{v['val_response_acc']:.4f}" if v["val_response_acc"] is not None else "n/a"
         print(f"  {size:<8} {acc:>16} {v['examples_per_second']:>11.0f}  v{reg['version']}{' (champion)' if reg['promoted'] else ''}")
-    print("compare the runs in the MLflow UI: see README, 'Comparing model sizes'")
+    print("compare the runs in the MLflow UI: see README, 'Compare model sizes in MLflow'")
+    done(run)
 
 
 def cmd_registry(a) -> None:
@@ -218,13 +288,14 @@ def report_table(b: dict) -> None:
 
 def cmd_pipeline(a) -> None:
     train, head = run_config(a)
-    preflight(a.data, a.strict)
+    cols = columns(a)
+    preflight(a.data, a.strict, "--data", cols)
     check_weights(a.weights)
-    start_api()
-    from flows.pipeline import pipeline_flow
+    with flow_run(a, trains=True) as run:
+        from flows.pipeline import pipeline_flow
 
-    with orchestrated():
-        r = pipeline_flow(
+        r = run(
+            pipeline_flow,
             a.data,
             workdir=a.workdir,
             target=a.target,
@@ -241,6 +312,7 @@ def cmd_pipeline(a) -> None:
             db=a.db,
             model_name=a.model_name,
             replace_champion=a.replace_champion,
+            columns=cols,
         )
     d = r["dataset"]
     if d["rejected_lines"]:
@@ -251,17 +323,18 @@ def cmd_pipeline(a) -> None:
     report_table(r["build"])
     report_training(r, a.model_name)
     print(f"workdir: {r['workdir']}")
+    done(run)
 
 
 def cmd_retrain(a) -> None:
     folder = Path(a.data_dir)
     if not folder.is_dir():
         raise ValueError(f"--data_dir {a.data_dir!r} is not a folder; pass the folder the data drops (*.jsonl) are put in")
-    start_api()
-    from flows.retrain import retrain_flow
+    with flow_run(a, trains=True) as run:
+        from flows.retrain import retrain_flow
 
-    with orchestrated():
-        r = retrain_flow(a.data_dir, a.workdir, a.target, force=a.force, model_name=a.model_name)
+        r = run(retrain_flow, a.data_dir, a.workdir, a.target, force=a.force, model_name=a.model_name, columns=columns(a))
     print(f"{len(r['drops'])} drop(s) in {a.data_dir}; dataset {r['dataset']['records']} pairs")
     report_table(r["build"])
     report_training(r, a.model_name)
+    done(run)

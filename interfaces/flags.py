@@ -290,6 +290,22 @@ def train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     )
 
 
+def column_args(p: argparse.ArgumentParser) -> None:
+    """Which columns of a table input (.csv, .tsv, .parquet) hold what; JSONL and JSON ignore them."""
+    g = p.add_argument_group("table inputs (.csv, .tsv, .parquet)")
+    arg(g, "--user_col", default="user", help="column holding the user's message (default user)")
+    arg(g, "--assistant_col", default="assistant", help="column holding the stored response (default assistant)")
+    arg(g, "--label_col", help="column holding an intent/label (default: intent, label or bucket when present)")
+
+
+def columns(a: argparse.Namespace):
+    """The ``Columns`` the column flags name, or None when they are all at their defaults."""
+    from conversations.records import Columns
+
+    cols = Columns(user=a.user_col, assistant=a.assistant_col, label=a.label_col)
+    return None if cols == Columns() else cols
+
+
 def run_config(a: argparse.Namespace, sweep: bool = False):
     """The run's ``TrainConfig`` and ``HeadSettings`` from the flags (every field has its flag),
     validated here, once, so a bad flag fails before Prefect starts. A sweep has no size of its own:

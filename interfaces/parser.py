@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from interfaces.flags import add_verbose, arg, expansion_args, model_name_arg, near_dup_arg, train_args
+from interfaces.flags import add_verbose, arg, column_args, expansion_args, model_name_arg, near_dup_arg, train_args
 from tasks.settings import CHAMPION_ALIAS, TABLE_NAME
 
 EXAMPLES = """examples:
@@ -89,16 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="grow a dataset with synthetic variants",
         description="Grow a conversation JSONL to exactly --target records with meaning-preserving variants of the user side. Each new record carries parent_id and op.",
     )
-    arg(p, "--input", required=True, help="conversation JSONL (flat pairs or multi-turn) or a .parquet dataset")
+    arg(p, "--input", required=True, help="conversations: .jsonl (flat pairs or multi-turn), .json array, .csv/.tsv or .parquet table")
     expansion_args(p, target_required=True)
+    column_args(p)
 
     p = sub.add_parser(
         "build-super",
         help="merge sources, filter, dedupe and expand",
         description="Merge several sources (each keeps its `source`), drop unusable pairs (too short/long, mostly non-text, echoes, control characters, broken encoding), exact and near duplicates, then expand to --target if it is larger. Writes the dataset (.jsonl + .parquet), a .rejects.jsonl with every dropped record and why, and a .report.json with counts per reason.",
     )
-    arg(p, "--inputs", nargs="+", required=True, help="conversation JSONL files or .parquet datasets")
+    arg(p, "--inputs", nargs="+", required=True, help="conversation files: .jsonl, .json, .csv/.tsv or .parquet")
     expansion_args(p, target_required=False)
+    column_args(p)
     near_dup_arg(p)
 
     p = sub.add_parser("db", help="build or inspect the LanceDB conversation table")
@@ -108,13 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed, bucket and write a new table version",
         description="Embed every user message (cached by content hash), assign buckets, and write a new version of the table with a full-text index (and a vector index when large).",
     )
-    arg(b, "--data", required=True, help="conversation JSONL or .parquet dataset")
+    arg(b, "--data", required=True, help="conversations: .jsonl, .json, .csv/.tsv or .parquet")
     arg(b, "--db", required=True, help="LanceDB folder, e.g. llm_chat.db, or an object-store URI (s3://bucket/llm_chat.db)")
     arg(b, "--table", default=TABLE_NAME, help=f"table name (default {TABLE_NAME})")
     arg(b, "--num_buckets", type=int, default=10, help="response buckets (default 10)")
     arg(b, "--seed", type=int, default=0, help="clustering seed (default 0)")
     arg(b, "--device", default="cpu", help="encoder device (default cpu)")
     arg(b, "--strict", action="store_true", help="stop at the first malformed line")
+    column_args(b)
     s = dbsub.add_parser(
         "stats", help="rows, buckets, sources, versions and index state", description="Describe the latest version of the table."
     )
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--output", default="champion_model_chat_ft.pth", help="local weights file (safetensors; default champion_model_chat_ft.pth)")
     arg(p, "--meta", default="chat_model_meta.json", help="local meta JSON (default chat_model_meta.json)")
     arg(p, "--strict", action="store_true", help="stop at the first malformed line")
+    column_args(p)
     train_args(p)
 
     p = sub.add_parser(
@@ -181,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a model on labelled test data (and out-of-scope messages)",
         description="Ask every line of --data through the chat engine and report response accuracy (a fallback counts as wrong), bucket accuracy, fallback rate, latency percentiles and, with --oos, the share of out-of-scope messages that fall back.",
     )
-    arg(p, "--data", required=True, help="test JSONL: each line's assistant text is the expected response")
+    arg(p, "--data", required=True, help="test conversations (.jsonl, .json, .csv, .parquet): each assistant text is the expected response")
     arg(p, "--oos", help="JSONL (or plain text, one message per line) of messages the bot should not answer")
     engine_args(p)
     arg(p, "--json", action="store_true", help="print the report as JSON")
+    column_args(p)
 
     p = sub.add_parser(
         "serve",
@@ -203,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole chain on embedded defaults",
         description="Prepare (merge, filter, dedupe) -> [expand] -> build the table -> train -> register -> promote. Everything goes under --workdir; runs are tracked in MLFLOW_TRACKING_URI (default: mlflow/ in the project).",
     )
-    arg(p, "--data", nargs="+", required=True, help="conversation JSONL files")
+    arg(p, "--data", nargs="+", required=True, help="conversation files: .jsonl, .json, .csv/.tsv or .parquet (tables: see --user_col)")
     arg(p, "--workdir", help="folder for everything the run makes (default .bucketchat/work in the project)")
     arg(
         p,
@@ -214,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--target",
         type=int,
-        help="expand the dataset to this many records first (default: no expansion; on held-out BANKING77 rows it no longer helped the head, see README)",
+        help="expand the dataset to this many records first (default: no expansion; on held-out BANKING77 rows it no longer helped the head, see BENCHMARKS.md)",
     )
     arg(p, "--creative_prob", type=float, default=0.0, help="see `bucketchat expand`")
     arg(p, "--blend_prob", type=float, default=0.0, help="see `bucketchat expand`")
@@ -222,17 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--seed", type=int, default=42, help="seed (default 42)")
     arg(p, "--strict", action="store_true", help="stop at the first malformed line")
     near_dup_arg(p, action="keep a pair in its twin's family (never split across train/validation)")
+    column_args(p)
     train_args(p)
 
     p = sub.add_parser(
         "retrain",
         help="retrain from a folder of data drops; the champion moves only if better",
-        description="Run the pipeline over every *.jsonl in --data_dir (what the scheduled `retrain` deployment does). Unchanged data is neither re-read, re-deduplicated nor re-embedded; an unchanged folder writes no table version and trains nothing. A new model is registered and becomes champion only if it beats the champion on validation; the output says why.",
+        description="Run the pipeline over every conversation file (*.jsonl, *.json, *.csv, *.tsv, *.parquet) in --data_dir (what the scheduled `retrain` deployment does). Unchanged data is neither re-read, re-deduplicated nor re-embedded; an unchanged folder writes no table version and trains nothing. A new model is registered and becomes champion only if it beats the champion on validation; the output says why.",
     )
-    arg(p, "--data_dir", required=True, help="folder of conversation JSONL drops (*.rejects.jsonl files are skipped)")
+    arg(p, "--data_dir", required=True, help="folder of conversation file drops (*.rejects.jsonl files are skipped)")
     arg(p, "--workdir", help="as in `bucketchat pipeline` (default .bucketchat/work in the project)")
     arg(p, "--target", type=int, help="as in `bucketchat pipeline` (default: no expansion)")
     arg(p, "--force", action="store_true", help="train even when nothing changed")
     model_name_arg(p, promote=False)
+    column_args(p)
     add_verbose(parser)
     return parser

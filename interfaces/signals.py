@@ -46,10 +46,12 @@ def stop_now(name: str, signum: int) -> None:
             crash_dead_runs(own=True, timeout=0.4)
         except Exception:  # noqa: BLE001 - stopping anyway; the next command marks them
             pass
-    sys.stderr.write(
+    from interfaces.console import terminal
+
+    terminal().write(
         f"\n{name}: stopped by {signal.Signals(signum).name}; files it writes are replaced whole, so nothing half-written was kept (run it again to continue)\n"
     )
-    sys.stderr.flush()
+    terminal().flush()
     sys.stdout.flush()
     os._exit(128 + signum)
 

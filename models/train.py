@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 from torch.profiler import record_function
 
+from models import progress
 from models.atomic import failpoint
 from models.calibration import answered_right
 from models.config import TrainConfig
@@ -40,11 +41,11 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
         if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
+            return 0.5 * (1 + math.cos(math.pi * done))
         if schedule == "linear":
-            return 1.0 - progress
+            return 1.0 - done
         return 1.0
 
     return f
@@ -226,7 +227,6 @@ def train(
     state_path: str | Path | None = None,
     resume: bool = False,
     stop_after_epoch: int | None = None,
-    progress: bool = False,
     until_epoch: int | None = None,
     label: str = "train",
 ) -> TrainResult:
@@ -303,17 +303,7 @@ def train(
     stopped = bool(history) and cfg.early_stop_patience > 0 and bad >= cfg.early_stop_patience
     seen, seconds = 0, 0.0
     writer = StateWriter(state_path) if state_path is not None else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=steps_per_epoch * last_epoch,
-            initial=step,
-            desc="training" if label == "train" else label,
-            unit="step",
-            dynamic_ncols=True,
-        )
+    bar = progress.bar(last_epoch, "training" if label == "train" else label, "epoch", initial=start_epoch - 1)
     for epoch in range(start_epoch, last_epoch + 1):
         if stopped:
             break
@@ -360,8 +350,6 @@ def train(
                 ema.update(model)
             if on_step:
                 on_step({"step": step, "loss": total / max(1, i + len(chunk)), "lr": sched.get_last_lr()[0], "pref_weight": pref_w})
-            if bar is not None:
-                bar.update(1)
         seconds += time.perf_counter() - t0
         seen += len(order)
         row = {
@@ -388,6 +376,8 @@ def train(
         if live is not None:
             model.load_state_dict(live)
         history.append(row)
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_response_acc") if k in row}, refresh=False)
+        bar.update(1)
         if on_epoch:
             on_epoch(row)
         if writer is not None:
@@ -416,8 +406,7 @@ def train(
             break
     if writer is not None:
         writer.close()
-    if bar is not None:
-        bar.close()
+    bar.close()
     model.load_state_dict(best)
     model.eval()
     return TrainResult(

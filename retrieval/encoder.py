@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models import progress
+
 TORCH_ID = "sentence-transformers/all-MiniLM-L6-v2"
 INT8_ID = f"{TORCH_ID}+onnx-int8"
 # What new tables are embedded with; BUCKETCHAT_ENCODER=torch picks fp32 (e.g. to compare the two).
@@ -157,24 +159,21 @@ def _embed_one(text: str) -> np.ndarray:
     return vec / np.linalg.norm(vec)
 
 
-def _embed_int8(texts: list[str], progress: bool) -> np.ndarray:
+def _embed_int8(texts: list[str], bar) -> np.ndarray:
     """Every text alone, several at once on threads. Alone on purpose: int8 activations are quantized
     with one scale per run, so a text batched with others got a vector that depended on its
     batch-mates (cosine 0.992 mean, 0.983 min to itself alone: tests/bench/encoder.py), and a
     content-hash cache must map a text to one vector. Alone, on threads: 753 rows/s here."""
-    if len(texts) == 1:
-        return _embed_one(texts[0])[None].astype(np.float32)
     from concurrent.futures import ThreadPoolExecutor
 
     load_int8()  # make the ONNX file once, before the threads ask for it
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     try:
-        vecs = pool.map(_embed_one, texts, chunksize=64)
-        if progress:
-            from tqdm.auto import tqdm
-
-            vecs = tqdm(vecs, total=len(texts), desc="embedding", unit="row", mininterval=1.0)
-        return np.stack(list(vecs)).astype(np.float32)
+        vecs = []
+        for vec in pool.map(_embed_one, texts, chunksize=64):
+            vecs.append(vec)
+            bar.update(1)
+        return np.stack(vecs).astype(np.float32)
     finally:
         # Not `with`: on Ctrl-C its exit would wait for every queued text to be embedded first.
         pool.shutdown(wait=False, cancel_futures=True)
@@ -184,24 +183,29 @@ def embed(
     texts: list[str],
     device: str = "cpu",
     batch_size: int = 64,
-    progress: bool = False,
     path: str | None = None,
     encoder_id: str = ENCODER_ID,
 ) -> np.ndarray:
     """Unit-length embeddings, shape (N, 384) float32; cosine similarity is then a dot product.
 
     ``encoder_id`` says which form: ``INT8_ID`` (onnxruntime, CPU), ``TORCH_ID``, or a fine-tuned
-    encoder whose folder is ``path`` (torch)."""
+    encoder whose folder is ``path`` (torch). More than one text shows an "embedding" bar."""
     if not texts:
         return np.zeros((0, DIM), dtype=np.float32)
-    if path is None and encoder_id == INT8_ID:
-        return _embed_int8(list(texts), progress)
     if path is None and encoder_id not in STOCK_IDS:
         raise ValueError(f"encoder {encoder_id!r} is a fine-tuned encoder but no folder was given; pass the model's encoder folder")
-    vecs = load_encoder(device, str(path) if path else None).encode(
-        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress
-    )
-    return np.asarray(vecs, dtype=np.float32)
+    texts = list(texts)
+    if len(texts) == 1 and path is None and encoder_id == INT8_ID:  # a chat turn: no bar, no threads
+        return _embed_one(texts[0])[None].astype(np.float32)
+    with progress.bar(len(texts), "embedding", "row") as bar:
+        if path is None and encoder_id == INT8_ID:
+            return _embed_int8(texts, bar)
+        model, parts = load_encoder(device, str(path) if path else None), []
+        for i in range(0, len(texts), 16 * batch_size):
+            chunk = texts[i : i + 16 * batch_size]
+            parts.append(model.encode(chunk, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True))
+            bar.update(len(chunk))
+    return np.concatenate(parts).astype(np.float32)
 
 
 def text_key(text: str, encoder_id: str = ENCODER_ID) -> str:
@@ -246,7 +250,7 @@ class EmbeddingCache:
             self._load()
         return len(self._vectors)
 
-    def embed(self, texts: list[str], device: str = "cpu", progress: bool = False) -> tuple[np.ndarray, int]:
+    def embed(self, texts: list[str], device: str = "cpu") -> tuple[np.ndarray, int]:
         """Vectors for ``texts`` (N, 384) and how many had to be computed."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -258,7 +262,7 @@ class EmbeddingCache:
         keys = [text_key(t, self.encoder_id) for t in texts]
         missing = list(dict.fromkeys(k_t for k_t in zip(keys, texts) if k_t[0] not in self._vectors))
         if missing:
-            vecs = embed([t for _, t in missing], device=device, progress=progress, path=self.encoder_path, encoder_id=self.encoder_id)
+            vecs = embed([t for _, t in missing], device=device, path=self.encoder_path, encoder_id=self.encoder_id)
             new_keys = [k for k, _ in missing]
             self._vectors.update(zip(new_keys, vecs))
             shard = pa.table({"key": new_keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM)})

@@ -53,11 +53,12 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in (50, 90, 99)} | {"mean": round(float(arr.mean()), 2)}
 
 
-def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None) -> dict:
-    """Every test line (and out-of-scope message) through ``engine.answer``; returns the report."""
+def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None, columns=None) -> dict:
+    """Every test pair (and out-of-scope message) through ``engine.answer``; returns the report.
+    ``columns`` (``conversations.records.Columns``) names the columns of a table ``data``."""
     from conversations.records import load_records
 
-    pairs, rejects = load_records(data)
+    pairs, rejects = load_records(data, columns=columns)
     if not pairs:
         raise ValueError(
             f"--data {str(data)!r} holds no usable test pairs ({len(rejects)} malformed lines); each line needs user and assistant"

@@ -105,14 +105,12 @@ def table_encoder(tbl) -> str:
     return (meta.get(b"encoder") or TORCH_ID.encode()).decode()  # no tag: built before tables carried one (torch fp32)
 
 
-def reembed_table(
-    db: str | Path, table: str, version: int, encoder_path: str, encoder_id: str, device: str = "cpu", progress: bool = False
-) -> int:
+def reembed_table(db: str | Path, table: str, version: int, encoder_path: str, encoder_id: str, device: str = "cpu") -> int:
     """Write ``table@version``'s rows as a new version whose vectors come from another encoder (a
     fine-tuned one): a model and the table it pins must use the same encoder. Returns the version."""
     data = open_table(db, table, version).to_arrow()
     cache = EmbeddingCache(local_dir(db) / CACHE_DIR, encoder_id, encoder_path)
-    vecs, _ = cache.embed(data["user"].to_pylist(), device=device, progress=progress)
+    vecs, _ = cache.embed(data["user"].to_pylist(), device=device)
     data = data.set_column(
         data.schema.get_field_index("vector"), "vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM)
     )
@@ -177,9 +175,7 @@ def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
     return BuildResult(str(db), table, int(tbl.version), sum(counts.values()), 0, dict(sorted(counts.items())), reused=True)
 
 
-def build_table(
-    pairs: list[Pair], db: str | Path, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", progress: bool = False
-) -> BuildResult:
+def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu") -> BuildResult:
     """Embed (through the cache), bucket and write ``pairs`` as a new version of ``table``.
 
     When the latest version was built from the same rows and settings it is returned as it is
@@ -195,7 +191,7 @@ def build_table(
     if same is not None:
         return same
     cache = EmbeddingCache(local_dir(db) / CACHE_DIR)
-    user_vecs, new_users = cache.embed([p.user for p in pairs], device=device, progress=progress)
+    user_vecs, new_users = cache.embed([p.user for p in pairs], device=device)
     responses = [p.assistant for p in pairs]
     labels = [p.label for p in pairs]
     keys = group_keys(labels, responses)
@@ -204,7 +200,7 @@ def build_table(
     resp_lookup, new_resp = {}, 0
     if need:
         uniq = list(dict.fromkeys(need))
-        vecs, new_resp = cache.embed(uniq, device=device, progress=progress)
+        vecs, new_resp = cache.embed(uniq, device=device)
         resp_lookup = dict(zip(uniq, vecs))
     response_vecs = np.stack([resp_lookup.get(r, user_vecs[i]) for i, r in enumerate(responses)])
     buckets, _ = assign_buckets(keys, user_vecs, response_vecs, num_buckets=num_buckets, seed=seed)

@@ -11,8 +11,9 @@ from prefect import task
 from conversations.augment import expand
 from conversations.dataset import iter_parquet, read_input, read_pairs, rejects_path, sibling, write_dataset, write_rejects
 from conversations.dedupe import QualityConfig, filter_and_dedupe
-from conversations.records import Reject
+from conversations.records import Columns, Reject
 from conversations.text import json_line
+from models import progress
 from models.atomic import atomic_path, write_text
 from tasks import run_logger
 from tasks.caching import CACHED, file_digest
@@ -29,12 +30,12 @@ def shard_path(source: str, staging: str | Path) -> Path:
 
 
 @task(**CACHED)
-def validate_source(path: str, staging: str, strict: bool = False) -> dict:
+def validate_source(path: str, staging: str, strict: bool = False, columns: Columns | None = None) -> dict:
     """Read one source: its pairs to a Parquet shard in ``staging``, its malformed lines beside it.
 
     Mapped over the sources, so they are read in parallel (threads, or a Dask cluster).
     """
-    pairs, rejects = read_pairs(path, strict=strict)
+    pairs, rejects = read_pairs(path, strict=strict, columns=columns)
     shard = shard_path(path, staging)
     write_dataset(pairs, shard)
     run_logger().info("%s: %d pairs, %d malformed lines", path, len(pairs), len(rejects))
@@ -54,9 +55,14 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
         def reject(r: Reject) -> None:
             rejects_file.write(json_line(r.to_record()))
 
-        kept, report = filter_and_dedupe(
-            (p for shard in shards for p in iter_parquet(shard["shard"])), cfg, on_drop=reject, near_duplicates=near_duplicates
-        )
+        def pairs(bar):
+            for shard in shards:
+                for p in iter_parquet(shard["shard"]):
+                    bar.update(1)
+                    yield p
+
+        with progress.bar(sum(s["pairs"] for s in shards), "dedupe", "pair") as bar:
+            kept, report = filter_and_dedupe(pairs(bar), cfg, on_drop=reject, near_duplicates=near_duplicates)
     malformed = sum(s["malformed"] for s in shards)
     summary = {
         "sources": {s["source"]: {"pairs": s["pairs"], "malformed": s["malformed"]} for s in shards},
@@ -86,10 +92,17 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
 
 @task(**CACHED)
 def expand_dataset(
-    input: str, output: str, target: int, creative_prob: float = 0.0, blend_prob: float = 0.0, seed: int = 42, strict: bool = False
+    input: str,
+    output: str,
+    target: int,
+    creative_prob: float = 0.0,
+    blend_prob: float = 0.0,
+    seed: int = 42,
+    strict: bool = False,
+    columns: Columns | None = None,
 ) -> dict:
     """Grow a dataset to exactly ``target`` pairs with synthetic variants (see conversations/augment.py)."""
-    pairs, rejected, rejects_file = read_input(input, output, strict)
+    pairs, rejected, rejects_file = read_input(input, output, strict, columns)
     grown, inconsistent = expand(pairs, target, creative_prob=creative_prob, blend_prob=blend_prob, seed=seed)
     run_logger().info(
         "expanded %d -> %d records; %d variants dropped as inconsistent: %s",

@@ -8,19 +8,29 @@ from pathlib import Path
 from prefect import task
 
 from conversations.dataset import read_input
+from conversations.records import Columns
 from retrieval.store import build_table, is_uri, local_dir, stats
 from tasks import run_logger
 from tasks.retries import IO_RETRIES
 
 
 @task(**IO_RETRIES)  # I/O on the table folder; a rebuild is safe to repeat
-def build_database(data: str, db: str, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu", strict: bool = False) -> dict:
+def build_database(
+    data: str,
+    db: str,
+    table: str,
+    num_buckets: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
+    strict: bool = False,
+    columns: Columns | None = None,
+) -> dict:
     """Embed, bucket and write ``data`` as a new version of ``table``; rejects go beside the db."""
     logger = run_logger()
     # llm_chat.db -> llm_chat.rejects.jsonl beside it; for an object-store db, in its local folder.
     beside = local_dir(db) / Path(db).name if is_uri(db) else db
-    pairs, rejected, rejects_file = read_input(data, beside, strict)
-    result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, progress=len(pairs) > 2000)
+    pairs, rejected, rejects_file = read_input(data, beside, strict, columns)
+    result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device)
     if result.reused:
         logger.info("table %s@%d already holds exactly these %d rows; no new version written", table, result.version, result.rows)
     else:

@@ -54,6 +54,14 @@ def data_version(rows: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def data_name(ids: list[str]) -> str:
+    """What the rows came from, for people: the source files' names (every id starts with its
+    source's), e.g. ``tickets+faq``; a long list is cut with how many more there are."""
+    sources = sorted({i.split(":", 1)[0] for i in ids})
+    shown = "+".join(sources[:3])
+    return shown + (f"+{len(sources) - 3} more" if len(sources) > 3 else "")
+
+
 def encoder_folder(db: str, encoder_id: str) -> Path | None:
     """Where a fine-tuned encoder used by a table version is kept (None for the stock encoder)."""
     if encoder_id in STOCK_IDS:
@@ -124,7 +132,6 @@ def fit(
     weights: str | None = None,
     state_path: str | None = None,
     resume: bool = False,
-    progress: bool = False,
     logger=None,
 ) -> tuple[BucketHead, dict, dict]:
     """Train a head on ``table@version``; returns (head, meta, extras: validation ids and accuracy,
@@ -203,7 +210,6 @@ def fit(
             on_step=on_step,
             state_path=state_path,
             resume=resume,
-            progress=progress,
         )
         # Held-out predictions of this run: the fallback thresholds, the score and the plots use them.
         log_pr = validation_log_probs(model, data, va)
@@ -231,7 +237,6 @@ def fit(
                 on_step=prefixed(on_step),
                 state_path=refit_state,
                 resume=bool(resume and refit_state and Path(refit_state).is_file()),
-                progress=progress,
                 until_epoch=result.best_epoch,
                 label="refit",
             )
@@ -254,7 +259,7 @@ def fit(
 
                 with atomic_dir(folder) as dst:
                     shutil.copytree(tmp, dst, dirs_exist_ok=True)
-        pinned = reembed_table(db, table, version, str(folder), encoder_id, progress=progress)
+        pinned = reembed_table(db, table, version, str(folder), encoder_id)
         saved_encoder = EncoderFolder(folder, encoder_id)
     elif encoder_id not in STOCK_IDS:
         saved_encoder = EncoderFolder(table_encoder_path(db, encoder_id), encoder_id)
@@ -279,6 +284,8 @@ def fit(
             "version": pinned,
             "trained_on_version": int(version),
             "data_version": data_version(rows),
+            "data": data_name(rows["ids"]),
+            "rows": len(rows["ids"]),
         },
         "candidates": {"texts": cands.texts, "buckets": cands.buckets, "counts": cands.counts},
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),

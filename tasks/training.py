@@ -48,6 +48,23 @@ class MetricBuffer:
             self.client.log_batch(self.run_id, metrics=batch)
 
 
+def log_dataset(run_id: str, db: str, pinned: dict) -> None:
+    """The table version trained on as the run's MLflow dataset input (the runs table's Dataset
+    column): named after its sources, its content hash as the digest, the table as the source."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from mlflow import MlflowClient
+
+    dataset = Dataset(
+        name=pinned["data"],
+        digest=pinned["data_version"],
+        source_type="lancedb",
+        source=json.dumps({"uri": db_key(db), "table": pinned["name"], "version": pinned["version"]}),
+        profile=json.dumps({"num_rows": pinned["rows"]}),
+    )
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+
+
 def bucket_report(
     log_pr: torch.Tensor,
     y_val: torch.Tensor,
@@ -106,7 +123,6 @@ def train_head(
     meta: str | None = None,
     weights: str | None = None,
     resume: bool = False,
-    progress: bool = False,
 ) -> dict:
     """Fit, log params/metrics/checkpoint/plots to MLflow, and write the local ``--output``/``--meta``.
 
@@ -124,7 +140,7 @@ def train_head(
     run_id = None
     if resume and state_path.with_suffix(".run").is_file():
         run_id = state_path.with_suffix(".run").read_text().strip() or None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{size}-{table}-v{version}") as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{size} · {table} v{version}") as run:
         state_path.parent.mkdir(parents=True, exist_ok=True)
         state_path.with_suffix(".run").write_text(run.info.run_id)
         if not run_id:
@@ -160,7 +176,6 @@ def train_head(
             weights=weights,
             state_path=str(state_path),
             resume=resume,
-            progress=progress,
             logger=logger,
         )
         buffer.flush()
@@ -171,6 +186,9 @@ def train_head(
         )
         meta_dict["mlflow_run_id"] = run.info.run_id
         pinned = meta_dict["table"]["version"]
+        log_dataset(run.info.run_id, db, meta_dict["table"])
+        # The runs table's name column: the size and the data, not a generated name.
+        mlflow.set_tag("mlflow.runName", f"{size} · {meta_dict['table']['data']} · {table} v{pinned}")
         mlflow.set_tags(
             {
                 "size": size,

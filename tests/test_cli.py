@@ -98,11 +98,17 @@ def test_bad_input_exits_2_with_a_message_naming_the_fix(tmp_path, capsys):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("empty", 'is empty; it needs one JSON object per line, e.g. {"user": "hi", "assistant": "hello"}'),
-        ("folder", "is a folder, not a file; pass a JSONL file (for a folder of drops use `bucketchat retrain --data_dir {path}`)"),
+        (
+            "empty",
+            'is empty; it needs conversations: one JSON object per line (.jsonl), e.g. {"user": "hi", "assistant": "hello"}, or a table (.csv, .parquet) with a row per pair',
+        ),
+        (
+            "folder",
+            "is a folder, not a file; pass a conversation file (.jsonl, .json, .csv, .parquet) (for a folder of drops use `bucketchat retrain --data_dir {path}`)",
+        ),
         (
             "garbage",
-            "holds no usable conversation: all 4 of its non-blank lines were rejected, the first at line 1: invalid UTF-8 at byte 0. Fix: save the input as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE`)",
+            "holds no usable conversation: all 4 of its non-blank records were rejected, the first at line 1: invalid UTF-8 at byte 0. Fix: save the input as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 FILE`)",
         ),
         ("missing", "does not exist; check the path"),
     ],
@@ -292,3 +298,46 @@ def test_a_flag_error_loads_no_torch_prefect_or_mlflow(args):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
     assert out.stdout.strip().splitlines()[-1] == "[] 2"
     assert "error" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_csv_export_trains_quietly_and_answers_as_the_readme_says(tmp_path, tiny_records, prefect_api_env):
+    """The README's "your own data" lines on a help-desk style CSV: the pipeline prints its summary and
+    nothing else (Prefect's and MLflow's logs are in the log file the summary names), then chat answers
+    from the champion it registered."""
+    import csv
+    import os
+
+    from tests.conftest import INTENTS
+
+    export = tmp_path / "export.csv"
+    with open(export, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ticket", "question", "reply", "topic"])
+        writer.writerows([i, r["user"], r["assistant"], r["intent"]] for i, r in enumerate(tiny_records))
+    env = {
+        **os.environ,
+        **prefect_api_env,
+        "BUCKETCHAT_HOME": str(tmp_path / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PREFECT_LOGGING_LEVEL": "INFO",  # the suite's own setting is WARNING
+    }
+    bucketchat = str(Path(sys.executable).parent / "bucketchat")
+    cols = ["--user_col", "question", "--assistant_col", "reply", "--label_col", "topic"]
+    done = subprocess.run(
+        [bucketchat, "pipeline", "--data", str(export), *cols, "--epochs", "5"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0].split(" ")[0] for line in lines] == ["dataset", "table", "trained", "MLflow", "workdir", "done"]
+    assert lines[0].startswith(f"dataset: {len(tiny_records)} pairs")
+    log = Path(lines[-1].split("log: ")[1])
+    assert log.parent == tmp_path / "home" / "logs"
+    text = log.read_text()
+    assert "Beginning flow run" in text and "epoch 5:" in text
+    asked = subprocess.run(
+        [bucketchat, "chat", "--json"], input="where is my parcel\n", env=env, capture_output=True, text=True, timeout=120
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["response"] == INTENTS["track_order"][0]

@@ -57,7 +57,9 @@ def test_unchanged_drops_change_nothing_and_a_new_drop_retrains(tmp_path, tiny_r
 
 def test_retrain_refuses_an_empty_drop_folder(tmp_path):
     (tmp_path / "drops").mkdir()
-    with pytest.raises(ValueError, match="holds no \\*.jsonl data drops"):
+    with pytest.raises(
+        ValueError, match=r"holds no data drops; put conversation files there \(\*.jsonl, \*.json, \*.csv, \*.tsv, \*.parquet\)"
+    ):
         retrain_flow.fn(str(tmp_path / "drops"), str(tmp_path / "work"))
 
 

@@ -222,6 +222,12 @@ def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefe
     steps = client.get_metric_history(out["run_id"], "step_loss")
     assert len(steps) == out["metrics"]["epochs_run"] * 1 and steps[0].step == 1
     assert run.data.tags["data_version"] and run.data.tags["size"] == "base"
+    # The runs table shows the size and the data by name, and the table version as a dataset input.
+    assert run.info.run_name == f"base · tiny · {name} v{version}"
+    (used,) = run.inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest, used.dataset.source_type) == ("tiny", run.data.tags["data_version"], "lancedb")
+    assert json.loads(used.dataset.source)["version"] == version and json.loads(used.dataset.profile) == {"num_rows": 26}
+    assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "training")]
     assert (tmp_path / "w.pth").is_file() and (tmp_path / "m.json").is_file()
     # Artifacts live beside the SQLite store, not in the current directory.
     assert mlflow.get_experiment_by_name("bucketchat").artifact_location.startswith((tmp_path / "mlruns").as_uri())

@@ -10,7 +10,8 @@ SCRIPT is a file in tests/bench/ of *each* side, called with `--json`; the runs 
 after, before, ...) so a busy spell of the shared machine hits both. Prints, for every number the two
 JSON results share at the same place, the median of each side and after/before. Both sides run
 from this checkout's folder; give data paths explicitly (a script's default is relative to its own
-tree, and the earlier tree sits elsewhere).
+tree, and the earlier tree sits elsewhere). ``--this-script`` runs this checkout's SCRIPT on both
+sides (with each side's Python and `bucketchat`), for a benchmark REF does not have.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("script")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
+    p.add_argument("--this-script", action="store_true", help="run this checkout's SCRIPT on both sides")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     a = p.parse_args(argv[:cut])
@@ -72,7 +74,8 @@ def main() -> None:
             python = tree / ".venv" / "bin" / "python"
             print(f"[{i + 1}/{a.repeats}] {side}: {a.script} {' '.join(a.args)}", flush=True)
             # From this checkout's folder, so a relative path in the arguments names the same file for both.
-            subprocess.run([str(python), str(tree / "tests" / "bench" / a.script), *a.args, "--json", str(out)], cwd=ROOT, check=True)
+            script = (ROOT if a.this_script else tree) / "tests" / "bench" / a.script
+            subprocess.run([str(python), str(script), *a.args, "--json", str(out)], cwd=ROOT, check=True)
             found[side].append(numbers(json.loads(out.read_text())))
     shared = sorted(set.intersection(*(set(r) for r in found["before"] + found["after"])))
     table = {}
