@@ -27,6 +27,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/bucketchat pipeline --data conversation_data.sample.jsonl
 	@printf '%s\n' $(QUESTIONS) | $(BIN)/bucketchat chat --echo
+	@echo
+	@echo "bucketchat is installed in .venv/bin. To call it by name from this shell:"
+	@echo "  source .venv/bin/activate      # or: export PATH=\"$(CURDIR)/.venv/bin:\$$PATH\""
+	@echo "Then: bucketchat chat, bucketchat serve, or train on your own file (README, 'Your own data'):"
+	@echo "  bucketchat pipeline --data tickets.csv --user_col question --assistant_col answer"
 
 # The chat page test drives Debian's Chromium with Playwright (no browser download); install it if
 # it is missing and we may (root with apt-get), else the test says it is skipped and why.
