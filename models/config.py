@@ -23,6 +23,15 @@ OBJECTIVES = ("sigmoid", "repo_relu")
 ESTIMATORS = ("mean", "epo")
 
 
+def n_features_for(num_outputs: int, budget: int = 4_000_000, most: int = 2**15, least: int = 2**12) -> int:
+    """Hash buckets of the n-gram path (models/lexical.py) for a head with ``num_outputs`` logits: a
+    power of two keeping its weights near ``budget`` parameters (16 MB), between ``least`` and ``most``."""
+    n = most
+    while n > least and n * num_outputs > budget:
+        n //= 2
+    return n
+
+
 @dataclass
 class HeadConfig:
     num_candidates: int
@@ -61,8 +70,6 @@ class HeadConfig:
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if self.lexical_features is None:
-            from models.lexical import n_features_for
-
             self.lexical_features = n_features_for(self.num_buckets + self.num_candidates)
         if self.lexical_features < 0:
             raise ValueError(f"--lexical_features must be 0 (off) or positive, got {self.lexical_features}")

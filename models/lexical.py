@@ -20,15 +20,6 @@ import torch
 LexBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # EmbeddingBag (indices, offsets, weights)
 
 
-def n_features_for(num_outputs: int, budget: int = 4_000_000, most: int = 2**15, least: int = 2**12) -> int:
-    """Hash buckets for a head with ``num_outputs`` logits: a power of two keeping the n-gram
-    weights near ``budget`` parameters (16 MB), between ``least`` and ``most``."""
-    n = most
-    while n > least and n * num_outputs > budget:
-        n //= 2
-    return n
-
-
 class Hasher:
     """texts -> L2-normalised TF-IDF rows over ``n_features`` hashed n-grams (scipy CSR)."""
 

@@ -6,6 +6,10 @@ The champion alias is the only thing chat trusts by default, so it moves in one 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,16 +104,73 @@ def set_champion(version: int, name: str = MODEL_NAME) -> None:
     client().set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
 
 
+def _registered_version(db_file: Path, name: str, ref: str) -> tuple[int, str] | None:
+    """(version, run id) of ``models:/NAME@ALIAS`` or ``models:/NAME/N`` read straight from a SQLite
+    store, or None when it cannot tell (no such file, alias or version; another schema).
+
+    Chat needs only this from MLflow once the model's files are in the local cache, and importing
+    MLflow and opening its store cost more than the rest of chat's start together (BENCHMARKS.md,
+    "Start-up"). Read-only; MLflow's own calls stay the path for everything else and for a server."""
+    import sqlite3
+
+    if not db_file.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db_file.as_uri()}?mode=ro", uri=True, timeout=5)) as conn:
+            if ref.isdigit():
+                version = int(ref)
+            else:
+                row = conn.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, ref)).fetchone()
+                if row is None:
+                    return None
+                version = int(row[0])
+            row = conn.execute("SELECT run_id FROM model_versions WHERE name = ? AND version = ?", (name, version)).fetchone()
+    except sqlite3.Error:
+        return None
+    return (version, row[0]) if row and row[0] else None
+
+
+def _model_cache(uri: str) -> tuple[Path, Path] | None:
+    """Where a registered model's files are kept locally, by store, name, version and run (so a new
+    store that reuses the version numbers never finds another model's files), or None for a URI
+    that is not a registered model of a SQLite store."""
+    import hashlib
+
+    from tasks.settings import state_home
+
+    db_file = sqlite_path(mlflow_tracking_uri())
+    if db_file is None or not uri.startswith("models:/"):
+        return None
+    name, _, ref = uri[len("models:/") :].partition("@")
+    if not ref:
+        name, _, ref = name.rpartition("/")
+    if not name or not ref:
+        return None
+    found = _registered_version(db_file, name, ref)
+    if found is None:
+        return None
+    version, run_id = found
+    store = hashlib.sha256(str(db_file).encode()).hexdigest()[:12]
+    folder = state_home() / "models" / store / name / f"v{version}-{run_id}"
+    return folder / WEIGHTS_FILE, folder / META_FILE
+
+
 def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]:
-    """Local (weights, meta) paths for a ``models:/…`` or ``runs:/…`` URI, or a local folder."""
-    from mlflow.exceptions import MlflowException
+    """Local (weights, meta) paths for a ``models:/…`` or ``runs:/…`` URI, or a local folder.
 
-    import mlflow
-
+    A registered model of a SQLite store is copied once into a local cache and read from there
+    after (the alias is still resolved every time, so a moved champion is followed at once)."""
     local = Path(uri)
+    cached = None if dst or local.is_dir() else _model_cache(uri)
+    if cached and cached[0].is_file() and cached[1].is_file():
+        return cached
     if not uri.startswith(("models:/", "runs:/")) and local.is_dir():
         folder = local
     else:
+        from mlflow.exceptions import MlflowException
+
+        import mlflow
+
         configure()
         if dst:
             Path(dst).mkdir(parents=True, exist_ok=True)
@@ -123,6 +184,21 @@ def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]
     weights, meta = folder / WEIGHTS_FILE, folder / META_FILE
     if not weights.is_file() or not meta.is_file():
         raise ValueError(f"--model {uri!r} has no {WEIGHTS_FILE} and {META_FILE}; it was not written by `bucketchat finetune`")
+    if cached:
+        # The folder whole or not at all (renamed into place): a kill mid-copy leaves no half entry.
+        target = cached[0].parent
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            shutil.copy2(weights, tmp / WEIGHTS_FILE)
+            shutil.copy2(meta, tmp / META_FILE)
+            os.rename(tmp, target)
+        except OSError:
+            pass  # another process put it there first, or the cache cannot be written: use the download
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if cached[0].is_file() and cached[1].is_file():
+            return cached
     return weights, meta
 
 

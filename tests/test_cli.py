@@ -285,11 +285,18 @@ def test_eval_reports_accuracy_fallback_oos_and_latency(chat_model, tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "args", [["pipeline", "--data", "x.jsonl", "--epochs", "0"], ["finetune", "--model_size", "huge"], ["chat", "--bogus"]]
+    "args",
+    [
+        ["pipeline", "--data", "x.jsonl", "--epochs", "0"],
+        ["finetune", "--model_size", "huge"],
+        ["chat", "--bogus"],
+        ["pipeline", "--data", "no/such/file.csv"],
+        ["db", "build", "--data", "no/such/file.jsonl", "--db", "x.db"],
+    ],
 )
 def test_a_flag_error_loads_no_torch_prefect_or_mlflow(args):
-    """An argument error is the parser's and the run config's: answered before anything heavy loads
-    (tests/bench/startup.py times it)."""
+    """An argument error (a bad flag, a missing --data file) is the parser's, the run config's and the
+    input check's: answered before anything heavy loads (tests/bench/startup.py times it)."""
     code = (
         "import sys\nfrom interfaces.cli import main\n"
         "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"

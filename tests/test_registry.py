@@ -30,3 +30,38 @@ def test_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path):
     experiments = {out.split()[0] for out, _ in outs}
     versions = sorted(int(out.split()[1]) for out, _ in outs)
     assert len(experiments) == 1 and versions == [1, 2, 3, 4]  # one experiment; every run registered
+
+
+def test_chat_reads_a_registered_model_from_the_local_cache_without_importing_mlflow(tmp_path):
+    """The champion's files are copied once into a local cache keyed by store, version and run; the
+    alias is still resolved on every load (so a rollback is followed), with no MLflow import."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "BUCKETCHAT_HOME": str(tmp_path / "home")}
+    make = (
+        "import json, tempfile, mlflow; from pathlib import Path\n"
+        "from tasks import registry\n"
+        "registry.configure()\n"
+        "for v in (1, 2):\n"
+        "    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:\n"
+        "        (Path(tmp) / registry.WEIGHTS_FILE).write_text(f'weights {v}')\n"
+        "        (Path(tmp) / registry.META_FILE).write_text(json.dumps({'v': v}))\n"
+        "        mlflow.log_artifacts(tmp, registry.MODEL_ARTIFACT)\n"
+        "    registry.set_champion(registry.register(run.info.run_id, {}))\n"
+    )
+    subprocess.run([sys.executable, "-c", make], cwd=ROOT, env=env, check=True, capture_output=True)
+    load = (
+        "import sys; from pathlib import Path\n"
+        "from tasks import registry\n"
+        "w, m = registry.download_model('models:/bucketchat@champion')\n"
+        "print(Path(w).read_text(), 'mlflow' in sys.modules, Path(w).parent.parent.name)\n"
+    )
+
+    def champion() -> str:
+        return subprocess.run([sys.executable, "-c", load], cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.split()
+
+    assert champion()[:3] == ["weights", "2", "True"]  # the first load downloads through MLflow
+    assert champion() == ["weights", "2", "False", "bucketchat"]  # then the cache, without MLflow
+    rollback = "from tasks import registry; registry.rollback()"
+    subprocess.run([sys.executable, "-c", rollback], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert champion()[:3] == ["weights", "1", "True"]  # the alias moved: the other version is fetched
+    cached = sorted(p.name for p in (tmp_path / "home" / "models").glob("*/bucketchat/*"))
+    assert [c.split("-")[0] for c in cached] == ["v1", "v2"]

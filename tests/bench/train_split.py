@@ -84,7 +84,7 @@ VARIANTS = {
     "batch512_no_refit_no_pref": ({"batch_size": 512, "lr": 3e-3, "refit": False, "pref_weight": 0.0}, {}),
     "batch512_no_refit_no_label_smoothing": ({"batch_size": 512, "lr": 3e-3, "refit": False, "label_smoothing": 0.0}, {}),
     "batch512_refit": ({"batch_size": 512, "lr": 3e-3, "refit": True}, {}),
-    # Fewer hash buckets for the n-gram path than n_features_for's 32,768 (models/lexical.py).
+    # Fewer hash buckets for the n-gram path than n_features_for's 32,768 (models/config.py).
     "lex8192": ({}, {"lexical_features": 8192}),
     "lex16384": ({}, {"lexical_features": 16384}),
     "batch512_no_refit_lex4096": ({"batch_size": 512, "lr": 3e-3, "refit": False}, {"lexical_features": 4096}),
