@@ -123,6 +123,13 @@ class LocalApi:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            # Deliver the run logs Prefect still holds while the server can take them: at exit
+            # logging.shutdown runs after this (registered earlier) and would wait 5 s on a dead one.
+            if "prefect.logging.handlers" in sys.modules:
+                from prefect.logging.handlers import APILogWorker
+
+                with contextlib.suppress(Exception):
+                    APILogWorker.drain_all(timeout=3)
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=3)

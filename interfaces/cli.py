@@ -7,6 +7,7 @@ Heavy imports happen inside each command, so ``--help`` is instant and ``chat`` 
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -86,5 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``bucketchat`` command: ``main``, the exit handlers (Prefect's last logs and events, the
+    local API server's stop), then the end of the process without Python's module-by-module
+    teardown, which took ~2 s of every command once torch, LanceDB and Prefect were loaded
+    (tests/bench/startup.py). Everything the command writes is closed or flushed by then."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -16,7 +16,7 @@ PORT="${PORT:-4200}"
 BIN="${BIN:-.venv/bin}"
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.bucketchat/prefect}"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true
 # What `bucketchat` sets before Prefect starts (tasks/settings.py: apply_environment); flow runs the
 # worker starts inherit it. No import sets these: a library that changed the environment on import
 # would change it for whoever imported it.

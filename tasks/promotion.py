@@ -243,6 +243,11 @@ def register_and_promote(
     if promoted:
         failpoint("registry:promoting")
         registry.set_champion(new_version, model_name)
+        # Chat's next start then finds the champion's files in its local cache (registry.py).
+        try:
+            registry.download_model(f"models:/{model_name}/{new_version}")
+        except (OSError, ValueError) as exc:  # only a slower first chat; the model is registered
+            logger.warning("could not copy %s v%d to the local model cache: %s", model_name, new_version, exc)
     logger.info("%s version %d: %s", model_name, new_version, reason)
     return {
         "version": new_version,

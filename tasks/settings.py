@@ -59,6 +59,9 @@ def apply_environment() -> None:
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # MLflow's telemetry reads DO_NOT_TRACK only as "true"; on by default it sends usage records at
+    # exit, and with no network here each command waited seconds for that to time out.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # The temporary API server's first start on a fresh Prefect home creates its database; on a busy
     # 2-core machine that outlasted Prefect's 20 s default and a cold `bucketchat pipeline` died with
     # "Timed out while attempting to connect to ephemeral Prefect API server" (twice in a benchmark).

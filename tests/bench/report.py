@@ -41,7 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tests" / "bench"
 DATA = ROOT.parent / "shared" / "data" / "banking77"
-SECTIONS = ("quality", "latency", "training", "data", "serving", "retrain", "reliability", "logging")
+SECTIONS = ("quality", "latency", "training", "data", "serving", "retrain", "reliability", "logging", "startup")
+# The code before the start-up work (issue 21): startup.py runs on it and on this checkout, interleaved.
+STARTUP_REF = "cfd9cf4"
 
 
 def run_script(out: Path, name: str, script: str, *args: str) -> dict | None:
@@ -378,6 +380,40 @@ def logging_cost(rep: Report, out: Path, repeats: int) -> None:
     )
 
 
+def startup(rep: Report, out: Path, repeats: int) -> None:
+    rep.add(
+        "## Start-up: what a command costs before its job",
+        "",
+        f"Each figure a fresh `bucketchat` process from its start, medians of {max(5, repeats)}: the code before the start-up work ({STARTUP_REF}) and this checkout, interleaved (`python tests/bench/compare.py {STARTUP_REF} startup.py --this-script -- --repeats N`). The sample's pipeline runs on a new workdir and MLflow store (encoder cache and Prefect's home made; \"first\" is the run that makes Prefect's home); chat is `chat --json` with one piped message, to its answer; serve is to the first 200 from `/healthz`.",
+        "",
+    )
+    target = out / "raw" / "startup.json"
+    for folder in ("raw", "logs"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / "startup.log", "w") as log:
+        done = subprocess.run(
+            [sys.executable, str(BENCH / "compare.py"), STARTUP_REF, "startup.py", "--this-script", "--repeats", "1", "--json", str(target)]
+            + ["--", "--repeats", str(max(5, repeats))],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode != 0 or not target.is_file():
+        return rep.failed("start-up", "startup")
+    figures = json.loads(target.read_text())["figures"]
+    names = {
+        "arg_error_s": "argument error (missing --data)",
+        "pipeline_s": "sample pipeline",
+        "pipeline_first_s": "sample pipeline, first (makes Prefect's home)",
+        "chat_first_answer_s": "chat: first answer",
+        "serve_ready_s": "serve: ready",
+    }
+    rep.table(
+        ["command", f"before ({STARTUP_REF}), s", "after, s", "after ÷ before"],
+        [[label, f"{figures[k]['before']:.2f}", f"{figures[k]['after']:.2f}", f"{figures[k]['ratio']:.2f}×"] for k, label in names.items()],
+    )
+
+
 def update_benchmarks(rep: Report, sections: dict[str, tuple[int, int]], commit: str) -> None:
     """Rewrite the measured sections of BENCHMARKS.md in place (the others stay as they were), with
     their plots copied under benchmarks/."""
@@ -442,6 +478,7 @@ def main() -> None:
             "retrain": retrain,
             "reliability": reliability,
             "logging": logging_cost,
+            "startup": startup,
         }[name]
         fn(rep, a.out) if name == "latency" else fn(rep, a.out, a.repeats)
         (a.out / "REPORT.md").write_text("\n".join(rep.lines) + "\n")  # after each section: a partial report survives a crash
