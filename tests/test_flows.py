@@ -162,3 +162,8 @@ def test_flow_parameters_are_typed_and_validated_by_prefect():
         pipeline_flow.validate_parameters({"data": ["x.jsonl"], "train": {"epoch": 3}})
     with pytest.raises(ParameterTypeError, match="--model_size 'huge' is not available"):
         size_sweep_flow.validate_parameters({"db": "x.db", "head": {"model_size": "huge"}})
+    # A table's columns, as the README's deployment line passes them.
+    from conversations.records import Columns
+
+    params = pipeline_flow.validate_parameters({"data": ["t.csv"], "columns": {"user": "question", "assistant": "answer"}})
+    assert params["columns"] == Columns(user="question", assistant="answer")
