@@ -53,12 +53,23 @@ def cmd_chat(a) -> None:
 
 
 def cmd_eval(a) -> None:
+    from conversations.records import check_input, require_pairs
+    from interfaces.flags import columns
+    from models import progress
+
+    # The test files first: a typo is one line at once, not after the model and table load.
+    cols = columns(a)
+    require_pairs(a.data, "--data", cols)
+    if a.oos:
+        check_input(a.oos, "--oos")
     from retrieval.evaluate import evaluate, format_report
 
     engine = load_engine(a)
-    from interfaces.flags import columns
-
-    report = evaluate(engine, a.data, a.oos, columns(a))
+    progress.show_on(sys.stderr)  # a bar per pass on a terminal; the report goes to stdout
+    try:
+        report = evaluate(engine, a.data, a.oos, cols)
+    finally:
+        progress.show_on(None)
     print(json.dumps(report, indent=2) if a.json else format_report(report))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from conversations.text import MAX_LINE_BYTES, MAX_MESSAGE_CHARS, TextError, clean_text, decode_line, read_lines
+from models import progress
 from retrieval.answer import ChatEngine
 
 
@@ -66,7 +67,7 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
     bucket_of = {t: int(b) for t, b in zip(engine.texts, engine.cand_bucket) if t is not None}
     right = ranked_right = fell_back = bucket_right = bucket_n = 0
     latencies = []
-    for pair in pairs:
+    for pair in progress.bar(len(pairs), "evaluating", "message", iterable=pairs):
         ans = engine.answer(pair.user)
         latencies.append(ans.latency_ms)
         right += ans.response == pair.assistant and not ans.fallback
@@ -89,7 +90,7 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
     }
     if oos:
         messages = read_messages(oos)
-        answers = [engine.answer(m) for m in messages]
+        answers = [engine.answer(m) for m in progress.bar(len(messages), "off-topic", "message", iterable=messages)]
         latencies += [a.latency_ms for a in answers]
         report["oos"] = {
             "data": str(oos),

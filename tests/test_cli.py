@@ -292,6 +292,7 @@ def test_eval_reports_accuracy_fallback_oos_and_latency(chat_model, tmp_path, ca
         ["chat", "--bogus"],
         ["pipeline", "--data", "no/such/file.csv"],
         ["db", "build", "--data", "no/such/file.jsonl", "--db", "x.db"],
+        ["eval", "--data", "no/such/test.jsonl"],
     ],
 )
 def test_a_flag_error_loads_no_torch_prefect_or_mlflow(args):
