@@ -348,20 +348,29 @@ def _csv_rows(reader: csv.DictReader, path: Path, flag: str) -> Iterator[dict]:
         yield row
 
 
-def _read_object(obj: Any, raw: str, path: str, number: int) -> list[Pair] | Reject:
-    """The pairs of one decoded record (a JSON value, a table row), or its ``Reject``."""
+# What a record with broken text is told: a table or JSON array (the bytes were decoded as a whole),
+# and a JSONL line (bytes checked already, so only a \u escape can make a lone surrogate).
+NOT_UNICODE = (
+    "holds text that is not valid Unicode (bytes that are not UTF-8, or a lone \\uD800-\\uDFFF escape)",
+    "save the file as UTF-8, with each character written as itself",
+)
+LONE_SURROGATE = (
+    "holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair)",
+    "write the character itself in UTF-8, or escape it as a full surrogate pair",
+)
+
+
+def _read_object(
+    obj: Any, raw: str, path: str, number: int, broken: tuple[str, str] = NOT_UNICODE, whole: str = "the record", scan: bool = True
+) -> list[Pair] | Reject:
+    """The pairs of one decoded record (a JSON value, a table row), or its ``Reject``; ``scan``
+    False skips looking for broken text where none can be."""
     try:
-        where = _surrogate_field(obj)
+        where = _surrogate_field(obj) if scan else None
     except RecursionError:
         return Reject(path, number, "JSON nested too deeply", "flatten the record", raw[:200])
     if where is not None:
-        return Reject(
-            path,
-            number,
-            f"{f'field {where!r}' if where else 'the record'} holds text that is not valid Unicode (bytes that are not UTF-8, or a lone \\uD800-\\uDFFF escape)",
-            "save the file as UTF-8, with each character written as itself",
-            raw,
-        )
+        return Reject(path, number, f"{f'field {where!r}' if where else whole} {broken[0]}", broken[1], raw)
     try:
         return parse_record(obj, Path(path).stem, number)
     except _Bad as exc:
@@ -390,22 +399,7 @@ def _read_line(raw: bytes, size: int, limit: int, path: str, number: int) -> lis
         return Reject(path, number, f"invalid JSON ({exc.msg} at column {exc.colno})", "write one complete JSON object per line", text)
     except RecursionError:
         return Reject(path, number, "JSON nested too deeply", "flatten the record", text[:200])
-    try:
-        where = _surrogate_field(obj) if "\\u" in text else None
-    except RecursionError:
-        return Reject(path, number, "JSON nested too deeply", "flatten the record", text[:200])
-    if where is not None:
-        return Reject(
-            path,
-            number,
-            f"{f'field {where!r}' if where else 'the line'} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair)",
-            "write the character itself in UTF-8, or escape it as a full surrogate pair",
-            text,
-        )
-    try:
-        return parse_record(obj, Path(path).stem, number)
-    except _Bad as exc:
-        return Reject(path, number, exc.reason, exc.fix, text)
+    return _read_object(obj, text, path, number, LONE_SURROGATE, "the line", scan="\\u" in text)
 
 
 def require_pairs(path: str | Path, flag: str = "--data", columns: Columns | None = None) -> None:
