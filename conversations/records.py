@@ -112,13 +112,14 @@ class Columns:
             rec.update({k: row[k] for k in LABEL_FIELDS if row.get(k) not in (None, "")})
         return rec
 
-    def explain(self, bad: Reject) -> Reject:
-        """A reject in the table's terms: its columns and cells, not the JSONL fields."""
-        if not bad.reason.startswith("missing field"):
-            return bad
-        missing = [c for c, f in ((self.user, "'user'"), (self.assistant, "'assistant'")) if f in bad.reason]
-        cells = " and ".join(repr(c) for c in missing)
-        return Reject(bad.path, bad.line, f"empty cell in column {cells}", "fill the cell or drop the row", bad.raw)
+    def row(self, row: dict[str, Any], path: Path, number: int, raw: str) -> dict[str, Any] | Reject:
+        """A table row as a flat record, or its ``Reject`` in the table's terms when the message or
+        the response cell is empty."""
+        empty = [c for c in (self.user, self.assistant) if row.get(c) in (None, "")]
+        if empty:
+            cells = " and ".join(repr(c) for c in empty)
+            return Reject(str(path), number, f"empty cell in column {cells}", "fill the cell or drop the row", raw)
+        return self.record(row)
 
     def check(self, names: list[str], path: Path, flag: str) -> None:
         """A ``ValueError`` naming the missing column, the columns the table has and the flag to set."""
@@ -255,12 +256,10 @@ def iter_records(
     if suffix in TABLE_SUFFIXES or suffix == ".json":
         rows = _json_array(path) if suffix == ".json" else _table_rows(path, columns or Columns(), flag)
         for number, obj, raw in rows:
-            bad = _read_object(obj, raw, str(path), number)
+            bad = obj if isinstance(obj, Reject) else _read_object(obj, raw, str(path), number)
             if isinstance(bad, list):
                 yield from bad
                 continue
-            if suffix in TABLE_SUFFIXES:
-                bad = (columns or Columns()).explain(bad)
             if strict:
                 raise RecordError(bad.message())
             yield bad
@@ -296,9 +295,9 @@ def _json_array(path: Path) -> Iterator[tuple[int, Any, str]]:
         yield number, obj, json.dumps(obj, ensure_ascii=False)[:2000]
 
 
-def _table_rows(path: Path, columns: Columns, flag: str) -> Iterator[tuple[int, dict, str]]:
+def _table_rows(path: Path, columns: Columns, flag: str) -> Iterator[tuple[int, dict | Reject, str]]:
     """The rows of a CSV/TSV (file line of the row's end, so multi-line cells count) or Parquet file
-    (row number), as flat records."""
+    (row number), as flat records or, for an empty cell, its reject."""
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -311,7 +310,8 @@ def _table_rows(path: Path, columns: Columns, flag: str) -> Iterator[tuple[int, 
         for batch in table.iter_batches(batch_size=8192):
             for row in batch.to_pylist():
                 number += 1
-                yield number, columns.record(row), json.dumps(row, ensure_ascii=False, default=str)[:2000]
+                raw = json.dumps(row, ensure_ascii=False, default=str)[:2000]
+                yield number, columns.row(row, path, number, raw), raw
         return
     # Undecodable bytes become lone surrogates here and are rejected row by row, as in JSONL.
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
@@ -332,7 +332,8 @@ def _table_rows(path: Path, columns: Columns, flag: str) -> Iterator[tuple[int, 
         for row in _csv_rows(reader, path, flag):
             raw = delimiter.join(v if isinstance(v, str) else "" for v in row.values())
             row.pop(None, None)  # cells past the header's columns
-            yield reader.line_num, columns.record(row), raw.encode("utf-8", "replace").decode("utf-8")
+            raw = raw.encode("utf-8", "replace").decode("utf-8")
+            yield reader.line_num, columns.row(row, path, reader.line_num, raw), raw
 
 
 def _csv_rows(reader: csv.DictReader, path: Path, flag: str) -> Iterator[dict]:
