@@ -5,12 +5,15 @@ sparse n-gram path straight to the logits keeps it. It costs about half a traini
 earns its place on held-out data (BENCHMARKS.md, "Trials behind the defaults: the n-gram path");
 the alternatives tried there all did worse.
 
-Hashing (scikit-learn's murmurhash, deterministic across processes) needs no vocabulary, so the head
-carries only the IDF vector (a buffer) and the n-gram weights.
+Hashing (murmurhash3, deterministic across processes) needs no vocabulary, so the head carries only
+the IDF vector (a buffer) and the n-gram weights. Training hashes batches with scikit-learn's
+HashingVectorizer; a chat turn hashes its one message with the same analyzers and hash written out
+here (``mmh3``), because importing scikit-learn costs a chat process ~0.7 s before its first answer.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import NamedTuple
 
@@ -19,23 +22,58 @@ import torch
 
 LexBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # EmbeddingBag (indices, offsets, weights)
 
+CHAR_NGRAMS, WORD_NGRAMS = (2, 5), (1, 2)
+_WHITE_SPACES = re.compile(r"\s\s+")  # scikit-learn's, for char_wb
+_WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
+
+
+def char_wb_ngrams(text: str) -> list[str]:
+    """HashingVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS)'s analyzer: lower-cased
+    character n-grams inside space-padded words (a word shorter than n gives one n-gram)."""
+    lo, hi = CHAR_NGRAMS
+    grams: list[str] = []
+    for w in _WHITE_SPACES.sub(" ", text.lower()).split():
+        w = f" {w} "
+        for n in range(lo, hi + 1):
+            grams.extend(w[i : i + n] for i in range(max(1, len(w) - n + 1)))
+            if len(w) <= n:
+                break
+    return grams
+
+
+def word_ngrams(text: str) -> list[str]:
+    """HashingVectorizer(analyzer="word", ngram_range=WORD_NGRAMS)'s analyzer: lower-cased words of
+    two or more word characters, then each pair of neighbours."""
+    words = _WORD.findall(text.lower())
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
 
 class Hasher:
     """texts -> L2-normalised TF-IDF rows over ``n_features`` hashed n-grams (scipy CSR)."""
 
     def __init__(self, n_features: int):
-        from sklearn.feature_extraction.text import HashingVectorizer
-
         self.n_features = n_features
-        self.chars = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5), n_features=n_features, alternate_sign=False, norm="l2")
-        self.words = HashingVectorizer(analyzer="word", ngram_range=(1, 2), n_features=n_features, alternate_sign=False, norm="l2")
+        self._vectorizers = None
+
+    def vectorizers(self):
+        """scikit-learn's two hashers, made on first use (training and batches; a chat turn needs none)."""
+        if self._vectorizers is None:
+            from sklearn.feature_extraction.text import HashingVectorizer
+
+            n = self.n_features
+            self._vectorizers = tuple(
+                HashingVectorizer(analyzer=a, ngram_range=r, n_features=n, alternate_sign=False, norm="l2")
+                for a, r in (("char_wb", CHAR_NGRAMS), ("word", WORD_NGRAMS))
+            )
+        return self._vectorizers
 
     def counts(self, texts: list[str]):
         if not texts:  # scikit-learn's hasher cannot take an empty batch
             import scipy.sparse as sp
 
             return sp.csr_matrix((0, self.n_features), dtype=np.float64)
-        return (self.chars.transform(texts) + self.words.transform(texts)).tocsr()
+        chars, words = self.vectorizers()
+        return (chars.transform(texts) + words.transform(texts)).tocsr()
 
     def idf(self, counts) -> np.ndarray:
         """Smoothed IDF over the rows of ``counts`` (the training rows): log((1 + n) / (1 + df)) + 1."""
@@ -48,18 +86,16 @@ class Hasher:
     def one(self, text: str, idf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``transform([text], idf)``'s one row as (indices, values), without scikit-learn's per-call
         validation and scipy's constructors: the head's part of a chat turn fell from 3.9 to 1.7 ms
-        (tests/bench/latency.py). The same hashing as HashingVectorizer (murmurhash3 of the UTF-8
-        n-gram, seed 0, abs mod n), tested equal."""
-        from sklearn.utils import murmurhash3_32
+        (tests/bench/latency.py). The same n-grams and hashing as HashingVectorizer (murmurhash3 of
+        the UTF-8 n-gram, seed 0, abs mod n), tested equal."""
+        from mmh3 import hash as murmurhash3_32
 
-        if getattr(self, "_analyzers", None) is None:
-            self._analyzers = (self.chars.build_analyzer(), self.words.build_analyzer())
         n = self.n_features
         merged: dict[int, float] = {}
-        for analyze in self._analyzers:  # each vectorizer's counts are L2-normalised, then summed
+        for analyze in (char_wb_ngrams, word_ngrams):  # each vectorizer's counts are L2-normalised, then summed
             counts: dict[int, int] = {}
             for gram in analyze(text):
-                h = murmurhash3_32(gram, seed=0)
+                h = murmurhash3_32(gram, 0)
                 i = (2147483647 - (n - 1)) % n if h == -2147483648 else abs(h) % n
                 counts[i] = counts.get(i, 0) + 1
             norm = float(np.sqrt(sum(c * c for c in counts.values()))) or 1.0

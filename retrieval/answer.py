@@ -3,7 +3,7 @@
 p(bucket) and p(response) come from the head over the message embedding, with the vote of the
 nearest stored messages mixed into p(response) (retrieval/neighbours.py); the learned candidates are
 scored in memory. The pinned table adds responses the head did not learn (hybrid BM25 + vector
-search, in memory: retrieval/search.py): those of a bucket share the probability of that bucket's
+search over the version's saved index, memory-mapped: retrieval/search.py, retrieval/index_files.py): those of a bucket share the probability of that bucket's
 "other" slot, split by similarity among the retrieved rows of that bucket (rows of a foreign
 ``--llm_db`` share their bucket's probability). The best-scoring response wins (or one is sampled
 with ``response_temperature`` > 0). Too little confidence, or too small a lead over the runner-up,
@@ -28,18 +28,16 @@ from conversations.text import MAX_MESSAGE_CHARS, clean_text, clean_turns
 from models import checkpoint
 from models.candidates import Candidates
 from retrieval.encoder import TORCH_ID, embed
+from retrieval.index_files import distinct, open_index
+from retrieval.locations import db_key
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import mix, vote
-from retrieval.search import SearchIndex
-from retrieval.store import db_key, hybrid_search, open_table, table_encoder
 from retrieval.styles import apply_style
 
 FALLBACK_RESPONSE = "I'm not sure I can answer that. Could you rephrase it, or ask about something I was trained on?"
 # Softmax temperature turning cosine similarities of retrieved rows into a distribution.
 RETRIEVAL_TEMPERATURE = 0.05
-# Tables up to this many rows are searched in memory (~1.6 KB a row: 3.2 GB at 2M); LanceDB beyond.
-MEMORY_SEARCH_MAX_ROWS = 2_000_000
 
 
 @dataclass
@@ -148,58 +146,65 @@ class ChatEngine:
         # A head trained with --train_all brings its own fine-tuned encoder (None: the shipped one).
         self.encoder_path = self.meta.get("encoder_path")
         self.encoder_id = self.meta.get("encoder", TORCH_ID)  # metas without one predate the int8 encoder
-        self.table = self._open_table()
-        if self.table is not None and table_encoder(self.table) != self.meta.get("encoder", table_encoder(self.table)):
+        # The table's search index, saved beside its version and memory-mapped (retrieval/index_files.py):
+        # opening it costs the same at 1M rows as at 1k, and needs no LanceDB.
+        self.index, self.index_about = self._open_index()
+        table_encoder = self.index_about.get("encoder")
+        if self.index is not None and table_encoder != self.meta.get("encoder", table_encoder):
             # Vectors from another encoder would make every similarity meaningless: refuse, loudly.
             raise ValueError(
-                f"the table's vectors come from encoder {table_encoder(self.table)}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it"
+                f"the table's vectors come from encoder {table_encoder}, the model's from {self.meta.get('encoder')}; pass the --llm_db the model was trained with, or rebuild it"
             )
-        # The pinned version never changes: read it into memory once (LanceDB's own hybrid query costs
-        # more than the whole turn budget; retrieval/search.py). Only when it
-        # is searched, and only while it fits (~1.6 KB a row): a bigger table is searched through LanceDB.
-        self.index = None
         # The neighbour vote (retrieval/neighbours.py) reads the model's own pinned table: rows of
         # another --llm_db do not speak for this head's candidates, so there the head answers alone.
         votes = self.meta.get("neighbours") or {}  # metas without it predate the vote
-        self.neighbour_weight = float(votes.get("weight", 0.0)) if self.own_table else 0.0
+        self.neighbour_weight = float(votes.get("weight", 0.0)) if self.own_table and self.index is not None else 0.0
         self.neighbour_k, self.neighbour_temperature = (
             int(votes.get("k", NEIGHBOURS_K)),
             float(votes.get("temperature", NEIGHBOURS_TEMPERATURE)),
         )
-        if (self.searches_table or self.neighbour_weight > 0) and self.table.count_rows() <= MEMORY_SEARCH_MAX_ROWS:
-            self.index = SearchIndex.from_table(self.table)
-        if self.index is None:
-            self.neighbour_weight = 0.0  # no table, or one too big to hold in memory
-        else:
-            # Each stored row votes through the slot training gave it.
-            self.row_slot = self.candidates.targets(self.index.payload["assistant"], self.index.buckets.tolist())
+        if self.index is not None:
+            # Each stored row votes through the slot training gave it: its response's, else its
+            # bucket's "other" slot. Mapped per distinct response, not per row (1M rows, ~1k responses).
+            responses, codes = distinct(self.index.payload["assistant"])
+            learned = np.array([self.candidates.index.get(r, -1) for r in responses], dtype=np.int64)[codes]
+            other = np.array([self.candidates.other.get(b, -1) for b in range(self.index.num_buckets)], dtype=np.int64)
+            self.row_slot = np.where(learned >= 0, learned, other[self.index.buckets])
+            self._response_rows = (responses, codes)
         embed(
             ["warm-up"], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id
         )  # load the encoder now, not inside the first turn
         self.rng = np.random.default_rng(self.opts.seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe; the server answers on threads
 
-    def _open_table(self):
-        """The table chat searches (None without one); sets ``own_table``: it is the model's own, pinned."""
+    def _open_index(self):
+        """The search index of the table chat searches, and what it records (None, {} without a
+        table); sets ``own_table``: it is the model's own table, at the version the model pinned."""
         self.own_table = False
         pinned = self.meta.get("table") or {}
         db = self.opts.llm_db or pinned.get("db")
         if not db:
-            return None
+            return None, {}
         # The pinned version when it is the model's own table; the latest version of any other --llm_db.
         same = self.opts.llm_db is None or (pinned.get("db") is not None and db_key(self.opts.llm_db) == db_key(pinned["db"]))
         self.own_table = same
+        name = pinned.get("name", "conversations")
         try:
-            return open_table(db, pinned.get("name", "conversations"), pinned.get("version") if same else None)
+            version = pinned.get("version") if same else None
+            if version is None:
+                from retrieval.store import open_table
+
+                version = open_table(db, name).version
+            return open_index(db, name, int(version))
         except (ValueError, OSError) as exc:
             if self.opts.llm_db:
                 raise ValueError(f"--llm_db {db!r} cannot be opened: {exc}") from exc
-            return None  # the model's own table is gone: answer from learned candidates alone
+            return None, {}  # the model's own table is gone: answer from learned candidates alone
 
     @property
     def searches_table(self) -> bool:
         """Search only where it can add answers: responses the head did not learn, or an explicit --llm_db."""
-        return self.table is not None and (bool(self.opts.llm_db) or not self.meta.get("all_responses_learned", False))
+        return self.index is not None and (bool(self.opts.llm_db) or not self.meta.get("all_responses_learned", False))
 
     def _other_could_win(self, log_pr: np.ndarray, learned: dict, allowed: np.ndarray) -> bool:
         """Whether a retrieved row could beat the best learned candidate. From the model's own table,
@@ -248,10 +253,7 @@ class ChatEngine:
         )
         if searched:
             pool = None if self.opts.pool_mode == "all" else allowed.tolist()
-            if self.index is not None:
-                rows = self.index.search(vec, query, self.opts.db_top_k, buckets=pool)
-            else:
-                rows = hybrid_search(self.table, vec, query, self.opts.db_top_k, buckets=pool)
+            rows = self.index.search(vec, query, self.opts.db_top_k, buckets=pool)
             # The head's own score is better calibrated than retrieval's for responses it learned.
             rows = [r for r in rows if r["assistant"] not in self.candidates.index]
             by_bucket: dict[int, list[dict]] = {}
@@ -323,11 +325,21 @@ class ChatEngine:
 
     def sources(self, response: str, limit: int = 3) -> list[dict]:
         """Stored records whose response is ``response`` (id, user message, source): what an answer rests on."""
-        if self.table is None:
+        if self.index is None:
             return []
-        literal = response.replace("'", "''")  # SQL string literal
-        rows = self.table.search().where(f"assistant = '{literal}'").select(["id", "user", "source", "bucket"]).limit(limit).to_list()
-        return [{k: r.get(k) for k in ("id", "user", "source", "bucket")} for r in rows]
+        responses, codes = self._response_rows
+        if getattr(self, "_response_code", None) is None:
+            self._response_code = {r: i for i, r in enumerate(responses)}
+        code = self._response_code.get(response)
+        if code is None:
+            return []
+        hits = np.flatnonzero(codes == code)
+        hits = hits[np.argsort(self.index.rows[hits], kind="stable")][:limit]  # in the table's order
+        cols = self.index.payload
+        return [
+            {"id": cols["id"][i], "user": cols["user"][i], "source": cols["source"][i], "bucket": int(self.index.buckets[i])}
+            for i in hits.tolist()
+        ]
 
     def explain(self, ans: Answer, limit: int = 3) -> dict:
         """The "why" behind an answer: likeliest buckets, the scored candidates with their source records,

@@ -19,12 +19,11 @@ term x row matrix of precomputed per-posting scores; a query sums its terms' row
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
-
-from retrieval.buckets import spherical_kmeans
 
 # Below this an exact scan is ~1.5 ms (20k x 384): no index to build.
 IVF_MIN_ROWS = 20_000
@@ -37,11 +36,20 @@ COLUMNS = ["id", "user", "assistant", "bucket", "group", "source"]
 
 # Negations carry meaning in support messages ("card not working"); keep them out of the stop list.
 _KEEP = frozenset({"no", "not", "nor", "cannot", "never", "none", "nothing", "nobody", "without"})
+_TERM = re.compile(r"(?u)\w+")
+
+
+def query_terms(text: str) -> list[str]:
+    """A query's BM25 terms: lower-cased word tokens, as the index's CountVectorizer reads rows. Stop
+    words are not removed here: they are not in the vocabulary, so they match nothing."""
+    return _TERM.findall(text.lower())
 
 
 def ivf_centroids(x: np.ndarray, k: int, iters: int = 10, per_cell: int = 40, seed: int = 0) -> np.ndarray:
     """The index's cells: spherical k-means on a sample of ``per_cell`` unit rows per cell (faiss trains
     IVF on 39-256) -> (k, D) unit centroids. Seeded: the same table gives the same index in every process."""
+    from retrieval.buckets import spherical_kmeans  # building only: opening a saved index needs none of it
+
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(len(x), min(per_cell * k, len(x)), replace=False))]
     return spherical_kmeans(sample, k, iters=iters, rng=rng, plus_plus=False)[0]
@@ -62,7 +70,8 @@ class SearchIndex:
 
     ``vectors`` (N, D) unit float32; ``users`` the texts BM25 indexes; ``buckets`` (N,) ints;
     ``payload`` column name -> N values returned with each row. Read-only once built: safe to share
-    between the server's threads.
+    between the server's threads. ``retrieval/index_files.py`` saves one beside its table version and
+    opens it again memory-mapped (``SearchIndex.from_parts``), so a process need not build it.
     """
 
     def __init__(self, vectors: np.ndarray, users: list[str], buckets: np.ndarray, payload: dict[str, list], seed: int = 0):
@@ -92,15 +101,48 @@ class SearchIndex:
         self.slices = np.searchsorted(keys, grid).tolist()  # (cells, K + 1)
         self.cell_span = [(row[0], row[-1]) for row in self.slices]
         self.buckets = buckets[order]
+        self.rows = order  # sorted position -> the row's position in the input (the table's order)
         self.payload = {name: [values[i] for i in order] for name, values in payload.items()}
         self._build_bm25([users[i] for i in order])
-        self.stats = IndexStats(
-            n,
-            cells,
+        self.build_s = round(time.perf_counter() - start, 3)
+
+    @classmethod
+    def from_parts(cls, parts: dict, payload: dict, vocab: dict[str, int], build_s: float = 0.0) -> SearchIndex:
+        """An index from the arrays ``parts()`` returned (memory-mapped ones too) and its payload
+        columns: no building, so opening a saved index costs no more at 1M rows than at 1k."""
+        self = cls.__new__(cls)
+        self.vectors, self.buckets, self.rows, self.centroids = parts["vectors"], parts["buckets"], parts["rows"], parts["centroids"]
+        self.post_indptr, self.post_rows, self.post_weights = parts["post_indptr"], parts["post_rows"], parts["post_weights"]
+        self.slices = np.asarray(parts["slices"]).tolist()
+        self.cell_span = [(row[0], row[-1]) for row in self.slices]
+        self.num_buckets = len(self.slices[0]) - 1
+        self.nprobe = int(parts["nprobe"][0])
+        self.payload, self.vocab, self.build_s = payload, vocab, build_s
+        return self
+
+    def parts(self) -> dict:
+        """The index's arrays by name (what ``from_parts`` takes back), without the payload and vocabulary."""
+        return {
+            "vectors": self.vectors,
+            "buckets": self.buckets,
+            "rows": self.rows,
+            "centroids": self.centroids,
+            "slices": np.asarray(self.slices, dtype=np.int64),
+            "nprobe": np.asarray([self.nprobe]),
+            "post_indptr": self.post_indptr,
+            "post_rows": self.post_rows,
+            "post_weights": self.post_weights,
+        }
+
+    @property
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            len(self.vectors),
+            len(self.centroids),
             self.nprobe,
             len(self.vocab),
-            round(time.perf_counter() - start, 3),
-            self.vectors.nbytes + self.postings.data.nbytes + self.postings.indices.nbytes,
+            self.build_s,
+            self.vectors.nbytes + self.post_weights.nbytes + self.post_rows.nbytes,
         )
 
     @classmethod
@@ -124,7 +166,6 @@ class SearchIndex:
             self.vocab: dict[str, int] = counter.vocabulary_
         except ValueError:  # no row has a single indexable word
             tf, self.vocab = sparse.coo_matrix((len(users), 0), dtype=np.float32), {}
-        self.analyze = counter.build_analyzer()
         n = len(users)
         lengths = np.bincount(tf.row, weights=tf.data, minlength=n).astype(np.float32)
         df = np.bincount(tf.col, minlength=len(self.vocab)).astype(np.float32)
@@ -133,18 +174,20 @@ class SearchIndex:
         norm = BM25_K1 * (1.0 - BM25_B + BM25_B * lengths[tf.row] / avg)
         weight = idf[tf.col] * tf.data * (BM25_K1 + 1.0) / (tf.data + norm)
         # term x row, CSR: a query term's postings are one contiguous slice.
-        self.postings = sparse.csr_matrix((weight.astype(np.float32), (tf.col, tf.row)), shape=(len(self.vocab), n))
+        postings = sparse.csr_matrix((weight.astype(np.float32), (tf.col, tf.row)), shape=(len(self.vocab), n))
+        self.post_indptr = postings.indptr.astype(np.int64)
+        self.post_rows = postings.indices.astype(np.int32)
+        self.post_weights = postings.data.astype(np.float32)
 
     def bm25(self, text: str) -> np.ndarray:
         """(N,) BM25 score of every row (sorted order) for ``text``; 0 where no term matches."""
-        ids = sorted({self.vocab[t] for t in self.analyze(text) if t in self.vocab})
-        n = self.postings.shape[1]
+        ids = sorted({self.vocab[t] for t in query_terms(text) if t in self.vocab})
+        n = len(self.buckets)
         if not ids:
             return np.zeros(n)
-        p = self.postings
-        parts = [slice(p.indptr[j], p.indptr[j + 1]) for j in ids]
-        docs = np.concatenate([p.indices[s] for s in parts])
-        weights = np.concatenate([p.data[s] for s in parts])
+        parts = [slice(self.post_indptr[j], self.post_indptr[j + 1]) for j in ids]
+        docs = np.concatenate([self.post_rows[s] for s in parts])
+        weights = np.concatenate([self.post_weights[s] for s in parts])
         return np.bincount(docs, weights=weights, minlength=n)
 
     def _vector_top(self, vec: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:

@@ -18,7 +18,8 @@ import pyarrow as pa
 from conversations.records import Pair
 from models.atomic import failpoint
 from retrieval.buckets import assign_buckets, group_keys
-from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache, cache_home
+from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache
+from retrieval.locations import is_uri, local_dir
 
 # Below this a flat scan is faster than building an index (DESIGN.md §5: ~8 ms per 100k at numpy speed).
 VECTOR_INDEX_MIN_ROWS = 20_000
@@ -53,25 +54,6 @@ class BuildResult:
     embedded: int
     buckets: dict[int, int]
     reused: bool = False  # the latest version already held exactly these rows: nothing was written
-
-
-def is_uri(db: str | Path) -> bool:
-    """An object-store location (``s3://``, ``gs://``, ``az://``, ``file://``…) rather than a folder."""
-    return "://" in str(db)
-
-
-def db_key(db: str | Path) -> str:
-    """How a model names the table it pins: an absolute folder, or the URI as given."""
-    return str(db) if is_uri(db) else str(Path(db).resolve())
-
-
-def local_dir(db: str | Path) -> Path:
-    """The local folder for a table's side files (embedding cache, fine-tuned encoders, resume
-    states): the db folder itself, or for an object-store URI a folder per URI in the machine's
-    bucketchat cache, so nothing but LanceDB's own files goes to the bucket."""
-    if not is_uri(db):
-        return Path(db)
-    return cache_home() / "object-store" / hashlib.sha256(str(db).encode()).hexdigest()[:16]
 
 
 def connect(db: str | Path):

@@ -9,7 +9,9 @@ from prefect import task
 
 from conversations.dataset import read_input
 from conversations.records import Columns
-from retrieval.store import build_table, is_uri, local_dir, stats
+from retrieval.index_files import open_index
+from retrieval.locations import is_uri, local_dir
+from retrieval.store import build_table, stats
 from tasks import run_logger
 from tasks.retries import IO_RETRIES
 
@@ -25,7 +27,8 @@ def build_database(
     strict: bool = False,
     columns: Columns | None = None,
 ) -> dict:
-    """Embed, bucket and write ``data`` as a new version of ``table``; rejects go beside the db."""
+    """Embed, bucket and write ``data`` as a new version of ``table``, and save its search index beside
+    it (chat opens that, memory-mapped, instead of building one); rejects go beside the db."""
     logger = run_logger()
     # llm_chat.db -> llm_chat.rejects.jsonl beside it; for an object-store db, in its local folder.
     beside = local_dir(db) / Path(db).name if is_uri(db) else db
@@ -37,6 +40,8 @@ def build_database(
         logger.info(
             "table %s@%d: %d rows, %d newly embedded, %d rejected lines", table, result.version, result.rows, result.embedded, rejected
         )
+    _, index = open_index(result.db, result.table, result.version)  # built unless already there
+    logger.info("search index of %s@%d: %d rows, built in %.1f s", table, result.version, index["rows"], index["build_s"])
     return {**asdict(result), "rejects": rejects_file, "rejected_lines": rejected}
 
 

@@ -21,10 +21,11 @@ from models.config import BRANCH_WIDTHS, BRANCHES, HeadConfig, HeadSettings, Tra
 from models.heads import BucketHead, warm_start
 from models.train import Trainable, TrainData, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID
+from retrieval.locations import db_key, local_dir
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import neighbour_log_probs
-from retrieval.store import db_key, local_dir, open_table, reembed_table, table_encoder
+from retrieval.store import open_table, reembed_table, table_encoder
 from tasks import registry
 
 ENCODERS_DIR = "_encoders"  # fine-tuned encoders a table version was embedded with, by id hash

@@ -18,7 +18,8 @@ from models import checkpoint
 from models.atomic import failpoint
 from models.config import HeadSettings, TrainConfig, run_settings
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
-from retrieval.store import db_key, open_table, read_columns
+from retrieval.locations import db_key
+from retrieval.store import open_table, read_columns
 from tasks import registry, run_logger
 from tasks.fitting import ids_digest, table_rows
 from tasks.retries import IO_RETRIES

@@ -17,7 +17,7 @@ from prefect import task
 from models import checkpoint
 from models.calibration import answered_right
 from models.config import HeadSettings, TrainConfig, run_settings
-from retrieval.store import db_key, local_dir
+from retrieval.locations import db_key, local_dir
 from tasks import registry, run_logger
 from tasks.fitting import fit
 

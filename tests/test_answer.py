@@ -32,17 +32,45 @@ def test_retrieval_reaches_responses_the_head_did_not_learn(model):
     assert ans.candidates[0]["from"].startswith("table:")
 
 
-def test_a_table_too_big_for_memory_is_searched_through_lancedb(model, monkeypatch):
-    import retrieval.answer as answer
+def test_the_saved_index_answers_as_one_built_in_memory(model):
+    import json
+    from pathlib import Path
 
-    in_memory = ChatEngine(*model)
-    monkeypatch.setattr(answer, "MEMORY_SEARCH_MAX_ROWS", 5)
-    lance = ChatEngine(*model)
-    assert in_memory.index is not None and lance.index is None
-    for q in ("do you sell gift cards?", "I forgot my password", "where is my parcel"):
-        a, b = in_memory.answer(q), lance.answer(q)
-        assert (a.response, a.bucket, a.fallback) == (b.response, b.bucket, b.fallback)
-    assert lance.answer("do you sell gift cards?").candidates[0]["from"].startswith("table:")
+    import numpy as np
+
+    from retrieval.index_files import index_dir
+    from retrieval.search import SearchIndex
+    from retrieval.store import open_table
+
+    saved = ChatEngine(*model)  # the table's version has its index beside it (made once, by now)
+    pinned = json.loads(Path(model[1]).read_text())["table"]
+    assert (index_dir(pinned["db"], pinned["name"], pinned["version"]) / "index.json").is_file()
+    assert isinstance(saved.index.vectors, np.memmap)
+    built = ChatEngine(*model)
+    built.index = SearchIndex.from_table(open_table(pinned["db"], pinned["name"], pinned["version"]))
+    assert built.index.payload["assistant"] == list(saved.index.payload["assistant"])
+    for q in ("do you sell gift cards?", "I forgot my password", "where is my parcel", "zzz qqq"):
+        a, b = saved.answer(q), built.answer(q)
+        assert (a.response, a.bucket, a.fallback, a.candidates) == (b.response, b.bucket, b.fallback, b.candidates)
+    assert saved.answer("do you sell gift cards?").candidates[0]["from"].startswith("table:")
+    records = saved.sources("Yes, gift cards from 10 to 200 euros are in the shop.")
+    assert [r["user"] for r in records] == ["do you sell gift cards"] and records[0]["source"] == "d"
+
+
+def test_a_chat_turn_needs_neither_lancedb_nor_scikit_learn(model):
+    """What a chat process imports before its first answer is what it waits for (~1.4 s LanceDB,
+    ~0.7 s scikit-learn); with the index saved beside the version it needs neither."""
+    import subprocess
+    import sys
+
+    ChatEngine(*model)  # the index exists from here on
+    code = (
+        "import sys; from retrieval.answer import ChatEngine; "
+        f"e = ChatEngine({model[0]!r}, {model[1]!r}); e.answer('do you sell gift cards?'); e.sources(e.answer('hi').chosen or ''); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lancedb', 'sklearn', 'pyarrow', 'scipy', 'pandas', 'mlflow', 'prefect'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_low_confidence_falls_back(model):

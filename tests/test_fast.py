@@ -96,11 +96,42 @@ def test_dropout_is_identity_in_eval_and_at_zero_and_follows_the_seed():
         Dropout(1.0)
 
 
+def test_the_n_grams_are_scikit_learns():
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    from models.lexical import CHAR_NGRAMS, WORD_NGRAMS, char_wb_ngrams, word_ngrams
+
+    chars = HashingVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS).build_analyzer()
+    words = HashingVectorizer(analyzer="word", ngram_range=WORD_NGRAMS).build_analyzer()
+    texts = [
+        "How do I reset my password?",
+        "a",
+        "ab",
+        "abcd",
+        "   ",
+        "",
+        "tab\tand\n\nnew  lines",
+        "İstanbul ǅemal ÉCOLE",
+        "x y-z 12,50€ 😀",
+    ]
+    for text in texts:
+        assert char_wb_ngrams(text) == chars(text), text
+        assert word_ngrams(text) == words(text), text
+
+
 def test_the_one_message_hasher_equals_scikit_learns():
     from models.lexical import Hasher
 
     hasher = Hasher(4096)
-    texts = ["How do I reset my password?", "I can't log in!! pls help", "café crème – 12,50 €", "a", "   ", "git reset --soft HEAD~1"]
+    texts = [
+        "How do I reset my password?",
+        "I can't log in!! pls help",
+        "café crème – 12,50 €",
+        "a",
+        "   ",
+        "git reset --soft HEAD~1",
+        "İ 😀 ǅ",
+    ]
     idf = hasher.idf(hasher.counts(texts + ["another row", "password reset"]))
     reference = hasher.transform(texts, idf)
     for i, text in enumerate(texts):

@@ -125,7 +125,7 @@ def test_a_refit_champion_is_scored_only_on_rows_it_never_trained_on(tmp_path, t
 
 
 def test_a_refit_champion_whose_table_version_is_gone_is_compared_only_on_recorded_scores(table, tmp_path):
-    from retrieval.store import db_key
+    from retrieval.locations import db_key
     from tasks.promotion import champion_score
 
     db, name, version = table

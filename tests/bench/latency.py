@@ -171,7 +171,8 @@ def main() -> None:
     engine = ChatEngine(paths["weights"], paths["meta"])
     searching = ChatEngine(paths["weights"], paths["meta"], ChatOptions(llm_db=paths["db"]))
     partial = ChatEngine(paths["partial_weights"], paths["partial_meta"])
-    rows = open_table(paths["db"], "conversations").count_rows()
+    lance_table = open_table(paths["db"], "conversations")
+    rows = lance_table.count_rows()
     t0 = time.perf_counter()
     base = Baseline(paths["db"])
     print(
@@ -183,7 +184,7 @@ def main() -> None:
         engine.answer(t["user"]), searching.answer(t["user"]), partial.answer(t["user"]), base.answer(t["user"], embed([t["user"]])[0])
 
     print(
-        f"in-memory search index: built in {searching.index.stats.build_s:.1f} s, {searching.index.stats.bytes / 2**20:.0f} MiB, {searching.index.stats.cells} cells, {searching.index.stats.nprobe} probed",
+        f"search index (saved beside the version, memory-mapped): built in {searching.index.stats.build_s:.1f} s, {searching.index.stats.bytes / 2**20:.0f} MiB, {searching.index.stats.cells} cells, {searching.index.stats.nprobe} probed",
         flush=True,
     )
     lat = {
@@ -225,7 +226,7 @@ def main() -> None:
         searching.index.search(vec, q, searching.opts.db_top_k)
         lat["hybrid search"].append((time.perf_counter() - s) * 1000)
         s = time.perf_counter()
-        hybrid_search(searching.table, vec, q, searching.opts.db_top_k)
+        hybrid_search(lance_table, vec, q, searching.opts.db_top_k)
         lat["LanceDB hybrid"].append((time.perf_counter() - s) * 1000)
 
     report = {"rows": rows, "questions": len(tests), "latency_ms": {}, "accuracy": {k: v / len(tests) for k, v in right.items()}}

@@ -1,0 +1,189 @@
+"""The search index of one table version, on disk beside it: built once, opened memory-mapped.
+
+A pinned table version never changes, so its in-memory search index (retrieval/search.py) never
+does either. ``db build`` writes it next to the version it indexes; chat and serve open it with
+``np.load(mmap_mode="r")``: nothing is rebuilt at start-up, the opening costs the same at 1M rows
+as at 1k, several server processes share the same pages, and a chat process needs neither LanceDB
+nor scikit-learn before its first answer. A version built before indexes were saved is indexed on
+first use, once.
+
+Layout: ``<db>/_search_index/<table>-v<version>/`` (for an object-store table, the same under its
+local side folder, ``store.local_dir``) holds ``index.json`` (what it indexes and how), one ``.npy``
+per array, the BM25 vocabulary one term a line, and each payload column as UTF-8 bytes plus row
+offsets. The folder is written under a temporary name and renamed: it is whole or absent.
+
+Which version it is: ``index.json`` records a fingerprint of the version's LanceDB manifest file
+(a hash of its bytes), so a table deleted and rebuilt up to the same version number is not mistaken
+for the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from models.atomic import atomic_dir, failpoint
+from retrieval.locations import local_dir
+from retrieval.search import SearchIndex
+
+FORMAT = 1
+INDEX_DIR = "_search_index"
+_ARRAYS = ("vectors", "buckets", "rows", "centroids", "slices", "nprobe", "post_indptr", "post_rows", "post_weights")
+
+
+class Strings:
+    """A column of N strings (or None) stored as one UTF-8 byte array and N + 1 offsets; a row is
+    decoded when it is read, so a memory-mapped column costs pages, not Python objects."""
+
+    def __init__(self, offsets: np.ndarray, blob: np.ndarray, nulls: np.ndarray | None = None):
+        self.offsets, self.blob, self.nulls = offsets, blob, nulls
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str | None:
+        if self.nulls is not None and self.nulls[i]:
+            return None
+        return bytes(self.blob[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8", "surrogateescape")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class Coded:
+    """A column of few distinct values: ``values[codes[i]]`` is row i's (the responses column, whose
+    distinct values the chat engine maps to its candidates once instead of once per row)."""
+
+    def __init__(self, values: list, codes: np.ndarray):
+        self.values, self.codes = values, codes
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int):
+        return self.values[self.codes[i]]
+
+    def __iter__(self):
+        return (self.values[c] for c in self.codes.tolist())
+
+
+def distinct(column) -> tuple[list, np.ndarray]:
+    """(distinct values in first-seen order, each row's position among them) of a payload column."""
+    if isinstance(column, Coded):
+        return column.values, column.codes
+    seen: dict = {}
+    codes = np.fromiter((seen.setdefault(v, len(seen)) for v in column), dtype=np.int64, count=len(column))
+    return list(seen), codes
+
+
+def _save_strings(folder: Path, name: str, values) -> None:
+    encoded = [b"" if v is None else v.encode("utf-8", "surrogateescape") for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    np.save(folder / f"{name}.offsets.npy", offsets)
+    np.save(folder / f"{name}.bytes.npy", np.frombuffer(b"".join(encoded), dtype=np.uint8))
+    nulls = np.fromiter((v is None for v in values), dtype=bool, count=len(encoded))
+    if nulls.any():
+        np.save(folder / f"{name}.nulls.npy", nulls)
+
+
+def _load_strings(folder: Path, name: str) -> Strings:
+    nulls = folder / f"{name}.nulls.npy"
+    return Strings(
+        np.load(folder / f"{name}.offsets.npy", mmap_mode="r"),
+        np.load(folder / f"{name}.bytes.npy", mmap_mode="r"),
+        np.load(nulls, mmap_mode="r") if nulls.is_file() else None,
+    )
+
+
+def version_fingerprint(db: str | Path, table: str, version: int) -> str:
+    """What identifies ``table@version`` beyond its number: a hash of its LanceDB manifest file
+    (named ``2**64 - 1 - version`` since LanceDB's V2 naming, ``version`` before), or for an
+    object-store table the version's commit time, read through LanceDB."""
+    versions = Path(str(db)) / f"{table}.lance" / "_versions"
+    for name in (f"{2**64 - 1 - version:020d}.manifest", f"{version}.manifest"):
+        path = versions / name
+        if path.is_file():
+            return "manifest:" + hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    from retrieval.store import open_table
+
+    for v in open_table(db, table).list_versions():
+        if int(v["version"]) == version:
+            return f"committed:{v['timestamp']}"
+    raise ValueError(f"--db {str(db)!r}: table {table!r} has no version {version}; rebuild it with `bucketchat db build`")
+
+
+def index_dir(db: str | Path, table: str, version: int) -> Path:
+    return local_dir(db) / INDEX_DIR / f"{table}-v{version}"
+
+
+def save_index(index: SearchIndex, folder: Path, about: dict) -> None:
+    """Write ``index`` to ``folder`` whole or not at all (filled under a temporary name, then renamed)."""
+    with atomic_dir(folder) as tmp:
+        for name, array in index.parts().items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+        terms = "\n".join(sorted(index.vocab, key=index.vocab.__getitem__))
+        (tmp / "vocab.txt").write_text(terms, encoding="utf-8", errors="surrogateescape")
+        for name, column in index.payload.items():
+            if name == "assistant":  # few distinct responses: each once, and a code per row
+                values, codes = distinct(column)
+                np.save(tmp / "assistant.codes.npy", codes.astype(np.int32))
+                _save_strings(tmp, "assistant.values", values)
+            else:
+                _save_strings(tmp, name, column)
+        meta = {"format": FORMAT, **about, "rows": len(index.vectors), "columns": list(index.payload), "build_s": index.build_s}
+        (tmp / "index.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+        for path in tmp.iterdir():  # on disk before the rename makes it visible
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        failpoint("index:written")
+
+
+def load_index(folder: Path) -> tuple[SearchIndex, dict]:
+    """The index saved in ``folder``, memory-mapped, and its ``index.json``."""
+    about = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    parts = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    payload = {}
+    for name in about["columns"]:
+        if name == "assistant":
+            values = list(_load_strings(folder, "assistant.values"))
+            payload[name] = Coded(values, np.load(folder / "assistant.codes.npy", mmap_mode="r"))
+        else:
+            payload[name] = _load_strings(folder, name)
+    terms = (folder / "vocab.txt").read_text(encoding="utf-8", errors="surrogateescape")
+    vocab = dict(zip(terms.split("\n"), range(len(parts["post_indptr"]) - 1))) if terms else {}
+    return SearchIndex.from_parts(parts, payload, vocab, about.get("build_s", 0.0)), about
+
+
+def open_index(db: str | Path, table: str, version: int) -> tuple[SearchIndex, dict]:
+    """``table@version``'s search index and what it records (``encoder``, ``rows``…): the saved one
+    when it is there and of this very version, else built from the table now and saved for next time."""
+    folder = index_dir(db, table, version)
+    fingerprint = version_fingerprint(db, table, version)
+    if (folder / "index.json").is_file():
+        index, about = load_index(folder)
+        if about.get("format") == FORMAT and about.get("fingerprint") == fingerprint:
+            return index, about
+        shutil.rmtree(folder, ignore_errors=True)  # another table's version of the same number
+    return build_index(db, table, version, fingerprint)
+
+
+def build_index(db: str | Path, table: str, version: int, fingerprint: str | None = None) -> tuple[SearchIndex, dict]:
+    """Index ``table@version`` from LanceDB and save it beside the version."""
+    from retrieval.store import open_table, table_encoder
+
+    tbl = open_table(db, table, version)
+    about = {
+        "table": table,
+        "version": version,
+        "fingerprint": fingerprint or version_fingerprint(db, table, version),
+        "encoder": table_encoder(tbl),
+    }
+    folder = index_dir(db, table, version)
+    save_index(SearchIndex.from_table(tbl), folder, about)
+    return load_index(folder)

@@ -1,0 +1,28 @@
+"""Where a table's files live: LanceDB's own (a folder or an object-store URI) and the side files
+bucketchat keeps beside them. Kept apart from the store so that finding a file needs no LanceDB."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from retrieval.encoder import cache_home
+
+
+def is_uri(db: str | Path) -> bool:
+    """An object-store location (``s3://``, ``gs://``, ``az://``, ``file://``…) rather than a folder."""
+    return "://" in str(db)
+
+
+def db_key(db: str | Path) -> str:
+    """How a model names the table it pins: an absolute folder, or the URI as given."""
+    return str(db) if is_uri(db) else str(Path(db).resolve())
+
+
+def local_dir(db: str | Path) -> Path:
+    """The local folder for a table's side files (embedding cache, fine-tuned encoders, resume
+    states): the db folder itself, or for an object-store URI a folder per URI in the machine's
+    bucketchat cache, so nothing but LanceDB's own files goes to the bucket."""
+    if not is_uri(db):
+        return Path(db)
+    return cache_home() / "object-store" / hashlib.sha256(str(db).encode()).hexdigest()[:16]
