@@ -111,6 +111,9 @@ class SearchIndex:
         """An index from the arrays ``parts()`` returned (memory-mapped ones too) and its payload
         columns: no building, so opening a saved index costs no more at 1M rows than at 1k."""
         self = cls.__new__(cls)
+        # Plain ndarray views of the maps: slicing an np.memmap runs Python code per slice, and a
+        # query slices once per IVF cell it scans.
+        parts = {name: a.view(np.ndarray) if isinstance(a, np.memmap) else a for name, a in parts.items()}
         self.vectors, self.buckets, self.rows, self.centroids = parts["vectors"], parts["buckets"], parts["rows"], parts["centroids"]
         self.post_indptr, self.post_rows, self.post_weights = parts["post_indptr"], parts["post_rows"], parts["post_weights"]
         self.slices = np.asarray(parts["slices"]).tolist()

@@ -31,7 +31,7 @@ def test_a_saved_index_searches_exactly_as_the_one_it_was_saved_from(tmp_path):
     loaded, about = load_index(tmp_path / "ix")
     assert about["rows"] == n and about["version"] == 1 and about["columns"] == ["id", "user", "assistant", "source"]
     assert (
-        isinstance(loaded.vectors, np.memmap)
+        isinstance(loaded.vectors.base, np.memmap)
         and isinstance(loaded.payload["user"], Strings)
         and isinstance(loaded.payload["assistant"], Coded)
     )
