@@ -126,8 +126,14 @@ class ChatEngine:
 
     def __init__(self, weights: str, meta: str, options: ChatOptions | None = None):
         self.opts = options or ChatOptions()
-        # One query at a time per thread: a single thread avoids cross-core sync that costs more than it saves.
+        self.files = (str(weights), str(meta))  # what another process loads to answer the same (serve --workers)
+        # One query at a time per thread: a single thread avoids cross-core sync that costs more than it
+        # saves. numpy's OpenBLAS too: its idle threads spin, so two answering threads (or processes)
+        # with a BLAS pool each ran slower together than one alone (tests/bench/serve.py, BENCHMARKS.md).
         torch.set_num_threads(1)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, "blas")
         self.head, self.meta = checkpoint.load(weights, meta, device=self.opts.device)
         size = self.head.cfg.model_size
         if self.opts.model_size not in ("auto", size):
