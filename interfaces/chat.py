@@ -76,9 +76,12 @@ def cmd_eval(a) -> None:
 def cmd_serve(a) -> None:
     import os
 
-    from interfaces.server import ServerConfig, serve
+    from interfaces.server import ServerConfig
+    from interfaces.serving import auto_workers, serve, stop_helpers
 
     a.model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
+    if a.workers != "auto" and not (a.workers.isdigit() and int(a.workers) >= 1):
+        raise ValueError(f"--workers must be auto or a number of processes (1 or more), got {a.workers!r}")
     cfg = ServerConfig(
         host=a.host,
         port=a.port,
@@ -86,11 +89,17 @@ def cmd_serve(a) -> None:
         max_concurrency=a.max_concurrency,
         threads=a.workers_threads,
         model_name=a.weights or a.model,
+        workers=auto_workers() if a.workers == "auto" else int(a.workers),
     )
     engine = load_engine(a)
+
     # The server writes nothing, so a signal may end it at once: raising inside uvicorn's start-up
     # would leave a half-made event loop to complain at exit. uvicorn puts its own graceful handler
     # in place while it runs, and raises the signal again after shutting down: it lands here.
+    def stop(signum, frame):
+        stop_helpers()
+        stop_now(COMMAND[0], signum)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_now(COMMAND[0], signum))
+        signal.signal(sig, stop)
     serve(engine, cfg)

@@ -201,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--port", type=int, default=8000, help="port (default 8000)")
     arg(p, "--api_key", help="require `Authorization: Bearer KEY` on /v1 (default: $BUCKETCHAT_API_KEY, else no key)")
     arg(p, "--max_concurrency", type=int, default=64, help="answers in flight at once; more get 429 (default 64)")
-    arg(p, "--workers_threads", type=int, default=2, help="threads answering requests (default 2: one per core here)")
+    arg(
+        p,
+        "--workers",
+        default="auto",
+        help="processes answering on the one port (default auto: one per core, at most 4; each holds ~300 MB, the table index is shared). One process answers on about one core",
+    )
+    arg(p, "--workers_threads", type=int, default=2, help="threads answering requests in each process (default 2)")
 
     p = sub.add_parser(
         "pipeline",

@@ -14,7 +14,8 @@ records) in the response's ``bucketchat`` field.
 Bounds, so a flood cannot take the process down: request bodies over ``max_body_bytes`` get 413,
 more than ``max_concurrency`` answers in flight get 429, messages are capped in number and length.
 Every error is a JSON body in OpenAI's shape ({"error": {"message", "type", "param", "code"}}).
-The model and table are loaded once, before the server starts; answers run on a small thread pool.
+The model and table are loaded once, before the server starts; answers run on a small thread pool,
+in each of the ``--workers`` processes interfaces/serving.py runs the app on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +50,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None  # None: no key needed
     max_concurrency: int = 64  # answers in flight (running or queued); more get 429
-    threads: int = 2  # threads answering (torch runs one thread each)
+    threads: int = 2  # threads answering in each process (torch runs one thread each)
+    workers: int = 1  # processes answering on the one socket (interfaces/serving.py)
     max_body_bytes: int = 64 * 1024
     max_messages: int = 64
     max_message_chars: int = MAX_MESSAGE_CHARS
@@ -61,6 +64,8 @@ class ServerConfig:
             raise ValueError(f"--max_concurrency must be at least 1, got {self.max_concurrency}")
         if self.threads < 1:
             raise ValueError(f"--workers_threads must be at least 1, got {self.threads}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError(
                 "--api_key is shorter than 8 characters; use a long random string (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)"
@@ -276,6 +281,7 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
                 "model_size": engine.head.cfg.model_size,
                 "table": {"name": pinned.get("name"), "version": pinned.get("version")},
                 "in_flight": in_flight,
+                "worker": os.getpid(),  # which of the --workers processes answered
             }
         )
 
@@ -307,17 +313,4 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
 
     return Starlette(
         routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_crash}, lifespan=lifespan
-    )
-
-
-def serve(engine: ChatEngine, cfg: ServerConfig) -> None:
-    """Run the server in the foreground until Ctrl-C."""
-    import uvicorn
-
-    print(
-        f"bucketchat serving {cfg.model_name} on http://{cfg.host}:{cfg.port}  (chat page at /, OpenAI API at /v1{', API key required' if cfg.api_key else ''})",
-        flush=True,
-    )
-    uvicorn.run(
-        create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=1
     )

@@ -45,7 +45,7 @@ def test_the_saved_index_answers_as_one_built_in_memory(model):
     saved = ChatEngine(*model)  # the table's version has its index beside it (made once, by now)
     pinned = json.loads(Path(model[1]).read_text())["table"]
     assert (index_dir(pinned["db"], pinned["name"], pinned["version"]) / "index.json").is_file()
-    assert isinstance(saved.index.vectors, np.memmap)
+    assert isinstance(saved.index.vectors.base, np.memmap)
     built = ChatEngine(*model)
     built.index = SearchIndex.from_table(open_table(pinned["db"], pinned["name"], pinned["version"]))
     assert built.index.payload["assistant"] == list(saved.index.payload["assistant"])

@@ -1,6 +1,7 @@
 """interfaces/server.py against the official openai client and raw HTTP: answers, streaming,
 conversations, auth, and every kind of bad request getting a 4xx JSON error (never a 500)."""
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -161,6 +162,56 @@ def test_config_is_validated():
         ServerConfig(api_key="short")
     with pytest.raises(ValueError, match="--port"):
         ServerConfig(port=0)
+    with pytest.raises(ValueError, match="--workers"):
+        ServerConfig(workers=0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="helpers end with their parent through Linux's PR_SET_PDEATHSIG")
+def test_workers_share_the_port_a_dead_one_is_replaced_and_all_end_with_the_command(chat_model, tmp_path):
+    import os
+    import signal
+    import time
+
+    from interfaces.serving import RESTART_AFTER_S
+
+    port, (weights, meta) = free_port(), chat_model
+    cmd = [sys.executable, "-m", "interfaces.cli", "serve", "--weights", weights, "--meta", meta, "--port", str(port), "--workers", "2"]
+    url = f"http://127.0.0.1:{port}"
+
+    def workers_seen(want: int, timeout: float = 30.0) -> dict:
+        seen, deadline = {}, time.monotonic() + timeout
+        while len(seen) < want and time.monotonic() < deadline:
+            with httpx.Client(base_url=url, timeout=10) as c:  # a new connection each time
+                body = {"messages": [{"role": "user", "content": "where is my parcel"}]}
+                seen[c.get("/healthz").json()["worker"]] = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"][
+                    "content"
+                ]
+        return seen
+
+    root = os.path.dirname(os.path.dirname(__file__))
+    with http_process(cmd, f"{url}/healthz", tmp_path / "serve.log", cwd=root) as proc:
+        seen = workers_seen(2)
+        assert len(seen) == 2 and proc.pid in seen
+        assert set(seen.values()) == {INTENTS["track_order"][0]}  # both processes give the same answer
+        helper = next(pid for pid in seen if pid != proc.pid)
+        time.sleep(RESTART_AFTER_S)  # past its start-up: a death now is a crash while serving
+        os.kill(helper, signal.SIGKILL)  # died while serving: started again
+        replaced = next(iter(set(workers_seen(2)) - {proc.pid, helper}), None)
+        assert replaced is not None and _alive(replaced), (tmp_path / "serve.log").read_text()
+        os.kill(proc.pid, signal.SIGKILL)  # the command dies without a word: its helpers go with it
+        proc.wait(5)
+        deadline = time.monotonic() + 5
+        while _alive(replaced) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(replaced)
 
 
 def _rss_mb(pid: int) -> float:
@@ -195,6 +246,8 @@ def test_abuse_flood_gets_4xx_or_429_and_memory_stays_bounded(chat_model, tmp_pa
         KEY,
         "--max_concurrency",
         "8",
+        "--workers",
+        "1",  # one process: its memory is what is measured
     ]
     url = f"http://127.0.0.1:{port}"
     with http_process(cmd, f"{url}/healthz", tmp_path / "serve.log", cwd=os.path.dirname(os.path.dirname(__file__))) as proc:
