@@ -17,8 +17,9 @@ def build_db_flow(
     device: str = "cpu",
     strict: bool = False,
     columns: Columns | None = None,
+    encoder: str | None = None,
 ) -> dict:
-    return build_database(data, db, table, num_buckets, seed, device, strict, columns)
+    return build_database(data, db, table, num_buckets, seed, device, strict, columns, encoder)
 
 
 if __name__ == "__main__":

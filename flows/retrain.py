@@ -28,6 +28,7 @@ def retrain_flow(
     force: bool = False,
     model_name: str = MODEL_NAME,
     columns: Columns | None = None,
+    encoder: str | None = None,
 ) -> dict:
     """``target`` as in the pipeline (None or 0: no expansion). Synthetic
     variants are drawn over the whole dataset, so when a drop is added to small, expanded data they
@@ -38,7 +39,7 @@ def retrain_flow(
             f"data_dir {data_dir!r} holds no data drops; put conversation files there ({', '.join('*' + s for s in INPUT_SUFFIXES)})"
         )
     result = pipeline_flow(
-        drops, workdir=workdir, target=target, train=train, head=head, force=force, model_name=model_name, columns=columns
+        drops, workdir=workdir, target=target, train=train, head=head, force=force, model_name=model_name, columns=columns, encoder=encoder
     )
     build, reg = result["build"], result["registry"]
     table = f"table v{build['version']} " + ("unchanged" if build.get("reused") else f"written ({build['embedded']} rows newly embedded)")

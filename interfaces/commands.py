@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flows.orchestration import orchestrated, start_api
 from interfaces import console
-from interfaces.flags import columns, run_config
+from interfaces.flags import check_encoder, columns, run_config
 
 
 class FlowRun:
@@ -143,10 +143,11 @@ def cmd_db(a) -> None:
     if a.db_command == "build":
         cols = columns(a)
         preflight([a.data], a.strict, "--data", cols)
+        check_encoder(a)
         with flow_run(a, table=True) as run:
             from flows.build_db import build_db_flow
 
-            r = run(build_db_flow, a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict, cols)
+            r = run(build_db_flow, a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict, cols, a.encoder)
         report_rejects(r)
         print(f"table {r['table']} in {r['db']}: version {r['version']}, {r['rows']} rows, {r['embedded']} newly embedded")
         print("rows per bucket: " + ", ".join(f"{b}: {n}" for b, n in r["buckets"].items()))
@@ -296,6 +297,7 @@ def cmd_pipeline(a) -> None:
     cols = columns(a)
     preflight(a.data, a.strict, "--data", cols)
     check_weights(a.weights)
+    check_encoder(a)
     with flow_run(a, trains=True, table=True) as run:
         from flows.pipeline import pipeline_flow
 
@@ -318,6 +320,7 @@ def cmd_pipeline(a) -> None:
             model_name=a.model_name,
             replace_champion=a.replace_champion,
             columns=cols,
+            encoder=a.encoder,
         )
     d = r["dataset"]
     if d["rejected_lines"]:
@@ -335,10 +338,13 @@ def cmd_retrain(a) -> None:
     folder = Path(a.data_dir)
     if not folder.is_dir():
         raise ValueError(f"--data_dir {a.data_dir!r} is not a folder; pass the folder the data drops (*.jsonl) are put in")
+    check_encoder(a)
     with flow_run(a, trains=True, table=True) as run:
         from flows.retrain import retrain_flow
 
-        r = run(retrain_flow, a.data_dir, a.workdir, a.target, force=a.force, model_name=a.model_name, columns=columns(a))
+        r = run(
+            retrain_flow, a.data_dir, a.workdir, a.target, force=a.force, model_name=a.model_name, columns=columns(a), encoder=a.encoder
+        )
     print(f"{len(r['drops'])} drop(s) in {a.data_dir}; dataset {r['dataset']['records']} pairs")
     report_table(r["build"])
     report_training(r, a.model_name)

@@ -290,6 +290,24 @@ def train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     )
 
 
+def encoder_arg(p: argparse.ArgumentParser) -> None:
+    arg(
+        p,
+        "--encoder",
+        metavar="FOLDER",
+        help="a sentence-transformers model saved on disk to embed with (default: the shipped all-MiniLM-L6-v2, int8). "
+        "It is copied beside the table; models trained on the table answer with it. Loaded offline: nothing is downloaded",
+    )
+
+
+def check_encoder(a: argparse.Namespace) -> None:
+    """A bad --encoder folder fails before anything starts, naming what is missing."""
+    if getattr(a, "encoder", None):
+        from retrieval.encoder import check_encoder_folder
+
+        a.encoder = str(check_encoder_folder(a.encoder))
+
+
 def column_args(p: argparse.ArgumentParser) -> None:
     """Which columns of a table input (.csv, .tsv, .parquet) hold what; JSONL and JSON ignore them."""
     g = p.add_argument_group("table inputs (.csv, .tsv, .parquet)")

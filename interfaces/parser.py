@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from interfaces.flags import add_verbose, arg, column_args, expansion_args, model_name_arg, near_dup_arg, train_args
+from interfaces.flags import add_verbose, arg, column_args, encoder_arg, expansion_args, model_name_arg, near_dup_arg, train_args
 from tasks.settings import CHAMPION_ALIAS, TABLE_NAME
 
 EXAMPLES = """examples:
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(b, "--seed", type=int, default=0, help="clustering seed (default 0)")
     arg(b, "--device", default="cpu", help="encoder device (default cpu)")
     arg(b, "--strict", action="store_true", help="stop at the first malformed line")
+    encoder_arg(b)
     column_args(b)
     s = dbsub.add_parser(
         "stats", help="rows, buckets, sources, versions and index state", description="Describe the latest version of the table."
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--seed", type=int, default=42, help="seed (default 42)")
     arg(p, "--strict", action="store_true", help="stop at the first malformed line")
     near_dup_arg(p, action="keep a pair in its twin's family (never split across train/validation)")
+    encoder_arg(p)
     column_args(p)
     train_args(p)
 
@@ -246,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--target", type=int, help="as in `bucketchat pipeline` (default: no expansion)")
     arg(p, "--force", action="store_true", help="train even when nothing changed")
     model_name_arg(p, promote=False)
+    encoder_arg(p)
     column_args(p)
     add_verbose(parser)
     return parser

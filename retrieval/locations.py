@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from retrieval.encoder import cache_home
+from retrieval.encoder import STOCK_IDS, cache_home
+
+ENCODERS_DIR = "_encoders"  # encoders a table's versions were embedded with (fine-tuned or the user's), by id hash
 
 
 def is_uri(db: str | Path) -> bool:
@@ -26,3 +28,11 @@ def local_dir(db: str | Path) -> Path:
     if not is_uri(db):
         return Path(db)
     return cache_home() / "object-store" / hashlib.sha256(str(db).encode()).hexdigest()[:16]
+
+
+def encoder_folder(db: str | Path, encoder_id: str) -> Path | None:
+    """Where the encoder a table version was embedded with is kept beside it: a fine-tuned one
+    (``--train_all``) or the user's (``--encoder``); None for the shipped encoder."""
+    if encoder_id in STOCK_IDS:
+        return None
+    return local_dir(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1]

@@ -18,15 +18,15 @@ import pyarrow as pa
 from conversations.records import Pair
 from models.atomic import failpoint
 from retrieval.buckets import assign_buckets, group_keys
-from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache
-from retrieval.locations import is_uri, local_dir
+from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache, user_encoder_id
+from retrieval.locations import encoder_folder, is_uri, local_dir
 
 # Below this a flat scan is faster than building an index (DESIGN.md §5: ~8 ms per 100k at numpy speed).
 VECTOR_INDEX_MIN_ROWS = 20_000
 CACHE_DIR = "_embedding_cache"
 
 
-def schema(encoder_id: str = ENCODER_ID, content: str | None = None) -> pa.Schema:
+def schema(encoder_id: str = ENCODER_ID, content: str | None = None, dim: int = DIM) -> pa.Schema:
     return pa.schema(
         [
             ("id", pa.string()),
@@ -39,7 +39,7 @@ def schema(encoder_id: str = ENCODER_ID, content: str | None = None) -> pa.Schem
             ("source", pa.string()),
             ("parent_id", pa.string()),
             ("op", pa.string()),
-            ("vector", pa.list_(pa.float32(), DIM)),
+            ("vector", pa.list_(pa.float32(), dim)),
         ],
         metadata={"encoder": encoder_id, **({"content": content} if content else {})},
     )
@@ -94,9 +94,9 @@ def reembed_table(db: str | Path, table: str, version: int, encoder_path: str, e
     cache = EmbeddingCache(local_dir(db) / CACHE_DIR, encoder_id, encoder_path)
     vecs, _ = cache.embed(data["user"].to_pylist(), device=device)
     data = data.set_column(
-        data.schema.get_field_index("vector"), "vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), DIM)
+        data.schema.get_field_index("vector"), "vector", pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
     )
-    return _write(db, table, data.cast(schema(encoder_id)))
+    return _write(db, table, data.cast(schema(encoder_id, dim=vecs.shape[1])))
 
 
 def _write(db: str | Path, table: str, data: pa.Table) -> int:
@@ -157,8 +157,32 @@ def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
     return BuildResult(str(db), table, int(tbl.version), sum(counts.values()), 0, dict(sorted(counts.items())), reused=True)
 
 
-def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int = 10, seed: int = 0, device: str = "cpu") -> BuildResult:
-    """Embed (through the cache), bucket and write ``pairs`` as a new version of ``table``.
+def keep_encoder(db: str | Path, folder: str | Path) -> tuple[str, str]:
+    """Copy a user's encoder folder beside the table (once per content), so the table and every
+    model trained on it keep working when the original folder moves; returns (id, the copy)."""
+    import shutil
+
+    from models.atomic import atomic_dir
+
+    encoder_id = user_encoder_id(folder)
+    kept = encoder_folder(db, encoder_id)
+    if not (kept / "model.safetensors").is_file():
+        with atomic_dir(kept) as tmp:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+    return encoder_id, str(kept)
+
+
+def build_table(
+    pairs: list[Pair],
+    db: str | Path,
+    table: str,
+    num_buckets: int = 10,
+    seed: int = 0,
+    device: str = "cpu",
+    encoder: str | None = None,
+) -> BuildResult:
+    """Embed (through the cache), bucket and write ``pairs`` as a new version of ``table``;
+    ``encoder``: a sentence-transformers folder to embed with instead of the shipped MiniLM.
 
     When the latest version was built from the same rows and settings it is returned as it is
     (``reused``): an unchanged data drop writes no version, so models keep pinning the same one.
@@ -168,11 +192,12 @@ def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int 
     if not is_uri(db):
         db = Path(db)
         db.mkdir(parents=True, exist_ok=True)
-    key = content_key(pairs, num_buckets, seed)
+    encoder_id, encoder_path = keep_encoder(db, encoder) if encoder else (ENCODER_ID, None)
+    key = content_key(pairs, num_buckets, seed, encoder_id)
     same = _unchanged(db, table, key)
     if same is not None:
         return same
-    cache = EmbeddingCache(local_dir(db) / CACHE_DIR)
+    cache = EmbeddingCache(local_dir(db) / CACHE_DIR, encoder_id, encoder_path)
     user_vecs, new_users = cache.embed([p.user for p in pairs], device=device)
     responses = [p.assistant for p in pairs]
     labels = [p.label for p in pairs]
@@ -198,9 +223,9 @@ def build_table(pairs: list[Pair], db: str | Path, table: str, num_buckets: int 
             "source": [p.source for p in pairs],
             "parent_id": [p.parent_id for p in pairs],
             "op": [p.op for p in pairs],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(user_vecs.reshape(-1)), DIM),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(user_vecs.reshape(-1)), user_vecs.shape[1]),
         },
-        schema=schema(content=key),
+        schema=schema(encoder_id, content=key, dim=user_vecs.shape[1]),
     )
     version = _write(db, table, data)
     counts = Counter(int(b) for b in buckets)

@@ -26,14 +26,16 @@ def build_database(
     device: str = "cpu",
     strict: bool = False,
     columns: Columns | None = None,
+    encoder: str | None = None,
 ) -> dict:
     """Embed, bucket and write ``data`` as a new version of ``table``, and save its search index beside
-    it (chat opens that, memory-mapped, instead of building one); rejects go beside the db."""
+    it (chat opens that, memory-mapped, instead of building one); rejects go beside the db.
+    ``encoder``: a sentence-transformers folder to embed with (default: the shipped MiniLM)."""
     logger = run_logger()
     # llm_chat.db -> llm_chat.rejects.jsonl beside it; for an object-store db, in its local folder.
     beside = local_dir(db) / Path(db).name if is_uri(db) else db
     pairs, rejected, rejects_file = read_input(data, beside, strict, columns)
-    result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device)
+    result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, encoder=encoder)
     if result.reused:
         logger.info("table %s@%d already holds exactly these %d rows; no new version written", table, result.version, result.rows)
     else:

@@ -21,14 +21,12 @@ from models.config import BRANCH_WIDTHS, BRANCHES, HeadConfig, HeadSettings, Tra
 from models.heads import BucketHead, warm_start
 from models.train import Trainable, TrainData, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID
-from retrieval.locations import db_key, local_dir
+from retrieval.locations import db_key, encoder_folder
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import neighbour_log_probs
 from retrieval.store import open_table, reembed_table, table_encoder
 from tasks import registry
-
-ENCODERS_DIR = "_encoders"  # fine-tuned encoders a table version was embedded with, by id hash
 
 
 def table_rows(db: str, table: str, version: int) -> dict:
@@ -61,13 +59,6 @@ def data_name(ids: list[str]) -> str:
     sources = sorted({i.split(":", 1)[0] for i in ids})
     shown = "+".join(sources[:3])
     return shown + (f"+{len(sources) - 3} more" if len(sources) > 3 else "")
-
-
-def encoder_folder(db: str, encoder_id: str) -> Path | None:
-    """Where a fine-tuned encoder used by a table version is kept (None for the stock encoder)."""
-    if encoder_id in STOCK_IDS:
-        return None
-    return local_dir(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1]
 
 
 class EncoderFolder:
@@ -365,6 +356,6 @@ def table_encoder_path(db: str, encoder_id: str) -> str | None:
         return None
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(
-            f"the table in {db!r} was embedded by fine-tuned encoder {encoder_id}, whose folder {str(folder)!r} is missing; rebuild the table with `bucketchat db build`"
+            f"the table in {db!r} was embedded by encoder {encoder_id}, whose copy {str(folder)!r} beside the table is missing; rebuild the table with `bucketchat db build` (with the same --encoder)"
         )
     return str(folder)

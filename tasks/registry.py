@@ -190,8 +190,8 @@ def download_model(uri: str, dst: str | Path | None = None) -> tuple[Path, Path]
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            shutil.copy2(weights, tmp / WEIGHTS_FILE)
-            shutil.copy2(meta, tmp / META_FILE)
+            # The whole folder: a model with its own encoder (--train_all, --encoder) has it beside the head.
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
             os.rename(tmp, target)
         except OSError:
             pass  # another process put it there first, or the cache cannot be written: use the download

@@ -115,6 +115,34 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     return uri
 
 
+def make_tiny_encoder(folder: Path, words: list[str]) -> Path:
+    """A sentence-transformers model built offline: a one-layer BERT with random (seeded) weights,
+    a vocabulary of ``words``, mean pooling and unit length, saved as a user would bring it."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    raw = folder / "bert"
+    raw.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    (raw / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128
+    )
+    BertModel(config).save_pretrained(raw)
+    BertTokenizerFast(vocab_file=str(raw / "vocab.txt")).save_pretrained(raw)
+    out = folder / "tiny-encoder"
+    SentenceTransformer(modules=[models.Transformer(str(raw)), models.Pooling(32, "mean"), models.Normalize()]).save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    words = [w.strip("?,.!'").lower() for asks in INTENTS.values() for u in asks[1] for w in u.split()]
+    return make_tiny_encoder(tmp_path_factory.mktemp("encoder"), words)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """Real Prefect flow runs against a temporary local API, results kept in a temp dir."""

@@ -55,3 +55,71 @@ def test_cache_keys_by_encoder(tmp_path):
 def test_a_fine_tuned_id_needs_its_folder():
     with pytest.raises(ValueError, match="fine-tuned encoder but no folder"):
         embed(["x"], encoder_id=TORCH_ID + "+ft:0123")
+
+
+def test_a_user_encoder_folder_is_checked_before_use(tmp_path, tiny_encoder):
+    from retrieval.encoder import check_encoder_folder, user_encoder_id
+
+    with pytest.raises(ValueError, match="is not a folder"):
+        check_encoder_folder(tmp_path / "nope")
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"missing: model\.safetensors .*; a tokenizer file"):
+        check_encoder_folder(half)
+    ident = user_encoder_id(tiny_encoder)
+    assert ident.startswith("user:tiny-encoder:") and ident == user_encoder_id(tiny_encoder)
+    vecs = embed(["where is my parcel", "reset my password"], path=str(tiny_encoder), encoder_id=ident)
+    assert vecs.shape == (2, 32) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_users_own_encoder_runs_the_pipeline_and_chat(tmp_path, tiny_records, tiny_encoder, prefect_api_env):
+    """`bucketchat pipeline --encoder FOLDER` with a sentence-transformers model built offline: the
+    table and the model record its identity, chat (the registered champion) answers with it after the
+    original folder is gone, and a table embedded by the shipped encoder is refused."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conversations.records import load_records
+    from retrieval.encoder import user_encoder_id
+    from retrieval.store import build_table, open_table, table_encoder
+    from tests.conftest import write_jsonl
+
+    mine = tmp_path / "my-encoder"
+    shutil.copytree(tiny_encoder, mine)
+    ident = user_encoder_id(mine)
+    data = write_jsonl(tmp_path / "d.jsonl", tiny_records)
+    env = {
+        **os.environ,
+        **prefect_api_env,
+        "BUCKETCHAT_HOME": str(tmp_path / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}",
+    }
+    bucketchat = str(Path(sys.executable).parent / "bucketchat")
+    work = tmp_path / "work"
+    done = subprocess.run(
+        [bucketchat, "pipeline", "--data", str(data), "--workdir", str(work), "--encoder", str(mine), "--epochs", "30"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    meta = json.loads((work / "chat_model_meta.json").read_text())
+    assert meta["encoder"] == ident == table_encoder(open_table(str(work / "llm_chat.db"), "conversations", meta["table"]["version"]))
+    shutil.rmtree(mine)  # the table and the model keep their own copies
+
+    def ask(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [bucketchat, "chat", "--json", *extra], input="where is my parcel\n", env=env, capture_output=True, text=True, timeout=120
+        )
+
+    asked = ask()
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["response"] == INTENTS["track_order"][0]
+    pairs, _ = load_records(data)
+    build_table(pairs, tmp_path / "minilm.db", "conversations")  # embedded by the shipped encoder
+    refused = ask("--llm_db", str(tmp_path / "minilm.db"))
+    assert refused.returncode != 0 and "encoder" in refused.stderr and "Traceback" not in refused.stderr
