@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,52 +16,48 @@ from interfaces.flags import check_encoder, columns, run_config
 
 
 class FlowRun:
-    """One command's flow call: ``run(flow, *args, **kwargs)`` waits for Prefect's API (booting
-    while the flow's modules were imported) and calls the flow under the command's tags; ``log`` is
+    """One command's flow call: ``run(flow, *args, **kwargs)`` loads what the flow will need while
+    Prefect's API boots, waits for the API and calls the flow under the command's tags; ``log`` is
     the command's log file (None with --verbose)."""
 
-    def __init__(self, log: Path | None, table: bool = False):
-        self.log, self.table = log, table
+    def __init__(self, log: Path | None, trains: bool = False, table: bool = False):
+        self.log, self.trains, self.table = log, trains, table
 
     def __call__(self, flow, *args, **kwargs):
+        # Loaded now, before waiting for Prefect's API: the wait would be idle time, and the flow
+        # loads them anyway. Not on a thread: a thread importing MLflow while a task imported it too
+        # broke MLflow's own imports ("Couldn't build proto file into descriptor pool").
         if self.table:
-            # The flow will import LanceDB (~1.2 s) anyway; importing it now fills the time the
-            # wait for Prefect's API would spend idle, instead of adding to the table stage.
-            import lancedb  # noqa: F401
+            import lancedb  # noqa: F401 - ~1.2 s
+        if self.trains:
+            warm_up()
         with orchestrated():
             return flow(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def flow_run(a, trains: bool = False, table: bool = False) -> Iterator[FlowRun]:
-    """After the inputs are checked: stderr to the log file (unless --verbose), Prefect's API
-    starting, and for a command that ``trains``, what training needs loading on a thread
-    (``warm_up``); ``table``: the flow opens a LanceDB table. Import the flow inside, then call it
+    """After the inputs are checked: stderr to the log file (unless --verbose) and Prefect's API
+    starting. ``trains``: the flow trains (MLflow's store and torch's optimizer imports are loaded
+    while the API boots); ``table``: it opens a LanceDB table. Import the flow inside, then call it
     through the ``FlowRun`` this yields."""
     with console.captured(a.command, getattr(a, "verbose", False)) as log:
         start_api()
-        if trains:
-            warm_up()
-        yield FlowRun(log, table)
+        yield FlowRun(log, trains, table)
 
 
 def warm_up() -> None:
     """Open the MLflow store (its tables made on first use) and import what torch's optimizers load
-    on first use, on a thread while the server boots and the data stages run: a second or two each
-    that the training stage would otherwise wait for. A failure here is left for the stage that
-    needs the piece to raise, with its own message."""
+    on first use: a second or two each that the training stage would otherwise spend. A failure
+    here is left for the stage that needs the piece to raise, with its own message."""
+    try:
+        import torch._dynamo  # noqa: F401 - the first optimizer constructed imports it
 
-    def load() -> None:
-        try:
-            import torch._dynamo  # noqa: F401 - the first optimizer constructed imports it
+        from tasks import registry
 
-            from tasks import registry
-
-            registry.configure()
-        except Exception:  # noqa: BLE001 - see the docstring
-            pass
-
-    threading.Thread(target=load, name="warm-up", daemon=True).start()
+        registry.configure()
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 def done(run: FlowRun) -> None:
