@@ -1,7 +1,7 @@
 """Server throughput on loopback: `bucketchat serve` in its own process, hammered by concurrent
 keep-alive clients for a bounded time, with `GET /healthz` (no model work) as the same-run ceiling.
 
-    python tests/bench/serve.py [--clients 8] [--seconds 15] [--repeats 3] [--json OUT]
+    python tests/bench/serve.py [--clients 8] [--seconds 15] [--repeats 3] [--workers auto] [--json OUT]
 
 Uses the BANKING77 model that tests/bench/latency.py leaves in .bucketchat/bench-latency/model (it
 trains one if missing). The load generator runs on the same 2 cores as the server, so the figures
@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", default="auto", help="`bucketchat serve --workers` (default auto, as a user gets it)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     paths = prepare(100_000)
@@ -85,7 +86,7 @@ def main() -> None:
     bodies = [{"model": "bucketchat", "messages": [{"role": "user", "content": q}]} for q in questions]
     port = free_port()
     server = subprocess.Popen(
-        [BIN / "bucketchat", "serve", "--weights", paths["weights"], "--meta", paths["meta"], "--port", str(port)],
+        [BIN / "bucketchat", "serve", "--weights", paths["weights"], "--meta", paths["meta"], "--port", str(port), "--workers", a.workers],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
