@@ -4,7 +4,7 @@ from prefect import flow
 
 from conversations.records import Columns
 from models.config import HeadSettings, TrainConfig
-from tasks.database import build_database
+from tasks.database import build_database, embed_version
 from tasks.promotion import previous_training, register_and_promote
 from tasks.settings import MODEL_NAME, TABLE_NAME
 from tasks.training import train_head
@@ -28,10 +28,13 @@ def finetune_flow(
     model_name: str = MODEL_NAME,
     replace_champion: bool = False,
     columns: Columns | None = None,
+    encoder: str | None = None,
 ) -> dict:
     """With ``data``, (re)build the table first (cached embeddings make that cheap); otherwise train on
     ``table_version`` of an existing table (default: its latest). ``weights`` warm-starts from a local
     checkpoint or a ``models:/`` URI; ``resume`` continues a killed run of the same settings.
+    ``encoder`` (a sentence-transformers folder) embeds the table with it first: the built table, or
+    a re-embedded copy of ``table_version`` as a new version (the model pins that one).
 
     A table whose content, settings and training code already produced a registered version is not
     trained again (``force`` trains anyway): an unchanged data drop changes nothing. The model is a
@@ -40,12 +43,15 @@ def finetune_flow(
     train, head = train or TrainConfig(), head or HeadSettings(num_buckets=num_buckets)
     built = None
     if data:
-        built = build_database(data, db, table, head.num_buckets, train.seed, train.device, strict, columns)
+        built = build_database(data, db, table, head.num_buckets, train.seed, train.device, strict, columns, encoder)
         table_version = built["version"]
-    elif table_version is None:
-        from retrieval.store import latest_complete_version
+    else:
+        if table_version is None:
+            from retrieval.store import latest_complete_version
 
-        table_version = latest_complete_version(db, table)
+            table_version = latest_complete_version(db, table)
+        if encoder:
+            table_version = embed_version(db, table, table_version, encoder, train.device)
     # Warm starts and resumes depend on more than the key says (the champion moves; a state file).
     found = (
         {"key": None, "previous": None}

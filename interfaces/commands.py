@@ -179,6 +179,7 @@ def cmd_finetune(a) -> None:
     check_weights(a.weights)
     cols = columns(a)
     preflight([a.data] if a.data else [], a.strict, "--data", cols)
+    check_encoder(a)
     with flow_run(a, trains=True, table=True) as run:
         from flows.finetune import finetune_flow
 
@@ -199,6 +200,7 @@ def cmd_finetune(a) -> None:
             model_name=a.model_name,
             replace_champion=a.replace_champion,
             columns=cols,
+            encoder=a.encoder,
         )
     report_training(r, a.model_name)
     print(f"local checkpoint: {a.output} + {a.meta}")

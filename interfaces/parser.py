@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--output", default="champion_model_chat_ft.pth", help="local weights file (safetensors; default champion_model_chat_ft.pth)")
     arg(p, "--meta", default="chat_model_meta.json", help="local meta JSON (default chat_model_meta.json)")
     arg(p, "--strict", action="store_true", help="stop at the first malformed line")
+    encoder_arg(p)
     column_args(p)
     train_args(p)
 

@@ -11,7 +11,7 @@ from conversations.dataset import read_input
 from conversations.records import Columns
 from retrieval.index_files import open_index
 from retrieval.locations import is_uri, local_dir
-from retrieval.store import build_table, stats
+from retrieval.store import build_table, keep_encoder, open_table, reembed_table, stats, table_encoder
 from tasks import run_logger
 from tasks.retries import IO_RETRIES
 
@@ -45,6 +45,20 @@ def build_database(
     _, index = open_index(result.db, result.table, result.version)  # built unless already there
     logger.info("search index of %s@%d: %d rows, built in %.1f s", table, result.version, index["rows"], index["build_s"])
     return {**asdict(result), "rejects": rejects_file, "rejected_lines": rejected}
+
+
+@task(**IO_RETRIES)  # a re-embedding writes a new version; repeating it writes another, never a half one
+def embed_version(db: str, table: str, version: int, encoder: str, device: str = "cpu") -> int:
+    """``table@version`` with vectors from ``encoder`` (a sentence-transformers folder): that version
+    when it already has them, else a new version of the same rows re-embedded (ids, buckets and
+    responses unchanged), with its search index. What ``finetune --encoder`` trains on."""
+    encoder_id, kept = keep_encoder(db, encoder)
+    if table_encoder(open_table(db, table, version)) == encoder_id:
+        return version
+    new = reembed_table(db, table, version, kept, encoder_id, device)
+    open_index(db, table, new)
+    run_logger().info("table %s@%d re-embedded with %s as version %d", table, version, encoder_id, new)
+    return new
 
 
 @task

@@ -123,3 +123,26 @@ def test_a_users_own_encoder_runs_the_pipeline_and_chat(tmp_path, tiny_records, 
     build_table(pairs, tmp_path / "minilm.db", "conversations")  # embedded by the shipped encoder
     refused = ask("--llm_db", str(tmp_path / "minilm.db"))
     assert refused.returncode != 0 and "encoder" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_finetune_encoder_re_embeds_the_pinned_version_once(tmp_path, tiny_records, tiny_encoder):
+    """`finetune --encoder` on a table embedded by the shipped encoder trains on a re-embedded copy of
+    the version (same rows and buckets, the user's vectors); a second run reuses that copy."""
+    from conversations.records import load_records
+    from retrieval.encoder import user_encoder_id
+    from retrieval.index_files import index_dir
+    from retrieval.store import build_table, open_table, read_columns, table_encoder
+    from tasks.database import embed_version
+    from tests.conftest import write_jsonl
+
+    pairs, _ = load_records(write_jsonl(tmp_path / "d.jsonl", tiny_records))
+    db = str(tmp_path / "db")
+    first = build_table(pairs, db, "conversations").version
+    again = embed_version.fn(db, "conversations", first, str(tiny_encoder))
+    assert again > first
+    tbl = open_table(db, "conversations", again)
+    assert table_encoder(tbl) == user_encoder_id(tiny_encoder) and tbl.schema.field("vector").type.list_size == 32
+    rows = lambda v: sorted(read_columns(open_table(db, "conversations", v), ["id", "bucket", "assistant"]).to_pylist(), key=str)  # noqa: E731
+    assert rows(again) == rows(first)
+    assert (index_dir(db, "conversations", again) / "index.json").is_file()  # chat opens it, nothing to build
+    assert embed_version.fn(db, "conversations", again, str(tiny_encoder)) == again  # already embedded: no new version
