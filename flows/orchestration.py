@@ -1,11 +1,8 @@
 """The Prefect API a ``bucketchat`` command talks to, and the flow runs whose process died.
 
 With ``PREFECT_API_URL`` set (a real server: ``make prefect-up``, a cluster), commands use it and
-nothing here starts. Without one, Prefect would start a temporary API server of its own, which a
-``kill -9`` of the command leaves running (~225 MB each) with its flow runs shown as Running
-forever. So the command starts that server itself, as a child that the kernel stops when the
-command dies however it dies (``PR_SET_PDEATHSIG`` on Linux), in its own session so that a Ctrl-C
-in the terminal reaches the command first and the command can still record how its runs ended.
+nothing here starts. Without one, a command joins the local API its Prefect home shares between
+commands (``flows/local_api.py``), starting it if none runs.
 
 Every flow run a command makes is tagged with the process that made it (``runner:HOST:PID:START``).
 The next command marks the runs of a process that no longer exists as Crashed, so the UI never
@@ -14,34 +11,22 @@ shows a dead run as Running.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from flows.local_api import SharedApi, process_start
+
 TAG = "bucketchat"
 RUNNER_PREFIX = "runner:"
-_PR_SET_PDEATHSIG = 1
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot (Linux), or None when it is not running:
-    with the pid it names one process, even after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
 def runner_tag(pid: int | None = None) -> str:
     pid = pid or os.getpid()
-    return f"{RUNNER_PREFIX}{socket.gethostname()}:{pid}:{_process_start(pid) or 0}"
+    return f"{RUNNER_PREFIX}{socket.gethostname()}:{pid}:{process_start(pid) or 0}"
 
 
 def runner_alive(tag: str) -> bool:
@@ -50,91 +35,7 @@ def runner_alive(tag: str) -> bool:
     host, pid, start = tag[len(RUNNER_PREFIX) :].rsplit(":", 2)
     if host != socket.gethostname():
         return True
-    return _process_start(int(pid)) == start
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: ask the kernel for SIGTERM when the parent dies."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class LocalApi:
-    """A Prefect API server for this process only (``start`` early, ``wait`` before the first flow)."""
-
-    def __init__(self, log_file: Path):
-        self.log_file = log_file
-        self.proc: subprocess.Popen | None = None
-        self.url: str | None = None
-
-    def start(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/api"
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        parent = os.getpid()
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--factory",
-                    "prefect.server.api.server:create_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "error",
-                    "--lifespan",
-                    "on",
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None,
-            )
-        os.environ["PREFECT_API_URL"] = self.url  # before prefect is imported: it reads settings once
-        atexit.register(self.stop)
-
-    def wait(self, timeout: float = 120.0) -> None:
-        """Block until the server answers; a server that died says so with its log's path."""
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the local Prefect API server exited with status {self.proc.returncode}; its log is {self.log_file}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"the local Prefect API server did not answer within {timeout:.0f} s; its log is {self.log_file}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            # Deliver the run logs Prefect still holds while the server can take them: at exit
-            # logging.shutdown runs after this (registered earlier) and would wait 5 s on a dead one.
-            if "prefect.logging.handlers" in sys.modules:
-                from prefect.logging.handlers import APILogWorker
-
-                with contextlib.suppress(Exception):
-                    APILogWorker.drain_all(timeout=3)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    return process_start(int(pid)) == start
 
 
 def crash_dead_runs(own: bool = False, timeout: float | None = None) -> list[str]:
@@ -181,7 +82,7 @@ def crash_dead_runs(own: bool = False, timeout: float | None = None) -> list[str
     return marked
 
 
-_STARTED = []  # the LocalApi this command started, if any (chat, serve, eval, registry never start one)
+_STARTED = []  # the SharedApi this command joined, if any (chat, serve, eval, registry never join one)
 
 
 def api_configured() -> bool:
@@ -197,14 +98,16 @@ def api_configured() -> bool:
 
 
 def start_api() -> None:
-    """After a command's inputs are checked: start the local Prefect API unless one is configured.
-    It boots while the command imports torch, Prefect and LanceDB; ``orchestrated`` waits for it."""
+    """After a command's inputs are checked: join the shared local Prefect API (starting it if none
+    runs) unless one is configured. A new one boots while the command imports torch, Prefect and
+    LanceDB; ``orchestrated`` waits for it."""
     if _STARTED or api_configured():
         return
     from tasks.settings import state_home
 
-    api = LocalApi(state_home() / "logs" / "prefect-api.log")
-    api.start()
+    home = Path(os.environ.get("PREFECT_HOME") or state_home() / "prefect").expanduser()
+    api = SharedApi(home / "api", state_home() / "logs" / "prefect-api.log")
+    api.join()
     _STARTED.append(api)
 
 
@@ -218,8 +121,8 @@ def orchestrated():
     for api in _STARTED:
         api.wait()
     crash_dead_runs()
-    # Heartbeats tell a shared server that a run's process is alive. On the command's own API the
-    # runner tag does that job (crash_dead_runs), and Prefect's heartbeat thread costs every flow run
+    # Heartbeats tell a server that a run's process is alive. On the local API the runner tag does
+    # that job (crash_dead_runs), and Prefect's heartbeat thread costs every flow run
     # up to a second at its end (it sleeps in one-second steps before it sees the stop): five flow
     # runs per pipeline. A server the user configured keeps them.
     heartbeats = {} if not _STARTED else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}

@@ -1,7 +1,9 @@
 """Ctrl-C, SIGTERM and kill -9 sent to real ``bucketchat`` processes in the middle of their work:
 each stops within 2 s with one line and no traceback, leaves no process of ours running (checked
-by pid), and its Prefect flow runs end Crashed, never Running."""
+by pid) but the local Prefect API that commands share, which stops once idle, and its Prefect flow
+runs end Crashed, never Running."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -35,8 +37,9 @@ def home(tmp_path_factory):
         "BUCKETCHAT_HOME": str(home),
         "PREFECT_HOME": str(home / "prefect"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "BUCKETCHAT_PREFECT_IDLE_S": "2",
     }
-    env.pop("PREFECT_API_URL", None)  # each command starts its own API, as a user's does
+    env.pop("PREFECT_API_URL", None)  # commands share a local API, as a user's do
     return home, env
 
 
@@ -61,8 +64,16 @@ def _flow_runs(home: Path, pid: int) -> list[str]:
     return sorted(state for state, tags in rows if f":{pid}:" in tags)
 
 
-def _stop(proc: subprocess.Popen, sig: int) -> tuple[float, str]:
-    helpers = descendants(proc.pid)
+def _shared_api(home: Path) -> int | None:
+    """The pid of the local Prefect API the module's commands share, while one runs."""
+    try:
+        return json.loads((home / "prefect" / "api" / "api.json").read_text())["pid"]
+    except OSError:
+        return None
+
+
+def _stop(proc: subprocess.Popen, sig: int, home: Path) -> tuple[float, str]:
+    helpers = descendants(proc.pid) - {_shared_api(home)}
     start = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
@@ -77,7 +88,7 @@ def test_a_signal_stops_the_pipeline_mid_run_within_2_s(tmp_path, home, sig, sta
     proc = _start(["pipeline", "--data", str(SAMPLE), "--workdir", str(tmp_path / "work"), "--epochs", "400"], env, tmp_path)
     _wait_for(tmp_path / "work" / "llm_chat.db", proc)  # the table is being built; training follows
     time.sleep(3)
-    took, err = _stop(proc, sig)
+    took, err = _stop(proc, sig, folder)
     assert proc.returncode == status and took < 2.0, (took, err)
     assert [l for l in err.splitlines() if l] == [
         f"bucketchat pipeline: stopped by {signal.Signals(sig).name}; files it writes are replaced whole, so nothing half-written was kept (run it again to continue)"
@@ -86,7 +97,7 @@ def test_a_signal_stops_the_pipeline_mid_run_within_2_s(tmp_path, home, sig, sta
     assert runs and "RUNNING" not in runs and "CRASHED" in runs
 
 
-def test_kill_9_leaves_no_process_and_the_next_command_marks_its_runs_crashed(tmp_path, home, tiny_records):
+def test_kill_9_leaves_no_process_past_the_apis_idle_time_and_the_next_command_marks_its_runs_crashed(tmp_path, home, tiny_records):
     folder, env = home
     proc = _start(
         [
@@ -107,11 +118,13 @@ def test_kill_9_leaves_no_process_and_the_next_command_marks_its_runs_crashed(tm
     )
     _wait_for(tmp_path / "db", proc)
     time.sleep(3)
-    helpers = descendants(proc.pid)
-    assert helpers, "the command should run its Prefect API server as a child"
+    api = _shared_api(folder)
+    assert api and running(api), "the command should use the shared local Prefect API"
+    helpers = descendants(proc.pid) - {api}
     proc.kill()
     proc.wait()
-    assert not _gone(helpers), "the Prefect API server outlived a kill -9 of its command"
+    assert not _gone(helpers), "a process of ours outlived a kill -9 of its command"
+    assert not _gone({api}, within=10), "the shared Prefect API kept running after its last user was killed"
     assert "RUNNING" in _flow_runs(folder, proc.pid)  # nothing could record the end...
 
     tiny = write_jsonl(tmp_path / "tiny.jsonl", tiny_records)
@@ -146,7 +159,7 @@ def test_chat_and_serve_stop_on_a_signal_within_2_s(tmp_path, home, chat_model):
     chat.stdin.write(b"where is my parcel\n")
     chat.stdin.flush()
     assert b'"line": 1' in chat.stdout.readline()  # answering; stdin stays open
-    took, err = _stop(chat, signal.SIGTERM)
+    took, err = _stop(chat, signal.SIGTERM, home[0])
     assert chat.returncode == 143 and took < 2.0 and "Traceback" not in err and len([l for l in err.splitlines() if l]) == 1
 
     from tests.conftest import free_port
@@ -155,5 +168,5 @@ def test_chat_and_serve_stop_on_a_signal_within_2_s(tmp_path, home, chat_model):
     serve = _start(["serve", "--weights", weights, "--meta", meta, "--port", str(port)], env, tmp_path)
     assert b"serving" in serve.stdout.readline()
     time.sleep(0.5)
-    took, err = _stop(serve, signal.SIGINT)
+    took, err = _stop(serve, signal.SIGINT, home[0])
     assert serve.returncode == 130 and took < 2.0 and "Traceback" not in err, err

@@ -14,7 +14,8 @@ Entry points (seeded, so a run is repeatable), each in its own process:
 
 Signals: SIGINT, SIGTERM and SIGKILL to pipeline, finetune and size-sweep mid-run, SIGINT and
 SIGTERM to chat and serve. Each must end within 2 s (exit 128+N, one line, no traceback; a SIGKILL
-ends at once), leave no process of its own running (checked by pid), and after a SIGKILL the next
+ends at once), leave no process of its own running (checked by pid; the local Prefect API that
+commands share is not the command's, and stops itself when idle), and after a SIGKILL the next
 command must mark the dead command's flow runs Crashed (read from Prefect's own database).
 """
 
@@ -238,6 +239,14 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
     return True
 
 
+def shared_api(home: Path) -> int | None:
+    """The pid of the local Prefect API the commands share (flows/local_api.py), while one runs."""
+    try:
+        return json.loads((home / "prefect" / "api" / "api.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def try_signal(name: str, args: list[str], sig: int, env: dict, work: Path, home: Path, ready) -> dict:
     """Start a command, wait until ``ready(proc)`` says it is mid-work, send ``sig``, and check."""
     proc = subprocess.Popen(cmd(*args), env=env, cwd=work, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -249,7 +258,7 @@ def try_signal(name: str, args: list[str], sig: int, env: dict, work: Path, home
             "ok": False,
             "why": "never got mid-run: " + proc.stderr.read().decode()[-300:],
         }
-    helpers = descendants(proc.pid)
+    helpers = descendants(proc.pid) - {shared_api(home)}
     t0 = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

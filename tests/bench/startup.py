@@ -6,8 +6,8 @@ from its start (medians over --repeats).
 
 - ``arg_error_s``: a missing --data file, to the exit with the one-line error;
 - ``pipeline_s``: the bundled sample's whole pipeline on a new workdir and a new MLflow store (the
-  encoder cache and Prefect's home already made; ``pipeline_first_s`` is the first run, which makes
-  Prefect's home);
+  encoder cache and Prefect's home already made, and the local Prefect API that commands share
+  already up; ``pipeline_first_s`` is the first run, which makes Prefect's home and starts that API);
 - ``chat_first_answer_s``: `bucketchat chat --json` with one piped message, to its first answer;
 - ``serve_ready_s``: `bucketchat serve`, to the first 200 from /healthz;
 - with ``--big`` only ``chat_first_answer_100k_s``: chat's first answer on the BANKING77 model and
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -94,6 +95,20 @@ def serve_ready(env: dict) -> float:
         proc.wait(timeout=30)
 
 
+def stop_shared_api(prefect_home: Path) -> None:
+    """Stop the local Prefect API a previous run left idling on this home (flows/local_api.py), so
+    that every run starts from the same state; code without a shared API leaves none."""
+    try:
+        state = json.loads((prefect_home / "api" / "api.json").read_text())
+        os.kill(state["pid"], signal.SIGTERM)
+    except (OSError, ValueError, KeyError):
+        return
+    for _ in range(100):
+        if not Path(f"/proc/{state['pid']}").exists():
+            return
+        time.sleep(0.1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
@@ -101,6 +116,7 @@ def main() -> None:
     p.add_argument("--big", action="store_true", help="only chat's first answer with the 100k-row table")
     a = p.parse_args()
     home = ROOT / ".bucketchat" / "bench-startup"
+    stop_shared_api(home / "home" / "prefect")
     shutil.rmtree(home, ignore_errors=True)
     env = {**os.environ, "BUCKETCHAT_HOME": str(home / "home")}
     env.pop("PREFECT_API_URL", None)
@@ -127,6 +143,7 @@ def main() -> None:
         runs["chat_first_answer_s"].append(first_answer(env))
         runs["serve_ready_s"].append(serve_ready(env))
         print(f"[{i}/{a.repeats}] " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()), flush=True)
+    stop_shared_api(home / "home" / "prefect")  # not left idling beside the next run (compare.py interleaves)
     result = {"pipeline_first_s": round(first, 2), **{k: round(statistics.median(v), 2) for k, v in runs.items()}, "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     if a.json:
