@@ -1,10 +1,11 @@
 """Resume states: what a killed training run needs to continue to the same result an uninterrupted
 run reaches (model, optimizer, scheduler, EMA shadow, sampler and dropout RNG, history, best so far),
-written after each epoch on a background thread, atomically."""
+written after the first epoch and then every few seconds of training, atomically."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -27,24 +28,36 @@ def snapshot(x):
     return x
 
 
-class StateWriter:
-    """Writes each epoch's resume state on a worker thread while the next epoch trains.
+STATE_EVERY_S = 10.0  # see StateWriter
 
-    Written in line, the states took a third of a small fit's time (BENCHMARKS.md, "Why the
-    hand-written pieces stay"). The training thread now only
-    copies the tensors (the snapshot), and the thread serialises and writes them. One state is in
-    flight at a time: ``save`` first waits for the one before, so a kill loses at most the latest
-    epoch's state, and the one before it is whole on disk (the write is atomic); resuming from it
-    gives the same result. ``close`` waits for the last one; a write's error is raised there or at
-    the next ``save``.
+
+class StateWriter:
+    """Writes the resume state of a run in training: after the first epoch, then after the first
+    epoch that ends ``every_s`` seconds or more after the last write began.
+
+    A kill loses at most the epochs of the last ``every_s`` seconds, and the resumed run still ends
+    where an uninterrupted one would. Written after every epoch, the states cost a quarter of the
+    sample's training time: short epochs, each with a serialisation and an fsync. The first is
+    written in line, so a state exists as soon as one epoch is done; the later ones on a worker
+    thread while the next epochs train: the training thread only copies the tensors (the snapshot).
+    One state is in flight at a time: ``save`` first waits for the one before, and the one on disk
+    is always whole (the write is atomic). ``close`` waits for the last one; a write's error is
+    raised there or at the next ``save``.
     """
 
-    def __init__(self, path: Path):
-        self.path, self.thread, self.error = path, None, None
+    def __init__(self, path: Path, every_s: float = STATE_EVERY_S):
+        self.path, self.every_s, self.thread, self.error, self.last = path, every_s, None, None, None
+
+    def due(self) -> bool:
+        return self.last is None or time.monotonic() - self.last >= self.every_s
 
     def save(self, state: dict) -> None:
         self.close()
+        first, self.last = self.last is None, time.monotonic()
         copy = snapshot(state)
+        if first:
+            save_state(self.path, copy)
+            return
         self.thread = threading.Thread(target=self._write, args=(copy,), name="bucketchat-resume-state")
         self.thread.start()
 

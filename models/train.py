@@ -32,7 +32,7 @@ from models.config import TrainConfig
 from models.fast import LazyAdam
 from models.heads import BucketHead
 from models.losses import adaptive_weights, pref_weight_at, preference_loss, sample_negatives
-from models.state import StateWriter, load_state
+from models.state import STATE_EVERY_S, StateWriter, load_state
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -225,6 +225,7 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[dict], None] | None = None,
     state_path: str | Path | None = None,
+    state_every_s: float = STATE_EVERY_S,
     resume: bool = False,
     stop_after_epoch: int | None = None,
     until_epoch: int | None = None,
@@ -234,8 +235,8 @@ def train(
     loss; the last epoch without a validation set).
 
     ``model`` is a ``Trainable`` (or a bare head with ``data`` an (N, D) embedding array and the targets
-    given separately). ``state_path``: write a resume state there after every epoch (on a worker thread,
-    ``StateWriter``); ``resume``: continue from it. ``until_epoch``: the last epoch to run, on the
+    given separately). ``state_path``: write a resume state there after the first epoch and then every
+    ``state_every_s`` seconds of training (``StateWriter``); ``resume``: continue from it. ``until_epoch``: the last epoch to run, on the
     schedule of ``cfg.epochs`` (a refit stops where the held-out run chose). ``stop_after_epoch`` ends
     the run early as a kill would (tests). ``label`` names the run in the progress bar and failpoints.
     """
@@ -302,7 +303,7 @@ def train(
     resumed_from = start_epoch - 1
     stopped = bool(history) and cfg.early_stop_patience > 0 and bad >= cfg.early_stop_patience
     seen, seconds = 0, 0.0
-    writer = StateWriter(state_path) if state_path is not None else None
+    writer = StateWriter(state_path, state_every_s) if state_path is not None else None
     bar = progress.bar(last_epoch, "training" if label == "train" else label, "epoch", initial=start_epoch - 1)
     for epoch in range(start_epoch, last_epoch + 1):
         if stopped:
@@ -380,7 +381,7 @@ def train(
         bar.update(1)
         if on_epoch:
             on_epoch(row)
-        if writer is not None:
+        if writer is not None and writer.due():
             writer.save(
                 {
                     "fingerprint": fp,

@@ -27,7 +27,7 @@ class MetricBuffer:
     request per value: per-step logging of a long run would otherwise dominate its wall time. A batch
     goes when ``every`` values are waiting or ``seconds`` have passed since the last, so the UI's
     charts stay live without a write per epoch (a kill -9 loses at most that much of the curves;
-    the model's resume state is written separately, every epoch).
+    the model's resume state is written separately, every few seconds).
 
     Hand-written because MLflow's own batching (``log_metrics(..., synchronous=False)``) was 28x
     slower into the default SQLite store: 37 s against 1.3 s for 3,000 steps of three metrics
@@ -132,7 +132,7 @@ def train_head(
 ) -> dict:
     """Fit, log params/metrics/checkpoint/plots to MLflow, and write the local ``--output``/``--meta``.
 
-    A resume state is written after every epoch beside ``output`` (``<output>.state``, or under the
+    A resume state is written every few seconds of training (``models/state.py``) beside ``output`` (``<output>.state``, or under the
     db folder); ``resume`` continues a killed run from it, in the same MLflow run.
     """
     import mlflow

@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -289,7 +291,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, options):
     cfg = TrainConfig(epochs=6, batch_size=16, lr=5e-3, early_stop_patience=0, **options)
     full = train(_toy_head(size="large"), x, yb, yc, tr, va, cfg)
     state = tmp_path / "run.state"
-    part = train(_toy_head(size="large"), x, yb, yc, tr, va, cfg, state_path=state, stop_after_epoch=3)
+    part = train(_toy_head(size="large"), x, yb, yc, tr, va, cfg, state_path=state, state_every_s=0, stop_after_epoch=3)
     assert len(part.history) == 3 and state.is_file()
     resumed = train(_toy_head(seed=99, size="large"), x, yb, yc, tr, va, cfg, state_path=state, resume=True)
     assert resumed.resumed_from_epoch == 3 and resumed.history == full.history
@@ -320,7 +322,7 @@ def test_preference_loss_and_ema_train_and_select_on_the_shadow():
     assert res.history[0]["train_pref"] > 0 and "train_ce" in res.history[0]
 
 
-def test_state_writer_writes_a_snapshot_on_a_thread_and_raises_its_errors(tmp_path):
+def test_state_writer_writes_the_first_state_in_line_then_snapshots_on_a_thread_at_most_every_few_seconds(tmp_path):
     from models.checkpoint import load_tree
     from models.state import StateWriter, snapshot
 
@@ -328,14 +330,22 @@ def test_state_writer_writes_a_snapshot_on_a_thread_and_raises_its_errors(tmp_pa
     snap = snapshot({"model": {"w": w}, "rng": (w, 3)})
     assert snap["model"]["w"] is not w and snap["rng"][0] is not w and snap["rng"][1] == 3
     assert torch.equal(snap["model"]["w"], w) and w.untyped_storage().data_ptr() != snap["model"]["w"].untyped_storage().data_ptr()
-    writer = StateWriter(tmp_path / "s.state")
+    writer = StateWriter(tmp_path / "s.state", every_s=0.2)
+    assert writer.due()
     writer.save({"epoch": 1, "model": {"w": w}})
-    w.add_(1.0)  # the next epoch trains on while the state is written: the file keeps epoch 1's values
+    assert writer.thread is None and load_tree(tmp_path / "s.state")["epoch"] == 1  # on disk already
+    assert not writer.due()  # the next epochs within 0.2 s write nothing
+    time.sleep(0.25)
+    assert writer.due()
+    writer.save({"epoch": 5, "model": {"w": w}})
+    w.add_(1.0)  # the next epoch trains on while the state is written: the file keeps epoch 5's values
     writer.close()
     back = load_tree(tmp_path / "s.state")
-    assert back["epoch"] == 1 and torch.equal(back["model"]["w"], torch.ones(3))
+    assert back["epoch"] == 5 and torch.equal(back["model"]["w"], torch.ones(3))
     (tmp_path / "a_folder").mkdir()
-    bad = StateWriter(tmp_path / "a_folder")  # a folder where the file should go: the write fails
-    bad.save({"epoch": 1})
+    bad = StateWriter(tmp_path / "a_folder", every_s=0)  # a folder where the file should go: the write fails
+    with pytest.raises(OSError):
+        bad.save({"epoch": 1})  # the first, in line
+    bad.save({"epoch": 2})  # a later one, on the thread: raised at close
     with pytest.raises(OSError):
         bad.close()
