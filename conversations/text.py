@@ -61,7 +61,7 @@ def clean_text(text: str, field: str = "message", limit: int | None = None) -> s
     if not text:
         raise TextError("empty", f"{field} is empty", f"give {field} some text")
     if limit is not None and len(text) > limit:
-        raise TextError("too_long", f"{field} is {len(text):,} characters, over the {limit:,}-character limit", f"send a shorter {field}")
+        raise TextError("too_long", f"{field} is {len(text):,} characters, over the {limit:,}-character limit", f"shorten {field}")
     return text
 
 

@@ -31,6 +31,7 @@ def load_engine(a):
         db_top_k=a.db_top_k,
         min_confidence=a.min_confidence,
         min_margin=a.min_margin,
+        min_similarity=a.min_similarity,
         style_mode=a.style_mode,
         creativity=a.creativity,
         seed=a.seed,

@@ -232,6 +232,13 @@ def train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     )
     arg(
         g,
+        "--fallback_budget",
+        type=float,
+        default=d.fallback_budget,
+        help=f"share of right answers the fallback may cost, calibrated on validation: half to the similarity gate (questions unlike the data), half to confidence and margin; raise it to catch more off-topic questions (see `bucketchat eval --oos`), 0 for no fallback (default {d.fallback_budget})",
+    )
+    arg(
+        g,
         "--resume",
         action="store_true",
         help="continue a killed run from its last epoch (state saved beside --output); same flags required",

@@ -72,6 +72,12 @@ def engine_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="fall back when the answer leads the runner-up by less than this probability (default: calibrated at training)",
     )
+    arg(
+        p,
+        "--min_similarity",
+        type=float,
+        help="fall back when the message's cosine similarity to the nearest stored message is below this: it is unlike anything the bot was trained on (default: calibrated at training; 0 turns it off; `eval --oos` shows the trade-off)",
+    )
     arg(p, "--seed", type=int, default=0, help="seed for sampling and the creative style (default 0)")
 
 

@@ -22,6 +22,11 @@ def print_why(why: dict) -> None:
         f"lead over the runner-up {why['margin']:.4f}"
         + (f" (falls back below {t['min_margin']:.4f})" if t["min_margin"] > 0 else " (no margin gate)"),
     ]
+    if why.get("similarity") is not None:
+        gates.append(
+            f"similarity to the nearest stored message {why['similarity']:.4f}"
+            + (f" (falls back below {t['min_similarity']:.4f})" if t.get("min_similarity", 0) > 0 else " (no similarity gate)")
+        )
     print("  " + ", ".join(gates) + (" -> FALLBACK" if why["fallback"] else ""))
     if why["context"]:
         print(f"  read as a follow-up of: {why['context']!r}")

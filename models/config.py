@@ -186,6 +186,10 @@ class TrainConfig:
     # Weight of the neighbour vote in the answers (retrieval/neighbours.py): chat mixes it in, so the
     # fallback thresholds are calibrated with it. 0 answers from the head alone.
     neighbour_weight: float = 0.2
+    # The share of right answers the fallback may cost, calibrated on validation (models/calibration.py):
+    # half to the similarity gate, half to confidence and margin. More catches more off-topic
+    # questions and loses more right answers; `bucketchat eval --oos` shows the trade-off.
+    fallback_budget: float = 0.005
     train_all: bool = False
     encoder_lr: float = 2e-5
     lexical_lr: float = 0.01  # lazy Adam rate of the n-gram weights (models/lexical.py)
@@ -239,6 +243,12 @@ class TrainConfig:
                 "--neighbour_weight",
                 self.neighbour_weight,
                 "use a weight in [0, 1): 0 answers from the head alone",
+            ),
+            (
+                0.0 <= self.fallback_budget < 0.5,
+                "--fallback_budget",
+                self.fallback_budget,
+                "use a share in [0, 0.5) such as 0.005; 0 turns the fallback off",
             ),
             (self.encoder_lr > 0, "--encoder_lr", self.encoder_lr, "use a small positive rate such as 2e-5"),
             (self.lexical_lr > 0, "--lexical_lr", self.lexical_lr, "use a positive rate such as 0.01"),

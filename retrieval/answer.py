@@ -6,9 +6,9 @@ scored in memory. The pinned table adds responses the head did not learn (hybrid
 search over the version's saved index, memory-mapped: retrieval/search.py, retrieval/index_files.py): those of a bucket share the probability of that bucket's
 "other" slot, split by similarity among the retrieved rows of that bucket (rows of a foreign
 ``--llm_db`` share their bucket's probability). The best-scoring response wins (or one is sampled
-with ``response_temperature`` > 0). Too little confidence, or too small a lead over the runner-up,
-gives the fallback answer instead of a wrong one; both thresholds are calibrated on validation data
-at training time. A style (retrieval/styles.py) is applied last.
+with ``response_temperature`` > 0). Too little confidence, too small a lead over the runner-up, or
+a message unlike every stored one (cosine similarity to the nearest) gives the fallback answer
+instead of a wrong one; the three thresholds are calibrated on validation data at training time. A style (retrieval/styles.py) is applied last.
 
 A short follow-up ("and how long does that take?") is read together with the previous user turn.
 """
@@ -51,6 +51,7 @@ class ChatOptions:
     db_top_k: int = 20
     min_confidence: float | None = None  # None: the calibrated value in the meta
     min_margin: float | None = None  # None: the calibrated value in the meta (0 for older models)
+    min_similarity: float | None = None  # None: the calibrated value in the meta (0 for older models)
     style_mode: str = "balanced"
     creativity: float = 0.35
     history_turns: int = 1  # earlier user turns a short follow-up is read with
@@ -80,6 +81,8 @@ class ChatOptions:
         for flag, value in (("--min_confidence", self.min_confidence), ("--min_margin", self.min_margin)):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{flag} must be a probability in [0, 1], got {value}")
+        if self.min_similarity is not None and not -1.0 <= self.min_similarity <= 1.0:
+            raise ValueError(f"--min_similarity must be a cosine similarity in [-1, 1] (0 turns the gate off), got {self.min_similarity}")
         if self.history_turns < 0:
             raise ValueError(f"--history_turns must be 0 (no context) or more, got {self.history_turns}")
 
@@ -98,6 +101,7 @@ class Answer:
     context: str | None = None  # the earlier turn(s) a follow-up was read with, if any
     chosen: str | None = None  # the stored response behind the answer (also when it fell back)
     searched: bool = False  # whether the table was searched for this answer
+    similarity: float | None = None  # cosine similarity to the nearest stored message (None: not looked up)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +153,9 @@ class ChatEngine:
             calibration.get("min_confidence", 0.0) if self.opts.min_confidence is None else self.opts.min_confidence
         )
         self.min_margin = float(calibration.get("min_margin", 0.0) if self.opts.min_margin is None else self.opts.min_margin)
+        self.min_similarity = float(
+            calibration.get("min_similarity", 0.0) if self.opts.min_similarity is None else self.opts.min_similarity
+        )
         # A head trained with --train_all brings its own fine-tuned encoder (None: the shipped one).
         self.encoder_path = self.meta.get("encoder_path")
         self.encoder_id = self.meta.get("encoder", TORCH_ID)  # metas without one predate the int8 encoder
@@ -241,11 +248,16 @@ class ChatEngine:
         vec = embed([query], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)[0]  # (384,)
         log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([query]))
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
+        similarity = None
         if self.neighbour_weight > 0:
             cos, pos = self.index.nearest(vec, self.neighbour_k)
+            similarity = float(cos[0]) if len(cos) else None
             log_pr = mix(
                 log_pr[None], vote(cos[None], self.row_slot[pos][None], len(log_pr), self.neighbour_temperature), self.neighbour_weight
             )[0]
+        elif self.min_similarity > 0 and self.index is not None:
+            cos, _ = self.index.nearest(vec, 1)
+            similarity = float(cos[0]) if len(cos) else None
         order = np.argsort(-log_pb)
         allowed = order[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))
         scores: dict[str, tuple[float, int, str]] = {}  # response -> (log score, bucket, where from)
@@ -307,7 +319,9 @@ class ChatEngine:
         # The gate looks at the best response, whatever sampling picked: is the model sure of this message?
         best = math.exp(ranked[0][1][0])
         margin = best - (math.exp(ranked[1][1][0]) if len(ranked) > 1 else 0.0)
-        fallback = best < self.min_confidence or margin < self.min_margin
+        # Unlike every stored message: a question from outside the bot's world, however sure the head is.
+        unfamiliar = similarity is not None and similarity < self.min_similarity
+        fallback = best < self.min_confidence or margin < self.min_margin or unfamiliar
         if fallback:
             text, style = self.opts.fallback_response, "balanced"
         else:
@@ -327,6 +341,7 @@ class ChatEngine:
             context=context,
             chosen=response,
             searched=searched,
+            similarity=None if similarity is None else round(similarity, 4),
         )
 
     def sources(self, response: str, limit: int = 3) -> list[dict]:
@@ -355,7 +370,12 @@ class ChatEngine:
             "candidates": [{**c, "records": self.sources(c["response"], limit)} for c in ans.candidates],
             "confidence": ans.confidence,
             "margin": ans.margin,
-            "thresholds": {"min_confidence": round(self.min_confidence, 4), "min_margin": round(self.min_margin, 4)},
+            "similarity": ans.similarity,
+            "thresholds": {
+                "min_confidence": round(self.min_confidence, 4),
+                "min_margin": round(self.min_margin, 4),
+                "min_similarity": round(self.min_similarity, 4),
+            },
             "fallback": ans.fallback,
             "context": ans.context,
             "style": ans.style,

@@ -66,13 +66,14 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
         )
     bucket_of = {t: int(b) for t, b in zip(engine.texts, engine.cand_bucket) if t is not None}
     right = ranked_right = fell_back = bucket_right = bucket_n = 0
-    latencies = []
+    latencies, in_scope = [], []  # (answered right but for the similarity gate, its similarity)
     for pair in progress.bar(len(pairs), "evaluating", "message", iterable=pairs):
         ans = engine.answer(pair.user)
         latencies.append(ans.latency_ms)
         right += ans.response == pair.assistant and not ans.fallback
         ranked_right += ans.chosen == pair.assistant
         fell_back += ans.fallback
+        in_scope.append((ans.chosen == pair.assistant and not _other_gates(engine, ans), ans.similarity))
         if pair.assistant in bucket_of:
             bucket_n += 1
             bucket_right += ans.bucket == bucket_of[pair.assistant]
@@ -86,7 +87,7 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
         "bucket_accuracy": bucket_right / bucket_n if bucket_n else None,
         "fallback_rate": fell_back / n,
         "unknown_responses": n - bucket_n,  # expected responses the model never learned (retrieval only)
-        "thresholds": {"min_confidence": engine.min_confidence, "min_margin": engine.min_margin},
+        "thresholds": {"min_confidence": engine.min_confidence, "min_margin": engine.min_margin, "min_similarity": engine.min_similarity},
     }
     if oos:
         messages = read_messages(oos)
@@ -96,9 +97,39 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
             "data": str(oos),
             "messages": len(messages),
             "recall": sum(a.fallback for a in answers) / len(messages) if messages else None,
+            "tradeoff": tradeoff(in_scope, [(_other_gates(engine, a), a.similarity) for a in answers], engine.min_similarity),
         }
     report["latency_ms"] = _percentiles(latencies)
     return report
+
+
+def _other_gates(engine: ChatEngine, ans) -> bool:
+    """Whether the confidence or margin gate alone would give ``ans`` the fallback."""
+    return ans.confidence < engine.min_confidence or ans.margin < engine.min_margin
+
+
+def tradeoff(
+    in_scope: list[tuple[bool, float | None]], oos: list[tuple[bool, float | None]], current: float, points: int = 11
+) -> list[dict]:
+    """In-scope accuracy and out-of-scope recall had ``--min_similarity`` been t, for t over the
+    similarities seen (and the current one): the curve a user picks a threshold from. ``in_scope``:
+    (right with the other gates, similarity); ``oos``: (another gate falls back, similarity)."""
+    sims = sorted({s for _, s in in_scope + oos if s is not None})
+    if not sims or not in_scope or not oos:
+        return []
+    grid = sorted({round(float(t), 4) for t in np.quantile(sims, np.linspace(0, 1, points))} | {round(current, 4), 0.0})
+
+    def below(s, t):
+        return s is not None and s < t
+
+    return [
+        {
+            "min_similarity": t,
+            "in_scope_accuracy": sum(ok and not below(s, t) for ok, s in in_scope) / len(in_scope),
+            "oos_recall": sum(gated or below(s, t) for gated, s in oos) / len(oos),
+        }
+        for t in grid
+    ]
 
 
 def format_report(r: dict) -> str:
@@ -112,7 +143,7 @@ def format_report(r: dict) -> str:
         f"response accuracy    {pct(r['response_accuracy'])}   (fallbacks count as wrong)",
         f"ranking accuracy     {pct(r['ranking_accuracy'])}   (best candidate, fallback ignored)",
         f"bucket accuracy      {pct(r['bucket_accuracy'])}",
-        f"fallback rate        {pct(r['fallback_rate'])}   (thresholds: confidence {r['thresholds']['min_confidence']:.4f}, margin {r['thresholds']['min_margin']:.4f})",
+        f"fallback rate        {pct(r['fallback_rate'])}   (thresholds: confidence {r['thresholds']['min_confidence']:.4f}, margin {r['thresholds']['min_margin']:.4f}, similarity {r['thresholds']['min_similarity']:.4f})",
     ]
     if r["unknown_responses"]:
         lines.append(f"not learned          {r['unknown_responses']} expected responses are not among the model's candidates")
@@ -120,6 +151,13 @@ def format_report(r: dict) -> str:
         lines.append(
             f"out-of-scope recall  {pct(r['oos']['recall'])}   ({r['oos']['messages']} messages from {r['oos']['data']} that should fall back)"
         )
+        if r["oos"]["tradeoff"]:
+            lines.append("trade-off            --min_similarity  in-scope accuracy  out-of-scope recall")
+            for p in r["oos"]["tradeoff"]:
+                mark = "  <- now" if abs(p["min_similarity"] - round(r["thresholds"]["min_similarity"], 4)) < 1e-9 else ""
+                lines.append(
+                    f"                     {p['min_similarity']:>16.4f}  {pct(p['in_scope_accuracy']):>17}  {pct(p['oos_recall']):>19}{mark}"
+                )
     lat = r["latency_ms"]
     lines.append(f"latency per turn     p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms, mean {lat['mean']} ms")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from models import checkpoint
-from models.calibration import answered_right, calibrate_thresholds
+from models.calibration import answered_right, calibrate
 from models.candidates import Candidates, split_indices
 from models.config import BRANCH_WIDTHS, BRANCHES, HeadConfig, HeadSettings, TrainConfig
 from models.heads import BucketHead, warm_start
@@ -24,7 +24,7 @@ from retrieval.encoder import STOCK_IDS, TORCH_ID
 from retrieval.locations import db_key, encoder_folder
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K
-from retrieval.neighbours import neighbour_log_probs
+from retrieval.neighbours import nearest, neighbour_log_probs
 from retrieval.store import open_table, reembed_table, table_encoder
 from tasks import registry
 
@@ -267,6 +267,9 @@ def fit(
         else log_pr
     )
     answer_acc = float(answered_right(answer_log_pr.argmax(1), y_va, head.candidate_learned).float().mean()) if len(va) else None
+    # How like the training messages each validation message is: what chat sees for a new message
+    # against the whole table.
+    val_nearest = torch.from_numpy(nearest(vectors[va], vectors[tr], k=1)[0][:, 0].copy()) if len(va) and len(tr) else None
     best = result.history[result.best_epoch - 1]
     meta = {
         "encoder": encoder_id,
@@ -283,9 +286,8 @@ def fit(
         "bucket_map": dict(sorted(set(zip(rows["groups"], rows["buckets"].tolist())))),
         "all_responses_learned": not cands.other,
         "calibration": {
-            **(
-                calibrate_thresholds(answer_log_pr, y_va, head.candidate_learned) if len(va) else {"min_confidence": 0.0, "min_margin": 0.0}
-            ),
+            **calibrate(answer_log_pr, y_va, head.candidate_learned, val_nearest, train_cfg.fallback_budget),
+            "budget": train_cfg.fallback_budget,
             "val_rows": int(len(va)),
         },
         "neighbours": {"weight": train_cfg.neighbour_weight, "k": NEIGHBOURS_K, "temperature": NEIGHBOURS_TEMPERATURE},

@@ -207,7 +207,7 @@ def train_head(
             folder = Path(tmp) / registry.MODEL_ARTIFACT
             checkpoint.save(model, meta_dict, folder / registry.WEIGHTS_FILE, folder / registry.META_FILE, encoder=extras["encoder"])
             mlflow.log_metrics({f"best_{k}": float(v) for k, v in meta_dict["metrics"].items()})
-            mlflow.log_metrics({k: meta_dict["calibration"][k] for k in ("min_confidence", "min_margin")})
+            mlflow.log_metrics({k: meta_dict["calibration"][k] for k in ("min_confidence", "min_margin", "min_similarity")})
             mlflow.log_artifacts(str(folder), registry.MODEL_ARTIFACT)
             plots = Path(tmp) / "evaluation"
             plots.mkdir()

@@ -123,6 +123,19 @@ def test_margin_threshold_falls_back_when_two_answers_are_close(model):
     assert close.fallback and close.response == FALLBACK_RESPONSE and close.chosen == INTENTS["reset_password"][0]
 
 
+def test_similarity_gate_falls_back_on_a_message_unlike_every_stored_one(model):
+    engine = ChatEngine(*model)
+    near, far = engine.answer("I forgot my password"), engine.answer("who won the football world cup in 1954?")
+    assert near.similarity is not None and far.similarity is not None and far.similarity < near.similarity
+    gate = (far.similarity + near.similarity) / 2
+    strict = ChatEngine(*model, ChatOptions(min_similarity=gate))
+    assert not strict.answer("I forgot my password").fallback
+    gated = strict.answer("who won the football world cup in 1954?")
+    assert gated.fallback and gated.response == FALLBACK_RESPONSE and gated.similarity == far.similarity
+    with pytest.raises(ValueError, match="--min_similarity must be a cosine similarity"):
+        ChatOptions(min_similarity=1.5)
+
+
 def test_styles_transform_the_chosen_response_and_never_swap_it(model):
     base = ChatEngine(*model).answer("How long do I boil an egg?")
     assert base.style == "balanced" and base.response == INTENTS["boil_egg"][0]
@@ -146,7 +159,8 @@ def test_explain_names_buckets_candidates_and_their_source_records(model):
     top = why["candidates"][0]
     assert top["response"] == INTENTS["track_order"][0]
     assert {r["user"] for r in top["records"]} <= set(INTENTS["track_order"][1]) and len(top["records"]) == 3
-    assert why["thresholds"] == {"min_confidence": 0.0, "min_margin": 0.0}
+    assert why["thresholds"] == {"min_confidence": 0.0, "min_margin": 0.0, "min_similarity": 0.0}
+    assert why["similarity"] == ans.similarity
 
 
 def test_model_size_auto_accepts_the_checkpoint_and_a_wrong_size_is_refused(model):

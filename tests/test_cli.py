@@ -277,7 +277,12 @@ def test_eval_reports_accuracy_fallback_oos_and_latency(chat_model, tmp_path, ca
     r = json.loads(capsys.readouterr().out)
     assert r["messages"] == 4 and r["response_accuracy"] == 0.75 and r["ranking_accuracy"] == 0.75
     assert r["bucket_accuracy"] == 0.75 and r["fallback_rate"] == 0.0  # thresholds are 0 for this model
+    curve = r["oos"].pop("tradeoff")
     assert r["oos"] == {"data": str(oos), "messages": 2, "recall": 0.0}
+    # The curve a threshold is picked from: no gate answers as now, the strictest catches everything.
+    assert curve[0] == {"min_similarity": 0.0, "in_scope_accuracy": 0.75, "oos_recall": 0.0}
+    assert curve[-1]["oos_recall"] == 1.0 and curve[-1]["in_scope_accuracy"] < 0.75
+    assert [p["min_similarity"] for p in curve] == sorted(p["min_similarity"] for p in curve)
     assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
     assert main(["eval", "--data", str(test), "--oos", str(oos), "--weights", w, "--meta", m, "--min_confidence", "1.0"]) == 0
     text = capsys.readouterr().out

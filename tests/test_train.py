@@ -115,19 +115,56 @@ def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
     y = torch.zeros(399, dtype=torch.long)
     # Half the 1 % budget each: k = floor(400 * 0.01 / 2) = 2, the second smallest confidence and
     # the second smallest margin (conf - (1 - conf)) among correct answers.
-    got = calibrate_thresholds(log_pr, y, torch.tensor([True, True]))
+    got = calibrate_thresholds(log_pr, y, torch.tensor([True, True]), keep=0.99)
     assert got["min_confidence"] == pytest.approx(float(conf[1]))
     assert got["min_margin"] == pytest.approx(float(2 * conf[1] - 1))
     # Wrong answers do not count; with too few correct answers no threshold can keep the promise, so
     # only answers far below the least sure right one (confidence 0.6, halved) fall back, and the
     # margin gate stays off.
     few = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]]))
-    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True])) == pytest.approx(
+    assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.99) == pytest.approx(
         {"min_confidence": 0.3, "min_margin": 0.0}
     )
     assert calibrate_thresholds(few, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True]), keep=0.5) == pytest.approx(
         {"min_confidence": 0.6, "min_margin": 0.2}
     )
+
+
+def test_similarity_calibration_is_the_conformal_order_statistic_of_right_answers_similarities():
+    from models.calibration import calibrate_similarity
+
+    sims = torch.linspace(0.3, 0.9, 399)
+    right = torch.ones(399, dtype=torch.bool)
+    # A 0.5 % budget: k = floor(400 * 0.005) = 2, the second smallest similarity of a right answer.
+    assert calibrate_similarity(sims, right, keep=0.995) == pytest.approx(float(sims[1]))
+    # The default 0.25 %: k = 1, the smallest.
+    assert calibrate_similarity(sims, right) == pytest.approx(float(sims[0]))
+    right[:10] = False  # wrong answers do not count: 389 right ones, k = floor(390 * 0.005) = 1
+    assert calibrate_similarity(sims, right, keep=0.995) == pytest.approx(float(sims[10]))
+    # Too few right answers to keep the promise: half the least similarity among them; none: no gate.
+    few = torch.tensor([0.8, 0.5, 0.1, 0.6])
+    assert calibrate_similarity(few, torch.tensor([True, True, False, True])) == pytest.approx(0.25)
+    assert calibrate_similarity(few, torch.zeros(4, dtype=torch.bool)) == 0.0
+
+
+def test_the_fallback_budget_is_split_between_the_similarity_gate_and_the_softmax_gates():
+    from models.calibration import calibrate, calibrate_similarity
+
+    conf = torch.linspace(0.5, 0.99, 399)
+    log_pr = torch.log(torch.stack([conf, 1 - conf], 1))
+    y, learned = torch.zeros(399, dtype=torch.long), torch.tensor([True, True])
+    sims = torch.linspace(0.3, 0.9, 399)
+    got = calibrate(log_pr, y, learned, sims, budget=0.02)
+    # 1 % to the similarity gate, 1 % to confidence and margin (half each: k = 2)
+    assert got == pytest.approx(
+        {
+            **calibrate_thresholds(log_pr, y, learned, keep=0.99),
+            "min_similarity": calibrate_similarity(sims, torch.ones(399, dtype=torch.bool), keep=0.99),
+        }
+    )
+    assert got["min_confidence"] == pytest.approx(float(conf[1])) and got["min_similarity"] == pytest.approx(float(sims[3]))
+    assert calibrate(log_pr, y, learned, sims, budget=0.0) == {"min_confidence": 0.0, "min_margin": 0.0, "min_similarity": 0.0}
+    assert calibrate(log_pr, y, learned, None, budget=0.02)["min_similarity"] == 0.0  # nothing to compare with
 
 
 @pytest.mark.parametrize(
@@ -138,6 +175,8 @@ def test_calibration_is_the_conformal_order_statistic_of_correct_answers():
         ({"lr_schedule": "step"}, "--lr_schedule"),
         ({"split_mode": "x"}, "--split_mode"),
         ({"precision": "fp16"}, "--precision"),
+        ({"fallback_budget": 0.5}, "--fallback_budget"),
+        ({"fallback_budget": -0.01}, "--fallback_budget"),
     ],
 )
 def test_train_config_errors_name_the_flag(kwargs, flag):

@@ -41,7 +41,7 @@ def test_fit_meta_pins_table_and_explains_the_model(table):
     assert meta["all_responses_learned"] is True
     assert len(val["ids"]) == 4  # round(6 * 0.2) = 1 per intent (the 7-row intents also give 1)
     assert val["accuracy"] == 1.0
-    # 4 validation rows cannot certify a 1 % loss: half the least confident right answer.
+    # 4 validation rows cannot certify a 0.25 % loss: half the least confident right answer.
     assert 0.0 < meta["calibration"]["min_confidence"] <= 0.5
 
 
@@ -50,7 +50,7 @@ def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
     their nearest *training* rows mixed in; the thresholds and the reported answer accuracy use that."""
     import numpy as np
 
-    from models.calibration import answered_right, calibrate_thresholds
+    from models.calibration import answered_right, calibrate_similarity, calibrate_thresholds
     from retrieval.neighbours import neighbour_log_probs
     from tasks.fitting import table_rows
 
@@ -67,9 +67,15 @@ def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
     expected = neighbour_log_probs(alone.numpy(), rows["vectors"][va], rows["vectors"][tr], slots, 0.2)
     np.testing.assert_allclose(val["log_pr"].numpy(), expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(expected, alone.numpy())
-    calibrated = calibrate_thresholds(val["log_pr"], val["y_val"], head.candidate_learned)
+    calibrated = calibrate_thresholds(val["log_pr"], val["y_val"], head.candidate_learned, keep=1 - 0.005 / 2)
     assert {k: meta["calibration"][k] for k in calibrated} == calibrated
     right = answered_right(val["log_pr"].argmax(1), val["y_val"], head.candidate_learned)
+    # The similarity gate: each validation message against its nearest training message.
+    nearest_sim = (rows["vectors"][va] @ rows["vectors"][tr].T).max(1)
+    assert meta["calibration"]["min_similarity"] == pytest.approx(
+        calibrate_similarity(torch.from_numpy(nearest_sim), right, keep=1 - 0.005 / 2), abs=1e-6
+    )
+    assert 0.0 < meta["calibration"]["min_similarity"] < 1.0
     assert meta["metrics"]["val_answer_acc"] == pytest.approx(float(right.float().mean()))
 
 
