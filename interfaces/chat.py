@@ -72,6 +72,15 @@ def cmd_eval(a) -> None:
     finally:
         progress.show_on(None)
     print(json.dumps(report, indent=2) if a.json else format_report(report))
+    run_id = engine.meta.get("mlflow_run_id")
+    if report.get("oos", {}).get("tradeoff") and run_id:
+        from tasks import registry
+
+        try:
+            registry.log_oos_tradeoff(run_id, report)
+            print(f"bucketchat eval: the trade-off curve is logged to MLflow run {run_id} (eval/oos_tradeoff.png)", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - the report is printed; the plot is a courtesy
+            print(f"bucketchat eval: could not log the trade-off to MLflow run {run_id} ({exc})", file=sys.stderr)
 
 
 def cmd_serve(a) -> None:

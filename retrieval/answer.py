@@ -304,6 +304,7 @@ class ChatEngine:
                 buckets=top_buckets,
                 context=context,
                 searched=searched,
+                similarity=None if similarity is None else round(similarity, 4),
             )
         pick = 0
         if self.opts.response_temperature > 0:

@@ -91,6 +91,50 @@ def register(run_id: str, tags: dict[str, str], name: str = MODEL_NAME) -> int:
     return int(mv.version)
 
 
+def log_oos_tradeoff(run_id: str, report: dict) -> None:
+    """An ``eval --oos`` report on the training run of the model it evaluated: its in-scope accuracy
+    and out-of-scope recall as metrics, and the trade-off curve over ``--min_similarity`` as a plot
+    (``eval/oos_tradeoff.png``) and a table (``eval/oos_tradeoff.json``), beside the run's own plots."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configure()
+    curve, now = report["oos"]["tradeoff"], report["thresholds"]["min_similarity"]
+    mlflow_client = client()
+    for key, value in (("eval_in_scope_accuracy", report["response_accuracy"]), ("eval_oos_recall", report["oos"]["recall"])):
+        mlflow_client.log_metric(run_id, key, float(value))
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot([p["oos_recall"] for p in curve], [p["in_scope_accuracy"] for p in curve], marker="o")
+    for p in curve:
+        ax.annotate(
+            f"{p['min_similarity']:.2f}", (p["oos_recall"], p["in_scope_accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.plot(
+        [report["oos"]["recall"]],
+        [report["response_accuracy"]],
+        marker="*",
+        markersize=14,
+        color="tab:red",
+        label=f"now (min_similarity {now:.3f})",
+    )
+    ax.set(
+        xlabel=f"out-of-scope recall ({report['oos']['messages']} messages)",
+        ylabel=f"in-scope accuracy ({report['messages']} messages)",
+        title="fallback trade-off over --min_similarity",
+    )
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        fig.savefig(Path(tmp) / "oos_tradeoff.png", dpi=110)
+        (Path(tmp) / "oos_tradeoff.json").write_text(json.dumps({"data": report["data"], "oos": report["oos"]}, indent=2))
+        mlflow_client.log_artifacts(run_id, tmp, artifact_path="eval")
+    plt.close(fig)
+
+
 def champion_version(name: str = MODEL_NAME) -> int | None:
     from mlflow.exceptions import MlflowException
 

@@ -65,3 +65,29 @@ def test_chat_reads_a_registered_model_from_the_local_cache_without_importing_ml
     assert champion()[:3] == ["weights", "1", "True"]  # the alias moved: the other version is fetched
     cached = sorted(p.name for p in (tmp_path / "home" / "models").glob("*/bucketchat/*"))
     assert [c.split("-")[0] for c in cached] == ["v1", "v2"]
+
+
+def test_an_eval_with_off_topic_messages_logs_its_tradeoff_on_the_models_training_run(tmp_path, mlflow_store, chat_model):
+    """`eval --oos` on a model with a training run: the report's two figures become metrics of that
+    run and the curve a plot and a table among its artifacts."""
+    import json
+
+    import mlflow
+    from retrieval.answer import ChatEngine
+    from retrieval.evaluate import evaluate
+    from tasks.registry import configure, log_oos_tradeoff
+    from tests.conftest import INTENTS, write_jsonl
+
+    configure()
+    with mlflow.start_run() as run:
+        pass
+    test = write_jsonl(tmp_path / "t.jsonl", [{"user": "where is my package", "assistant": INTENTS["track_order"][0]}])
+    (tmp_path / "oos.txt").write_text("what is the capital of peru\nsing me a song\n")
+    report = evaluate(ChatEngine(*chat_model), test, tmp_path / "oos.txt")
+    log_oos_tradeoff(run.info.run_id, report)
+    client = mlflow.tracking.MlflowClient()
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics == {"eval_in_scope_accuracy": report["response_accuracy"], "eval_oos_recall": report["oos"]["recall"]}
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "eval")} == {"eval/oos_tradeoff.png", "eval/oos_tradeoff.json"}
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/oos_tradeoff.json", str(tmp_path))).read_text())
+    assert table["oos"]["tradeoff"] == report["oos"]["tradeoff"] and len(table["oos"]["tradeoff"]) >= 2
