@@ -11,7 +11,10 @@ Two forms of the same weights, told apart by the encoder id a table and a model 
   encoders are ``TORCH_ID+ft:HASH`` folders, always run by torch).
 
 A user's own encoder (``--encoder FOLDER``: any sentence-transformers model on disk) is identified as
-``user:NAME:HASH`` (``user_encoder_id``) and run by torch in fp32, from a copy kept beside the table.
+``user:NAME:HASH`` (``user_encoder_id``), from a copy kept beside the table. It gets the same int8
+export when its pipeline is a transformer, mean or CLS pooling and an optional normalisation, and
+the int8 vectors pass the check MiniLM's pass (mean cosine to fp32 at least 0.99 on
+``CHECK_TEXTS``): then its id ends in ``+onnx-int8``. Otherwise it runs by torch in fp32.
 
 The weights are Apache-2.0 (see retrieval/LICENSE-all-MiniLM-L6-v2); nothing is downloaded: the weights load
 with ``local_files_only``, and the ONNX file is made from the local weights.
@@ -30,13 +33,34 @@ import numpy as np
 from models import progress
 
 TORCH_ID = "sentence-transformers/all-MiniLM-L6-v2"
-INT8_ID = f"{TORCH_ID}+onnx-int8"
+INT8_SUFFIX = "+onnx-int8"
+INT8_ID = f"{TORCH_ID}{INT8_SUFFIX}"
 # What new tables are embedded with; BUCKETCHAT_ENCODER=torch picks fp32 (e.g. to compare the two).
 ENCODER_ID = TORCH_ID if os.environ.get("BUCKETCHAT_ENCODER", "int8").lower() == "torch" else INT8_ID
 STOCK_IDS = (INT8_ID, TORCH_ID)
 DIM = 384
 MAX_TOKENS = 256  # the model's own max_seq_length
 EXPORT_VERSION = "1"  # bump when the export or quantization settings change: a new file is made
+INT8_MIN_COSINE = 0.99  # a user encoder's int8 form must stay this close to its fp32 form, on average
+# Varied, short and long, for the int8 check of a user's encoder (no data of theirs is needed).
+CHECK_TEXTS = [
+    "where is my parcel?",
+    "I forgot my password and cannot log in",
+    "How long do I boil an egg for a runny yolk?",
+    "My card payment was declined twice at the supermarket today, what should I do?",
+    "can I get a refund",
+    "The exchange rate you applied to my transfer looks wrong.",
+    "hello",
+    "Please cancel my subscription and delete my account data.",
+    "Is there a fee for topping up by bank transfer?",
+    "what's the weather like tomorrow in Paris",
+    "Explain how compound interest works with an example.",
+    "I want to change the delivery address on my order #4412.",
+    "Does the app work offline?",
+    "thanks, that solved it!",
+    "Who won the football world cup in 1954?",
+    "My package arrived damaged and two items are missing from the box.",
+]
 
 
 @functools.lru_cache(maxsize=4)
@@ -116,21 +140,69 @@ def encoder_cache() -> Path:
     return cache_home() / "encoders"
 
 
-def int8_model_path() -> Path:
-    """The int8 ONNX file for the shipped weights, made on first use (export + quantize, ~10 s) and
-    kept in ``encoder_cache()``, named by a hash of the weights and the export settings; written
-    atomically, so processes racing to make it both end with a whole file."""
+def int8_unsupported(folder: str | Path) -> str | None:
+    """Why a user's encoder folder cannot take the int8 export (None: it can): the export covers a
+    transformer followed by mean or CLS pooling and an optional normalisation, with a fast tokenizer."""
+    import json
+
+    path = Path(folder)
+    if not (path / "tokenizer.json").is_file():
+        return "it has no tokenizer.json (a fast tokenizer)"
+    try:
+        modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((path / "modules.json").read_text())]
+    except (OSError, ValueError, KeyError, AttributeError):
+        return "its modules.json is missing or unreadable"
+    if modules not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return f"its modules are {' + '.join(modules)}, not a transformer, pooling and an optional normalisation"
+    if _pooling(path) is None:
+        return "its pooling is neither mean nor CLS"
+    return None
+
+
+def _pooling(path: Path) -> str | None:
+    import json
+
+    if path == _shipped_weights():
+        return "mean"
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        pool = next(m for m in modules if m["type"].endswith("Pooling"))
+        cfg = json.loads((path / pool["path"] / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError):
+        return None
+    if isinstance(cfg.get("pooling_mode"), str):  # sentence-transformers 5 writes the mode by name
+        return {"mean": "mean", "cls": "cls"}.get(cfg["pooling_mode"])
+    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True]
+    return {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}.get(modes[0]) if len(modes) == 1 else None
+
+
+def _max_tokens(path: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return MAX_TOKENS
+
+
+def int8_model_path(folder: str | None = None) -> Path:
+    """The int8 ONNX file of an encoder's weights (``folder``: a user's encoder; None: the shipped
+    MiniLM), made on first use (export + quantize, ~10 s for MiniLM) and kept in ``encoder_cache()``,
+    named by a hash of the weights and the export settings; written atomically, so processes racing
+    to make it both end with a whole file."""
     from models.atomic import atomic_path
 
-    src = _shipped_weights()
+    src = Path(folder) if folder else _shipped_weights()
     h = hashlib.sha256(EXPORT_VERSION.encode())
     with open(src / "model.safetensors", "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    dst = encoder_cache() / f"all-MiniLM-L6-v2.int8.{h.hexdigest()[:16]}.onnx"
+    name = "all-MiniLM-L6-v2" if folder is None else "".join(c if c.isalnum() or c in "-_." else "-" for c in src.name)
+    dst = encoder_cache() / f"{name}.int8.{h.hexdigest()[:16]}.onnx"
     if dst.is_file():
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
+    import inspect
     import logging
     import tempfile
     import warnings
@@ -138,24 +210,25 @@ def int8_model_path() -> Path:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    bert = load_encoder("cpu", None)[0].auto_model.eval()
+    bert = load_encoder("cpu", folder)[0].auto_model.eval()
+    # BERT takes token types; MPNet and others do not: export the inputs the model's forward has.
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in inspect.signature(bert.forward).parameters else [])
 
     class Hidden(torch.nn.Module):  # keyword arguments: transformers' positional order is not stable
         def __init__(self, model):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        def forward(self, *inputs):
+            return self.model(**dict(zip(names, inputs))).last_hidden_state
 
     example = torch.ones((2, 8), dtype=torch.long)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes about Python control flow on shapes: expected here
         fp32 = Path(tmp) / "fp32.onnx"
         torch.onnx.export(
             Hidden(bert),
-            (example, example, torch.zeros_like(example)),
+            tuple(torch.zeros_like(example) if n == "token_type_ids" else example for n in names),
             str(fp32),
             input_names=names,
             output_names=["hidden"],
@@ -173,52 +246,82 @@ def int8_model_path() -> Path:
     return dst
 
 
-@functools.lru_cache(maxsize=1)
-def load_int8():
-    """(onnxruntime session, tokenizer), once per process. The session runs one intra-op thread: on
-    2 shared cores a second thread costs a single query more than it saves, and batches get their
-    parallelism from several texts running at once instead."""
+@functools.lru_cache(maxsize=4)
+def load_int8(folder: str | None = None):
+    """(onnxruntime session, tokenizer, input names, pooling), once per process and encoder. The
+    session runs one intra-op thread: on 2 shared cores a second thread costs a single query more
+    than it saves, and batches get their parallelism from several texts running at once instead."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
+    src = Path(folder) if folder else _shipped_weights()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(int8_model_path()), opts, providers=["CPUExecutionProvider"])
-    tok = Tokenizer.from_file(str(_shipped_weights() / "tokenizer.json"))
-    tok.enable_truncation(MAX_TOKENS)
+    session = ort.InferenceSession(str(int8_model_path(folder)), opts, providers=["CPUExecutionProvider"])
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.enable_truncation(_max_tokens(src) if folder else MAX_TOKENS)
     tok.no_padding()
-    return session, tok
+    return session, tok, [i.name for i in session.get_inputs()], _pooling(src) or "mean"
 
 
-def _embed_one(text: str) -> np.ndarray:
-    session, tok = load_int8()
+def _embed_one(text: str, folder: str | None = None) -> np.ndarray:
+    session, tok, names, pooling = load_int8(folder)
     ids = np.array([tok.encode(text).ids], dtype=np.int64)  # (1, T), no padding
-    hidden = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})[0][
-        0
-    ]  # (T, 384)
-    vec = hidden.mean(0)  # mean pooling, as the model was trained
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    hidden = session.run(None, {n: feeds[n] for n in names})[0][0]  # (T, D)
+    vec = hidden.mean(0) if pooling == "mean" else hidden[0]  # the pooling the model was trained with
     return vec / np.linalg.norm(vec)
 
 
-def _embed_int8(texts: list[str], bar) -> np.ndarray:
+def _embed_int8(texts: list[str], bar, folder: str | None = None) -> np.ndarray:
     """Every text alone, several at once on threads. Alone on purpose: int8 activations are quantized
     with one scale per run, so a text batched with others got a vector that depended on its
     batch-mates (cosine 0.992 mean, 0.983 min to itself alone: tests/bench/encoder.py), and a
     content-hash cache must map a text to one vector. Alone, on threads: 753 rows/s here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    load_int8()  # make the ONNX file once, before the threads ask for it
+    load_int8(folder)  # make the ONNX file once, before the threads ask for it
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     try:
         vecs = []
-        for vec in pool.map(_embed_one, texts, chunksize=64):
+        for vec in pool.map(functools.partial(_embed_one, folder=folder), texts, chunksize=64):
             vecs.append(vec)
             bar.update(1)
         return np.stack(vecs).astype(np.float32)
     finally:
         # Not `with`: on Ctrl-C its exit would wait for every queued text to be embedded first.
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def int8_decision(folder: str) -> tuple[bool, str]:
+    """Whether a user's encoder runs in int8, and why (for the log): its pipeline must take the export
+    and its int8 vectors pass ``int8_check``. The check's result is kept beside the int8 file, so it
+    runs once per machine and weights. ``BUCKETCHAT_ENCODER=torch`` keeps every encoder in fp32."""
+    import json
+
+    if ENCODER_ID != INT8_ID:
+        return False, "BUCKETCHAT_ENCODER=torch"
+    why = int8_unsupported(folder)
+    if why:
+        return False, why
+    checked = int8_model_path(folder).with_suffix(".check.json")
+    if checked.is_file():
+        cosine = json.loads(checked.read_text())["cosine"]
+    else:
+        cosine = int8_check(folder)
+        checked.write_text(json.dumps({"cosine": cosine, "texts": len(CHECK_TEXTS)}))
+    if cosine < INT8_MIN_COSINE:
+        return False, f"its int8 vectors are too far from fp32 (mean cosine {cosine:.4f} < {INT8_MIN_COSINE})"
+    return True, f"int8 (mean cosine {cosine:.4f} to fp32)"
+
+
+def int8_check(folder: str) -> float:
+    """Mean cosine between a user encoder's int8 and fp32 vectors of ``CHECK_TEXTS`` (the int8 file is
+    made if needed): the form is used only at ``INT8_MIN_COSINE`` or above."""
+    fp32 = load_encoder("cpu", folder).encode(CHECK_TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    int8 = np.stack([_embed_one(t, folder) for t in CHECK_TEXTS])
+    return float((fp32 * int8).sum(1).mean())
 
 
 def embed(
@@ -237,11 +340,13 @@ def embed(
     if path is None and encoder_id not in STOCK_IDS:
         raise ValueError(f"encoder {encoder_id!r} is a fine-tuned encoder but no folder was given; pass the model's encoder folder")
     texts = list(texts)
-    if len(texts) == 1 and path is None and encoder_id == INT8_ID:  # a chat turn: no bar, no threads
-        return _embed_one(texts[0])[None].astype(np.float32)
+    int8 = encoder_id.endswith(INT8_SUFFIX)  # the shipped MiniLM's (path None) or a user encoder's
+    folder = str(path) if path else None
+    if len(texts) == 1 and int8:  # a chat turn: no bar, no threads
+        return _embed_one(texts[0], folder)[None].astype(np.float32)
     with progress.bar(len(texts), "embedding", "row") as bar:
-        if path is None and encoder_id == INT8_ID:
-            return _embed_int8(texts, bar)
+        if int8:
+            return _embed_int8(texts, bar, folder)
         model, parts = load_encoder(device, str(path) if path else None), []
         for i in range(0, len(texts), 16 * batch_size):
             chunk = texts[i : i + 16 * batch_size]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from retrieval.encoder import STOCK_IDS, cache_home
+from retrieval.encoder import INT8_SUFFIX, STOCK_IDS, cache_home
 
 ENCODERS_DIR = "_encoders"  # encoders a table's versions were embedded with (fine-tuned or the user's), by id hash
 
@@ -35,4 +35,4 @@ def encoder_folder(db: str | Path, encoder_id: str) -> Path | None:
     (``--train_all``) or the user's (``--encoder``); None for the shipped encoder."""
     if encoder_id in STOCK_IDS:
         return None
-    return local_dir(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1]
+    return local_dir(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1].removesuffix(INT8_SUFFIX)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pyarrow as pa
 from conversations.records import Pair
 from models.atomic import failpoint
 from retrieval.buckets import assign_buckets, group_keys
-from retrieval.encoder import DIM, ENCODER_ID, TORCH_ID, EmbeddingCache, user_encoder_id
+from retrieval.encoder import DIM, ENCODER_ID, INT8_SUFFIX, TORCH_ID, EmbeddingCache, int8_decision, user_encoder_id
 from retrieval.locations import encoder_folder, is_uri, local_dir
 
 # Below this a flat scan is faster than building an index (DESIGN.md §5: ~8 ms per 100k at numpy speed).
@@ -159,7 +160,8 @@ def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
 
 def keep_encoder(db: str | Path, folder: str | Path) -> tuple[str, str]:
     """Copy a user's encoder folder beside the table (once per content), so the table and every
-    model trained on it keep working when the original folder moves; returns (id, the copy)."""
+    model trained on it keep working when the original folder moves; returns (id, the copy). The id
+    ends in ``+onnx-int8`` when the encoder runs in int8 (``retrieval.encoder.int8_decision``)."""
     import shutil
 
     from models.atomic import atomic_dir
@@ -169,7 +171,9 @@ def keep_encoder(db: str | Path, folder: str | Path) -> tuple[str, str]:
     if not (kept / "model.safetensors").is_file():
         with atomic_dir(kept) as tmp:
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
-    return encoder_id, str(kept)
+    int8, why = int8_decision(str(kept))
+    logging.getLogger(__name__).info("encoder %s: %s", encoder_id, why if int8 else f"fp32, because {why}")
+    return encoder_id + (INT8_SUFFIX if int8 else ""), str(kept)
 
 
 def build_table(

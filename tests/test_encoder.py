@@ -86,13 +86,13 @@ def test_a_users_own_encoder_runs_the_pipeline_and_chat(tmp_path, tiny_records, 
     from pathlib import Path
 
     from conversations.records import load_records
-    from retrieval.encoder import user_encoder_id
+    from retrieval.encoder import INT8_SUFFIX, user_encoder_id
     from retrieval.store import build_table, open_table, table_encoder
     from tests.conftest import write_jsonl
 
     mine = tmp_path / "my-encoder"
     shutil.copytree(tiny_encoder, mine)
-    ident = user_encoder_id(mine)
+    ident = user_encoder_id(mine) + INT8_SUFFIX  # its pipeline takes the int8 export, which passes the check
     data = write_jsonl(tmp_path / "d.jsonl", tiny_records)
     env = {
         **os.environ,
@@ -129,7 +129,7 @@ def test_finetune_encoder_re_embeds_the_pinned_version_once(tmp_path, tiny_recor
     """`finetune --encoder` on a table embedded by the shipped encoder trains on a re-embedded copy of
     the version (same rows and buckets, the user's vectors); a second run reuses that copy."""
     from conversations.records import load_records
-    from retrieval.encoder import user_encoder_id
+    from retrieval.encoder import INT8_SUFFIX, user_encoder_id
     from retrieval.index_files import index_dir
     from retrieval.store import build_table, open_table, read_columns, table_encoder
     from tasks.database import embed_version
@@ -141,8 +141,45 @@ def test_finetune_encoder_re_embeds_the_pinned_version_once(tmp_path, tiny_recor
     again = embed_version.fn(db, "conversations", first, str(tiny_encoder))
     assert again > first
     tbl = open_table(db, "conversations", again)
-    assert table_encoder(tbl) == user_encoder_id(tiny_encoder) and tbl.schema.field("vector").type.list_size == 32
+    assert table_encoder(tbl) == user_encoder_id(tiny_encoder) + INT8_SUFFIX and tbl.schema.field("vector").type.list_size == 32
     rows = lambda v: sorted(read_columns(open_table(db, "conversations", v), ["id", "bucket", "assistant"]).to_pylist(), key=str)  # noqa: E731
     assert rows(again) == rows(first)
     assert (index_dir(db, "conversations", again) / "index.json").is_file()  # chat opens it, nothing to build
     assert embed_version.fn(db, "conversations", again, str(tiny_encoder)) == again  # already embedded: no new version
+
+
+def test_a_user_encoder_runs_in_int8_only_when_its_pipeline_allows_and_its_vectors_pass_the_check(tmp_path, tiny_encoder, monkeypatch):
+    import json
+    import shutil
+
+    import numpy as np
+
+    from retrieval import encoder
+    from retrieval.store import keep_encoder
+
+    ident = encoder.user_encoder_id(tiny_encoder)
+    assert encoder.int8_unsupported(tiny_encoder) is None
+    used, why = encoder.int8_decision(str(tiny_encoder))
+    assert used and why.startswith("int8 (mean cosine")
+    checked = encoder.int8_model_path(str(tiny_encoder)).with_suffix(".check.json")
+    assert json.loads(checked.read_text())["cosine"] >= encoder.INT8_MIN_COSINE  # kept: checked once per machine
+    texts = ["where is my parcel", "boil an egg", "refund my card"]
+    int8 = encoder.embed(texts, path=str(tiny_encoder), encoder_id=ident + encoder.INT8_SUFFIX)
+    fp32 = encoder.embed(texts, path=str(tiny_encoder), encoder_id=ident)
+    assert np.allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5) and (int8 * fp32).sum(1).min() >= 0.99
+    assert keep_encoder(tmp_path / "db", tiny_encoder)[0] == ident + encoder.INT8_SUFFIX
+    # A stricter check than its vectors pass: fp32, and the table's id says so.
+    monkeypatch.setattr(encoder, "INT8_MIN_COSINE", 1.01)
+    used, why = encoder.int8_decision(str(tiny_encoder))
+    assert not used and "too far from fp32" in why
+    assert keep_encoder(tmp_path / "db2", tiny_encoder)[0] == ident
+    monkeypatch.undo()
+    # A pipeline the export does not cover (a dense layer after pooling): fp32, with the reason.
+    dense = tmp_path / "dense-encoder"
+    shutil.copytree(tiny_encoder, dense)
+    modules = json.loads((dense / "modules.json").read_text())
+    (dense / "modules.json").write_text(
+        json.dumps([*modules, {"idx": 9, "name": "9", "path": "9_Dense", "type": "sentence_transformers.models.Dense"}])
+    )
+    assert "Dense" in encoder.int8_unsupported(dense)
+    assert keep_encoder(tmp_path / "db3", dense)[0] == encoder.user_encoder_id(dense)

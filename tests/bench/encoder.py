@@ -30,7 +30,7 @@ def batched_int8(texts: list[str], batch: int = 64) -> np.ndarray:
     """int8 vectors computed the way a batching embedder would: padded batches in one run each."""
     from retrieval.encoder import load_int8
 
-    session, tok = load_int8()
+    session, tok, *_ = load_int8()
     out = []
     for i in range(0, len(texts), batch):
         enc = [tok.encode(t) for t in texts[i : i + batch]]

@@ -2,7 +2,7 @@
 their test messages (which the bot cannot answer), general questions no banking bot should answer,
 and the in-scope test messages.
 
-    python tests/bench/oos.py [--holdout 10] [--seed 0] [--json OUT]
+    python tests/bench/oos.py [--holdout 10] [--seed 0] [--json OUT] [-- PIPELINE FLAGS, e.g. --encoder FOLDER]
 
 The held-out intents are drawn by seed from the intent names (never by looking at results). The
 pipeline trains on the rest of train.jsonl with defaults (`bucketchat pipeline`), then
@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--holdout", type=int, default=10, help="intents held out of training (default 10 of 77)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
+    p.add_argument("pipeline_args", nargs="*", help="extra `bucketchat pipeline` flags after --, e.g. -- --encoder FOLDER")
     a = p.parse_args()
     train = [json.loads(l) for l in (DATA / "train.jsonl").read_text().splitlines() if l.strip()]
     test = [json.loads(l) for l in (DATA / "test.jsonl").read_text().splitlines() if l.strip()]
@@ -84,7 +85,7 @@ def main() -> None:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "BUCKETCHAT_HOME": str(tmp / "home")}
         t0 = time.perf_counter()
         subprocess.run(
-            [BIN / "bucketchat", "pipeline", "--data", str(tr), "--workdir", str(tmp / "run")],
+            [BIN / "bucketchat", "pipeline", "--data", str(tr), "--workdir", str(tmp / "run"), *a.pipeline_args],
             env=env,
             check=True,
             stdout=subprocess.DEVNULL,
