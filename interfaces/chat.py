@@ -9,7 +9,7 @@ import signal
 import sys
 
 from interfaces.repl import answer_lines, run_repl
-from interfaces.signals import COMMAND, stop_now
+from interfaces.signals import COMMAND, at_stop, stop_now
 from tasks.settings import CHAMPION_ALIAS
 
 
@@ -39,9 +39,34 @@ def load_engine(a):
     return ChatEngine(str(weights), str(meta), opts)
 
 
+def start_log(engine, a, source: str):
+    """The conversation log of this process (retrieval/turn_log.py), unless --no_log or the model
+    answers without a table; closed at exit, which seals it (a kill loses at most the last second)."""
+    import atexit
+
+    from retrieval.turn_log import TurnLog, turns_folder
+
+    pinned = engine.meta.get("table") or {}
+    db = engine.opts.llm_db or pinned.get("db")
+    if getattr(a, "no_log", False) or not db:
+        return None
+    log = TurnLog(
+        turns_folder(db),
+        model=a.weights or a.model,
+        table=engine.index_about.get("table") or pinned.get("name"),
+        table_version=engine.index_about.get("version") or pinned.get("version"),
+        source=source,
+    )
+    engine.turn_log = log
+    atexit.register(log.close)
+    at_stop(log.close)
+    return log
+
+
 def cmd_chat(a) -> None:
 
     engine = load_engine(a)
+    start_log(engine, a, "chat")
     if sys.stdin.isatty():
         pinned = engine.meta.get("table", {})
         run_repl(engine, f"model from {a.weights or a.model}, table {pinned.get('name')} v{pinned.get('version')}", a.json)
@@ -102,8 +127,9 @@ def cmd_serve(a) -> None:
         workers=auto_workers() if a.workers == "auto" else int(a.workers),
     )
     engine = load_engine(a)
+    start_log(engine, a, "serve")
 
-    # The server writes nothing, so a signal may end it at once: raising inside uvicorn's start-up
+    # The server writes only its conversation log (sealed by stop_now), so a signal may end it at once: raising inside uvicorn's start-up
     # would leave a half-made event loop to complain at exit. uvicorn puts its own graceful handler
     # in place while it runs, and raises the signal again after shutting down: it lands here.
     def stop(signum, frame):

@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Interactive on a terminal: the conversation keeps its history, so short follow-ups are read with the turn before; /why explains the last answer, /reset starts over, /help lists commands, `exit` quits. With piped input, answers each line as its own conversation.",
     )
     engine_args(p)
+    arg(
+        p,
+        "--no_log",
+        action="store_true",
+        help="do not record the turns in the conversation log (default: every turn is kept beside the table, in _turns/, for review and monitoring)",
+    )
     arg(p, "--json", action="store_true", help="print one JSON object per answer")
     arg(p, "--echo", action="store_true", help="with piped input, print each message before its answer")
     arg(
@@ -205,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the chat engine over HTTP: POST /v1/chat/completions (OpenAI-compatible, stream too), GET /v1/models, GET /healthz, and a chat page at /. The model and table load once.",
     )
     engine_args(p)
+    arg(
+        p,
+        "--no_log",
+        action="store_true",
+        help="do not record the turns in the conversation log (default: every turn is kept beside the table, in _turns/, for review and monitoring)",
+    )
     arg(p, "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     arg(p, "--port", type=int, default=8000, help="port (default 8000)")
     arg(p, "--api_key", help="require `Authorization: Bearer KEY` on /v1 (default: $BUCKETCHAT_API_KEY, else no key)")

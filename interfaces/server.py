@@ -155,7 +155,11 @@ def parse_request(body: dict, cfg: ServerConfig) -> dict:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
+    conversation = body.get("conversation_id")
+    if conversation is not None and (not isinstance(conversation, str) or not 0 < len(conversation) <= 200):
+        raise ApiError(400, "'conversation_id' must be a string of 1 to 200 characters", "conversation_id")
     return {
+        "conversation": conversation,
         "message": turns[-1][1],
         "history": [t for role, t in turns[:-1] if role == "user" and t.strip()],
         "stream": stream,
@@ -212,7 +216,10 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
         try:
             loop = asyncio.get_running_loop()
             ans = await loop.run_in_executor(
-                pool, lambda: engine.answer(req["message"], history=req["history"], style_mode=req["style_mode"], seed=req["seed"])
+                pool,
+                lambda: engine.answer(
+                    req["message"], history=req["history"], style_mode=req["style_mode"], seed=req["seed"], conversation=req["conversation"]
+                ),
             )
             why = await loop.run_in_executor(pool, engine.explain, ans) if req["explain"] else None
         finally:

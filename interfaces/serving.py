@@ -92,6 +92,7 @@ def start_helpers(sock: socket.socket, engine, cfg, count: int) -> None:
             "meta": engine.files[1],
             "options": asdict(engine.opts),
             "config": asdict(cfg),
+            "log": engine.turn_log.spec if engine.turn_log is not None else None,
         }
     )
     for _ in range(count):
@@ -151,13 +152,24 @@ def main(spec: str) -> None:
     _die_with_parent()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again: end quietly
     # there (Ctrl-C reaches every process of the terminal's group, helpers included).
+    log = []
+
+    def stop(signum, frame):
+        for each in log:
+            each.close()  # its last turns, then sealed
+        os._exit(0)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: os._exit(0))
+        signal.signal(sig, stop)
     from interfaces.server import ServerConfig, create_app
     from retrieval.answer import ChatEngine, ChatOptions
+    from retrieval.turn_log import TurnLog
 
     s = json.loads(spec)
     engine = ChatEngine(s["weights"], s["meta"], ChatOptions(**s["options"]))
+    if s.get("log"):
+        engine.turn_log = TurnLog(**s["log"])
+        log.append(engine.turn_log)
     _run(create_app(engine, ServerConfig(**s["config"])), socket.socket(fileno=s["fd"]))
 
 

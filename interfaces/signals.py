@@ -31,6 +31,14 @@ _stopping: list[int] = []  # the signal, once a stop has begun
 _said = threading.Lock()
 
 
+_closers: list = []  # what must be written before a stop: the conversation log's last turns
+
+
+def at_stop(fn) -> None:
+    """Call ``fn`` when a signal stops the command, before it exits (``stop_now``)."""
+    _closers.append(fn)
+
+
 def stop_now(name: str, signum: int) -> None:
     """Say once why the command stopped, and exit without waiting for anything else: what a run
     must record (its crashed state) was recorded while the exception unwound, every file is written
@@ -39,6 +47,11 @@ def stop_now(name: str, signum: int) -> None:
     if not _said.acquire(blocking=False):
         time.sleep(1.0)  # the other thread is saying it, and ends the process when it has
         os._exit(128 + signum)
+    for fn in _closers:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
     if "prefect" in sys.modules:
         try:
             from flows.orchestration import crash_dead_runs

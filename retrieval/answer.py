@@ -19,6 +19,7 @@ import math
 import re
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -130,7 +131,8 @@ class ChatEngine:
 
     def __init__(self, weights: str, meta: str, options: ChatOptions | None = None):
         self.opts = options or ChatOptions()
-        self.files = (str(weights), str(meta))  # what another process loads to answer the same (serve --workers)
+        self.files = (str(weights), str(meta))
+        self.turn_log = None  # set by chat and serve (retrieval/turn_log.py); eval logs nothing  # what another process loads to answer the same (serve --workers)
         # One query at a time per thread: a single thread avoids cross-core sync that costs more than it
         # saves. numpy's OpenBLAS too: its idle threads spin, so two answering threads (or processes)
         # with a BLAS pool each ran slower together than one alone (tests/bench/serve.py, BENCHMARKS.md).
@@ -239,8 +241,23 @@ class ChatEngine:
         return message, None
 
     @torch.no_grad()
-    def answer(self, message: str, history: list[str] | None = None, style_mode: str | None = None, seed: int | None = None) -> Answer:
-        """Answer ``message``; ``history``: the conversation's earlier user messages, oldest first."""
+    def answer(
+        self,
+        message: str,
+        history: list[str] | None = None,
+        style_mode: str | None = None,
+        seed: int | None = None,
+        conversation: str | None = None,
+    ) -> Answer:
+        """Answer ``message``; ``history``: the conversation's earlier user messages, oldest first.
+        With a ``turn_log`` (retrieval/turn_log.py) the turn is recorded under ``conversation`` (a new
+        id when None); recording never waits for the disk."""
+        ans = self._answer(message, history, style_mode, seed)
+        if self.turn_log is not None:
+            self.turn_log.record(message, ans, conversation or uuid.uuid4().hex)
+        return ans
+
+    def _answer(self, message: str, history: list[str] | None, style_mode: str | None, seed: int | None) -> Answer:
         start = time.perf_counter()
         message = clean_text(message, "the message", MAX_MESSAGE_CHARS)  # TextError (a ValueError) names what is wrong
         history = clean_turns(history or [])
@@ -398,11 +415,12 @@ class Conversation:
         self.engine, self.max_turns = engine, max_turns
         self.history: list[str] = []
         self.last: Answer | None = None
+        self.id = uuid.uuid4().hex  # the conversation log groups its turns by this
 
     def say(self, message: str) -> Answer:
-        self.last = self.engine.answer(message, history=self.history)
+        self.last = self.engine.answer(message, history=self.history, conversation=self.id)
         self.history = (self.history + [message])[-self.max_turns :]
         return self.last
 
     def reset(self) -> None:
-        self.history, self.last = [], None
+        self.history, self.last, self.id = [], None, uuid.uuid4().hex
