@@ -9,6 +9,8 @@ import sys
 REPL_HELP = """commands:
   /why     the buckets, candidates, scores and source records behind the last answer
   /reset   forget the conversation so far (follow-ups are read with earlier turns)
+  /good    the last answer was right (kept with it in the conversation log)
+  /bad     the last answer was wrong or not what you asked: it is listed for review
   /help    this list
   exit     quit"""
 
@@ -103,6 +105,12 @@ def run_repl(engine, title: str, as_json: bool) -> None:
                     print(json.dumps(engine.explain(convo.last), ensure_ascii=False, indent=2))
                 else:
                     print_why(engine.explain(convo.last))
+            elif command in ("/good", "/bad"):
+                if convo.last is None or convo.last.turn is None or engine.turn_log is None:
+                    print("(nothing to rate: no answer yet, or the conversation log is off with --no_log)")
+                else:
+                    engine.turn_log.feedback(convo.last.turn, command[1:], conversation=convo.id)
+                    print(f"(noted: {command[1:]})")
             else:
                 print(f"unknown command {command}; /help lists them")
             continue

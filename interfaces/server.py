@@ -234,6 +234,7 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
             "context": ans.context,
             "candidates": ans.candidates,
             "latency_ms": ans.latency_ms,
+            "turn_id": ans.turn,  # for POST /v1/feedback (None with --no_log)
         } | ({"why": why} if why else {})
         words = max(1, len(ans.response.split()))
         usage = {"prompt_tokens": sum(len(t.split()) for t in req["history"] + [req["message"]]), "completion_tokens": words}
@@ -280,6 +281,23 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
             {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": created, "owned_by": "bucketchat"}]}
         )
 
+    async def feedback(request: Request) -> Response:
+        """POST {"turn_id": ID, "rating": "good" | "bad"}: a rating of an answer (its ``turn_id``),
+        kept with the turn in the conversation log."""
+        check_auth(request)
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the body must be a JSON object: {"turn_id": "...", "rating": "good"}', code="invalid_request")
+        if engine.turn_log is None:
+            raise ApiError(409, "this server keeps no conversation log (started with --no_log); feedback has nowhere to go", code="no_log")
+        try:
+            conversation = body.get("conversation_id")
+            conversation = conversation if isinstance(conversation, str) and len(conversation) <= 200 else None
+            engine.turn_log.feedback(body.get("turn_id"), body.get("rating"), conversation=conversation)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "rating" if "rating" in str(exc) else "turn_id") from None
+        return JSONResponse({"ok": True})
+
     async def healthz(request: Request) -> Response:
         return JSONResponse(
             {
@@ -311,6 +329,7 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", completions, methods=["POST"]),
+        Route("/v1/feedback", feedback, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager

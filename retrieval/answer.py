@@ -103,6 +103,7 @@ class Answer:
     chosen: str | None = None  # the stored response behind the answer (also when it fell back)
     searched: bool = False  # whether the table was searched for this answer
     similarity: float | None = None  # cosine similarity to the nearest stored message (None: not looked up)
+    turn: str | None = None  # its id in the conversation log (None: not logged), for feedback
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,7 +255,7 @@ class ChatEngine:
         id when None); recording never waits for the disk."""
         ans = self._answer(message, history, style_mode, seed)
         if self.turn_log is not None:
-            self.turn_log.record(message, ans, conversation or uuid.uuid4().hex)
+            ans.turn = self.turn_log.record(message, ans, conversation or uuid.uuid4().hex)
         return ans
 
     def _answer(self, message: str, history: list[str] | None, style_mode: str | None, seed: int | None) -> Answer:

@@ -22,8 +22,12 @@ from pathlib import Path
 FLUSH_S = 1.0
 SEGMENT_MAX_BYTES = 32 << 20  # a long-running server seals its segment into Parquet at this size (~50k turns)
 TURNS_DIR = "_turns"
+RATINGS = ("good", "bad")
 COLUMNS = {  # name -> pyarrow type name
     "time": "timestamp",
+    "kind": "string",  # "turn", or "feedback" on an earlier turn (its rating)
+    "turn": "string",
+    "rating": "string",
     "conversation": "string",
     "source": "string",
     "message": "string",
@@ -108,9 +112,14 @@ class TurnLog:
         pid = os.getpid()
         return self.folder / f"turns-{pid}-{_start_ticks(pid) or 0}-{uuid.uuid4().hex[:8]}.jsonl"
 
-    def record(self, message: str, answer, conversation: str) -> None:
+    def record(self, message: str, answer, conversation: str) -> str:
+        """Log one answered turn; returns its id (what feedback names)."""
+        turn_id = uuid.uuid4().hex[:16]
         turn = {
             "time": datetime.now(UTC).isoformat(),
+            "kind": "turn",
+            "turn": turn_id,
+            "rating": None,
             "conversation": conversation,
             "message": message,
             "response": answer.response,
@@ -125,6 +134,18 @@ class TurnLog:
         }
         with self._lock:
             self._pending.append(turn)
+        return turn_id
+
+    def feedback(self, turn: str, rating: str, conversation: str | None = None) -> None:
+        """A person's rating of an earlier turn (thumbs up or down), stored with the turns; the last
+        rating of a turn wins."""
+        if rating not in RATINGS:
+            raise ValueError(f"rating must be one of {', '.join(RATINGS)}, got {rating!r}")
+        if not isinstance(turn, str) or not 0 < len(turn) <= 64:
+            raise ValueError("turn must be the id an answer came with (a string of at most 64 characters)")
+        entry = dict.fromkeys(COLUMNS) | {"time": datetime.now(UTC).isoformat(), "kind": "feedback", "turn": turn, "rating": rating}
+        with self._lock:
+            self._pending.append(entry | {"conversation": conversation, **self.fixed})
 
     def flush(self) -> int:
         """Write the pending turns to the segment and fsync it; returns how many."""
@@ -169,8 +190,22 @@ class TurnLog:
 
 
 def read_turns(folder: str | Path):
-    """Every logged turn in ``folder`` as one pyarrow table, oldest first: the sealed Parquet files
-    and the segments still being written (a killed process's last second may be missing)."""
+    """Every logged turn in ``folder`` as one pyarrow table, oldest first, with its latest rating in
+    ``feedback`` (None when nobody rated it): the sealed Parquet files and the segments still being
+    written (a killed process's last second may be missing)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = _read_all(folder)
+    is_turn = pc.equal(rows["kind"], "turn")
+    ratings = {}
+    for r in rows.filter(pc.invert(is_turn)).select(["turn", "rating"]).to_pylist():
+        ratings[r["turn"]] = r["rating"]  # oldest first: the last rating wins
+    turns = rows.filter(is_turn).drop_columns(["kind", "rating"])
+    return turns.append_column("feedback", pa.array([ratings.get(t) for t in turns["turn"].to_pylist()], pa.string()))
+
+
+def _read_all(folder: str | Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 

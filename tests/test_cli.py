@@ -245,8 +245,9 @@ def test_repl_keeps_history_and_has_why_reset_help(chat_model, monkeypatch, caps
         monkeypatch,
         capsys,
         ["--weights", w, "--meta", m],
-        "/help\nwhere is my order?\nand what about that?\n/why\n/reset\n/why\n/bogus\nexit\n",
+        "/help\n/good\nwhere is my order?\nand what about that?\n/why\n/bad\n/reset\n/why\n/bogus\nexit\n",
     )
+    assert "(nothing to rate: no answer yet" in out and "(noted: bad)" in out
     assert "/why" in out and "/reset" in out  # help
     assert out.count(f"bot> {INTENTS['track_order'][0]}") == 2  # the follow-up was read with the previous turn
     assert "read as a follow-up of: 'where is my order?'" in out

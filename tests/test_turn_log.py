@@ -60,6 +60,18 @@ def test_a_full_segment_is_sealed_and_a_new_one_begins(tmp_path, monkeypatch):
     assert [t["message"] for t in read_turns(tmp_path).to_pylist()] == [f"message {i}" for i in range(30)]
 
 
+def test_feedback_is_kept_with_its_turn_and_the_last_rating_wins(tmp_path):
+    log = TurnLog(tmp_path, model="m", table="t", table_version=1, source="serve")
+    first, second = log.record("a", _answer(0), conversation="c"), log.record("b", _answer(1), conversation="c")
+    log.feedback(first, "bad")
+    log.feedback(first, "good")  # changed their mind
+    with pytest.raises(ValueError, match="rating must be one of good, bad"):
+        log.feedback(second, "meh")
+    log.close()
+    turns = read_turns(tmp_path).to_pylist()
+    assert [(t["message"], t["turn"], t["feedback"]) for t in turns] == [("a", first, "good"), ("b", second, None)]
+
+
 KILLED = """
 import os, signal, sys, time
 from retrieval.answer import Answer
@@ -113,11 +125,20 @@ def test_chat_and_serve_log_every_turn_beside_the_table_and_no_log_turns_it_off(
     import httpx
 
     with http_process(cmd, f"{url}/healthz", tmp_path / "serve.log", env=env, cwd=str(ROOT)) as proc:
+        ids = []
         for text in ("I forgot my password", "and what about that?"):
             body = {"messages": [{"role": "user", "content": text}], "conversation_id": "web-1"}
-            assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+            reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+            assert reply.status_code == 200
+            ids.append(reply.json()["bucketchat"]["turn_id"])
+        assert httpx.post(f"{url}/v1/feedback", json={"turn_id": ids[1], "rating": "bad"}, timeout=30).json() == {"ok": True}
+        wrong = httpx.post(f"{url}/v1/feedback", json={"turn_id": ids[1], "rating": "meh"}, timeout=30)
+        assert wrong.status_code == 400 and "rating must be one of good, bad" in wrong.text
         proc.send_signal(signal.SIGINT)  # a clean stop: the turns of the last second are written too
         proc.wait(timeout=30)
     served = [t for t in read_turns(folder).to_pylist() if t["source"] == "serve"]
-    assert [(t["message"], t["conversation"]) for t in served] == [("I forgot my password", "web-1"), ("and what about that?", "web-1")]
+    assert [(t["message"], t["conversation"], t["feedback"]) for t in served] == [
+        ("I forgot my password", "web-1", None),
+        ("and what about that?", "web-1", "bad"),
+    ]
     assert not list(folder.glob("*.jsonl"))  # sealed at the stop
