@@ -75,3 +75,29 @@ def test_the_page_asks_for_a_key_when_the_server_needs_one(chat_model):
         page.locator(".msg.bot").first.wait_for()
         assert page.locator(".msg.bot").first.inner_text().startswith(INTENTS["reset_password"][0])
         browser.close()
+
+
+def test_thumbs_rate_an_answer_into_the_conversation_log(tmp_path, tiny_records):
+    """A person clicks thumbs-down under an answer: the rating is kept with that turn in the log."""
+    from playwright.sync_api import sync_playwright
+
+    from retrieval.turn_log import TurnLog, read_turns
+    from tests.conftest import train_chat_model
+
+    engine = ChatEngine(*train_chat_model(tmp_path, tiny_records))
+    engine.turn_log = TurnLog(tmp_path / "turns", model="page", table="conversations", table_version=1, source="serve")
+    with running_server(engine, ServerConfig(model_name="bucketchat-page")) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#message", "how do I track my package")
+        page.click("#send")
+        bot = page.locator(".msg.bot").first
+        bot.wait_for()
+        bot.locator("button.rate.bad").click()
+        page.wait_for_selector("button.rate.bad.chosen")
+        assert page.locator("#error").inner_text() == ""
+        browser.close()
+    engine.turn_log.close()
+    turns = read_turns(tmp_path / "turns").to_pylist()
+    assert [(t["message"], t["feedback"]) for t in turns] == [("how do I track my package", "bad")]
