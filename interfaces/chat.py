@@ -7,6 +7,7 @@ import io
 import json
 import signal
 import sys
+from pathlib import Path
 
 from interfaces.repl import answer_lines, run_repl
 from interfaces.signals import COMMAND, at_stop, stop_now
@@ -50,9 +51,15 @@ def start_log(engine, a, source: str):
     db = engine.opts.llm_db or pinned.get("db")
     if getattr(a, "no_log", False) or not db:
         return None
+    import re
+
+    model = a.weights or a.model
+    cached = re.match(r"v(\d+)-", Path(engine.files[0]).parent.name)  # the registry's local copy: .../NAME/vN-RUN/
+    if not a.weights and cached:
+        model = f"{a.model} = v{cached.group(1)}"  # which version the alias named when this process loaded it
     log = TurnLog(
         turns_folder(db),
-        model=a.weights or a.model,
+        model=model,
         table=engine.index_about.get("table") or pinned.get("name"),
         table_version=engine.index_about.get("version") or pinned.get("version"),
         source=source,

@@ -206,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     column_args(p)
 
     p = sub.add_parser(
+        "report",
+        help="what the bot answered, per day: turns, fallbacks, thumbs down, confidence, which model",
+        description="Read the conversation log that chat and serve keep beside the table (the champion's by default) and print, per day: turns, conversations, fallback rate, ratings and the share rated wrong, confidence (10th and 50th percentiles), median latency and the model and table version that answered. --mlflow also logs it to the model's training run.",
+    )
+    arg(p, "--model", help=f"MLflow model URI whose table's log to read (default models:/MODEL_NAME@{CHAMPION_ALIAS})")
+    model_name_arg(p, promote=False)
+    arg(p, "--weights", help="local weights file (with --meta) instead of --model")
+    arg(p, "--meta", help="local meta JSON (with --weights)")
+    arg(p, "--db", help="read the log of this table folder instead of the model's")
+    arg(p, "--days", type=int, help="only the last N days (default: all)")
+    arg(p, "--json", action="store_true", help="print the days as JSON")
+    arg(p, "--mlflow", action="store_true", help="also log the days to the model's MLflow training run (metrics and a plot)")
+
+    p = sub.add_parser(
         "serve",
         help="HTTP server: OpenAI-compatible chat completions and a chat page",
         description="Serve the chat engine over HTTP: POST /v1/chat/completions (OpenAI-compatible, stream too), GET /v1/models, GET /healthz, and a chat page at /. The model and table load once.",

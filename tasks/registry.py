@@ -135,6 +135,51 @@ def log_oos_tradeoff(run_id: str, report: dict) -> None:
     plt.close(fig)
 
 
+def log_monitoring(run_id: str, days: list[dict]) -> None:
+    """``bucketchat report --mlflow``: each day's figures as metrics of the model's training run (at
+    that day's time, step = day number since the first), and a plot ``monitoring/daily.png``."""
+    import json
+    from datetime import datetime
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Metric
+
+    configure()
+    first = datetime.fromisoformat(days[0]["day"]).toordinal()
+    metrics = []
+    for d in days:
+        stamp = int(datetime.fromisoformat(d["day"]).timestamp() * 1000)
+        step = datetime.fromisoformat(d["day"]).toordinal() - first
+        for key in ("turns", "fallback_rate", "thumbs_down_rate", "confidence_p50"):
+            if d[key] is not None:
+                metrics.append(Metric(f"daily_{key}", float(d[key]), stamp, step))
+    mlflow_client = client()
+    mlflow_client.log_batch(run_id, metrics=metrics)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [d["day"] for d in days]
+    ax.bar(x, [d["turns"] for d in days], color="#cbd5e1", label="turns")
+    ax.set_ylabel("turns")
+    rates = ax.twinx()
+    rates.plot(x, [d["fallback_rate"] for d in days], marker="o", label="fallback rate")
+    rates.plot(
+        x, [d["thumbs_down_rate"] if d["thumbs_down_rate"] is not None else float("nan") for d in days], marker="s", label="thumbs down"
+    )
+    rates.set_ylim(0, 1)
+    rates.set_ylabel("share of turns / of ratings")
+    rates.legend(loc="upper left")
+    ax.set_title("conversation log, per day")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        fig.savefig(Path(tmp) / "daily.png", dpi=110)
+        (Path(tmp) / "daily.json").write_text(json.dumps(days, indent=2))
+        mlflow_client.log_artifacts(run_id, tmp, artifact_path="monitoring")
+    plt.close(fig)
+
+
 def champion_version(name: str = MODEL_NAME) -> int | None:
     from mlflow.exceptions import MlflowException
 
