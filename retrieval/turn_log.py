@@ -13,6 +13,7 @@ Each process writes its own segment (``turns-PID-START.jsonl``), so server worke
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import uuid
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 FLUSH_S = 1.0
+MAX_PENDING = 100_000  # turns kept in memory while the log cannot be written
 SEGMENT_MAX_BYTES = 32 << 20  # a long-running server seals its segment into Parquet at this size (~50k turns)
 TURNS_DIR = "_turns"
 RATINGS = ("good", "bad")
@@ -95,7 +97,7 @@ class TurnLog:
     writes what is pending and seals the segment (call it on a clean shutdown)."""
 
     def __init__(self, folder: str | Path, model: str, table: str | None, table_version: int | None, source: str):
-        self.folder = Path(folder)
+        self.folder = Path(folder).resolve()  # the writer thread must not follow a later chdir
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fixed = {"model": model, "table": table, "table_version": table_version, "source": source}
         self.spec = {"folder": str(self.folder), **self.fixed}  # what another process needs to log alike
@@ -103,6 +105,7 @@ class TurnLog:
         self._pending: list[dict] = []
         self._lock = threading.Lock()  # the pending list: held for an append, never for the disk
         self._writing = threading.Lock()  # one flush at a time (the thread's, or a caller's)
+        self._warned = False
         self._stop = threading.Event()
         self._seal_orphans()
         self._thread = threading.Thread(target=self._run, name="bucketchat-turn-log", daemon=True)
@@ -154,11 +157,23 @@ class TurnLog:
                 pending, self._pending = self._pending, []
             if not pending:
                 return 0
-            with open(self.segment, "a", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in pending))
-                fh.flush()
-                os.fsync(fh.fileno())
-                full = fh.tell() >= SEGMENT_MAX_BYTES
+            try:
+                with open(self.segment, "a", encoding="utf-8") as fh:
+                    fh.write("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in pending))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    full = fh.tell() >= SEGMENT_MAX_BYTES
+            except OSError as exc:
+                # A full disk or a removed folder must not cost the answers, nor the turns: they wait
+                # for the next flush (at most MAX_PENDING), and the problem is said once.
+                with self._lock:
+                    self._pending = (pending + self._pending)[-MAX_PENDING:]
+                if not self._warned:
+                    self._warned = True
+                    logging.getLogger(__name__).warning(
+                        "the conversation log cannot write to %s (%s); turns are kept in memory until it can", self.segment, exc
+                    )
+                return 0
             if full:
                 sealed, self.segment = self.segment, self._new_segment()
                 _seal(sealed)

@@ -72,6 +72,23 @@ def test_feedback_is_kept_with_its_turn_and_the_last_rating_wins(tmp_path):
     assert [(t["message"], t["turn"], t["feedback"]) for t in turns] == [("a", first, "good"), ("b", second, None)]
 
 
+def test_a_log_that_cannot_write_keeps_its_turns_until_it_can(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    log = TurnLog("relative", model="m", table="t", table_version=1, source="chat")
+    monkeypatch.chdir("/")  # a later chdir does not move the log
+    log.record("a", _answer(0), conversation="c")
+    assert log.flush() == 1 and (tmp_path / "relative").is_dir()
+    blocked = tmp_path / "relative" / "blocked"
+    log.segment = blocked / "turns-1-1-moved.jsonl"  # a folder that does not exist: the write fails
+    log.record("b", _answer(1), conversation="c")
+    assert log.flush() == 0  # nothing written, nothing lost
+    blocked.mkdir()
+    assert log.flush() == 1
+    log.close()
+    assert [t["message"] for t in read_turns(tmp_path / "relative").to_pylist()] == ["a"]
+    assert [t["message"] for t in read_turns(blocked).to_pylist()] == ["b"]  # written once it could be
+
+
 KILLED = """
 import os, signal, sys, time
 from retrieval.answer import Answer
