@@ -155,11 +155,22 @@ class SharedApi:
 
 
 def _stop_when_idle(server, folder: Path, idle_s: float) -> None:
-    """The server's watch: stop once no live lease has been seen for ``idle_s`` seconds."""
+    """The server's watch: stop once no live lease has been seen for ``idle_s`` seconds, or at once
+    when its folder is gone (the Prefect home was deleted: no command can find this server again).
+    Any error here stops the server too: better a new one next time than one that never ends."""
+    try:
+        _watch(server, folder, idle_s)
+    finally:
+        server.should_exit = True
+
+
+def _watch(server, folder: Path, idle_s: float) -> None:
     me = str(os.getpid())
     idle_since = None
     while not server.should_exit:
         time.sleep(_CHECK_EVERY_S)
+        if not folder.is_dir():
+            return
         if _live_leases(folder):
             idle_since = None
             continue
@@ -173,7 +184,7 @@ def _stop_when_idle(server, folder: Path, idle_s: float) -> None:
             state = _read_state(folder)
             if state and str(state.get("pid")) == me:
                 (folder / "api.json").unlink(missing_ok=True)
-        server.should_exit = True
+        return
 
 
 def serve(folder: Path, idle_s: float, fd: int) -> None:

@@ -107,3 +107,18 @@ def test_two_commands_starting_at_once_make_one_server_and_a_live_lease_keeps_it
     procs[1].kill()  # its lease now names a dead process
     procs[1].wait()
     assert _wait_gone(pid, within=10), "a killed command's lease kept the API running"
+
+
+def test_the_api_stops_when_its_prefect_home_is_deleted(tmp_path):
+    """A benchmark's or a test's temporary home removed under a running API: nothing can find that
+    server again, so it stops at once instead of idling forever."""
+    import shutil
+
+    folder = tmp_path / "prefect" / "api"
+    env = _env(tmp_path, idle=600)
+    proc = subprocess.Popen([sys.executable, "-c", JOIN, str(folder), "0"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline().split()[1])
+    proc.wait(timeout=30)
+    assert running(pid)
+    shutil.rmtree(folder)  # its address, lock and leases; the database beside it may still be written to
+    assert _wait_gone(pid, within=10), "the API outlived its deleted home"
