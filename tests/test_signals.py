@@ -3,7 +3,6 @@ each stops within 2 s with one line and no traceback, leaves no process of ours 
 by pid) but the local Prefect API that commands share, which stops once idle, and its Prefect flow
 runs end Crashed, never Running."""
 
-import json
 import os
 import signal
 import sqlite3
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.reliability import descendants, leftover, running
+from tests.bench.reliability import descendants, leftover, running, shared_api
 from tests.conftest import SAMPLE, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +63,8 @@ def _flow_runs(home: Path, pid: int) -> list[str]:
     return sorted(state for state, tags in rows if f":{pid}:" in tags)
 
 
-def _shared_api(home: Path) -> int | None:
-    """The pid of the local Prefect API the module's commands share, while one runs."""
-    try:
-        return json.loads((home / "prefect" / "api" / "api.json").read_text())["pid"]
-    except OSError:
-        return None
-
-
 def _stop(proc: subprocess.Popen, sig: int, home: Path) -> tuple[float, str]:
-    helpers = descendants(proc.pid) - {_shared_api(home)}
+    helpers = descendants(proc.pid) - {shared_api(home)}
     start = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
@@ -118,7 +109,7 @@ def test_kill_9_leaves_no_process_past_the_apis_idle_time_and_the_next_command_m
     )
     _wait_for(tmp_path / "db", proc)
     time.sleep(3)
-    api = _shared_api(folder)
+    api = shared_api(folder)
     assert api and running(api), "the command should use the shared local Prefect API"
     helpers = descendants(proc.pid) - {api}
     proc.kill()
