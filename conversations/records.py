@@ -2,9 +2,10 @@
 
 Files, by suffix: ``.jsonl`` (one JSON object per line, UTF-8; any other suffix reads as JSONL),
 ``.json`` (one array of such objects), and tables: ``.csv``/``.tsv`` and ``.parquet``, one row per
-pair, whose columns ``Columns`` names. Two record shapes:
+pair, whose columns ``Columns`` names. Record shapes:
 
 - flat: ``{"user": "...", "assistant": "...", ...}``
+- out of scope: ``{"user": "...", "out_of_scope": true}``, a message the bot should fall back on;
 - multi-turn: ``{"messages": [{"role": "user", "content": "..."}, ...], ...}`` — one pair per
   assistant turn, the earlier turns kept as ``context``; ``system`` turns are allowed and skipped.
 
@@ -28,7 +29,11 @@ from conversations.text import MAX_LINE_BYTES, TextError, clean_text, decode_lin
 LABEL_FIELDS = ("intent", "label", "bucket")
 ROLES = ("user", "assistant", "system")
 # Fields the loader itself interprets; everything else is metadata.
-RESERVED = {"user", "assistant", "messages", "context", "source", "parent_id", "op", "id", *LABEL_FIELDS}
+RESERVED = {"user", "assistant", "messages", "context", "source", "parent_id", "op", "id", "out_of_scope", *LABEL_FIELDS}
+# The stored "response" of a message the bot should not answer: ``{"user": ..., "out_of_scope": true}``
+# (what `bucketchat review` writes for a group marked out of scope). The head learns it like any
+# response, so paraphrases of that topic are caught too; chat then gives its fallback answer.
+OUT_OF_SCOPE = "[out of scope]"
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,10 @@ class Pair:
 
     def to_record(self) -> dict[str, Any]:
         """The flat JSONL form; ``load_records`` reads it back unchanged."""
-        rec: dict[str, Any] = {"user": self.user, "assistant": self.assistant}
+        rec: dict[str, Any] = {
+            "user": self.user,
+            **({"out_of_scope": True} if self.assistant == OUT_OF_SCOPE else {"assistant": self.assistant}),
+        }
         if self.context:
             rec["context"] = [{"role": r, "content": c} for r, c in self.context]
         if self.label is not None:
@@ -195,6 +203,15 @@ def parse_record(obj: Any, source: str, line: int) -> list[Pair]:
         if not pairs:
             raise _Bad("'messages' has no assistant turn that follows a user turn", "add a user turn and the assistant's reply to it")
         return pairs
+    if obj.get("out_of_scope") is not None:
+        if obj["out_of_scope"] is not True:
+            raise _Bad("field 'out_of_scope' must be true when present", 'write "out_of_scope": true, or drop the field')
+        if "assistant" in obj:
+            raise _Bad("an out-of-scope record has no 'assistant': the bot falls back on it", "drop 'assistant' or 'out_of_scope'")
+        if "user" not in obj:
+            raise _Bad("missing field 'user'", 'give the message the bot should not answer as "user"')
+        context = tuple(_turns(obj["context"], "context")) if obj.get("context") else ()
+        return [Pair(user=_text(obj["user"], "user"), assistant=OUT_OF_SCOPE, context=context, **common)]
     missing = [k for k in ("user", "assistant") if k not in obj]
     if missing:
         raise _Bad(f"missing field {', '.join(repr(m) for m in missing)}", 'give both "user" and "assistant", or a "messages" list')

@@ -1,7 +1,7 @@
 """Flow: the whole chain on embedded defaults — the only place that knows the stage order.
 
 data files -> prepare (merge, filter, dedupe) -> [expand, with --target] -> build-db -> finetune ->
-register -> champion (if better). Everything it makes goes under ``workdir``; the data stages are
+register -> champion (if better) -> a summary (a Prefect markdown artifact). Everything it makes goes under ``workdir``; the data stages are
 cached on their code, parameters and input bytes, so a rerun on unchanged data skips them.
 """
 
@@ -15,6 +15,7 @@ from flows.build_super import build_super_flow
 from flows.finetune import finetune_flow
 from models.config import HeadSettings, TrainConfig
 from tasks.settings import MODEL_NAME, TABLE_NAME, default_workdir
+from tasks.summary import publish_summary
 
 
 @flow(name="pipeline")
@@ -77,7 +78,9 @@ def pipeline_flow(
         model_name=model_name,
         replace_champion=replace_champion,
     )
-    return {"workdir": str(work), "dataset": dataset, **tuned, "build": built}
+    result = {"workdir": str(work), "dataset": dataset, **tuned, "build": built}
+    publish_summary(result, model_name)
+    return result
 
 
 if __name__ == "__main__":

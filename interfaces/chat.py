@@ -132,6 +132,7 @@ def cmd_serve(a) -> None:
         threads=a.workers_threads,
         model_name=a.weights or a.model,
         workers=auto_workers() if a.workers == "auto" else int(a.workers),
+        drop_dir=str(Path(a.drop_dir).resolve()),
     )
     engine = load_engine(a)
     start_log(engine, a, "serve")

@@ -19,6 +19,7 @@ from interfaces.chat import cmd_chat, cmd_eval, cmd_serve
 from interfaces.commands import cmd_build_super, cmd_db, cmd_expand, cmd_finetune, cmd_pipeline, cmd_registry, cmd_retrain, cmd_size_sweep
 from interfaces.parser import build_parser
 from interfaces.report import cmd_report
+from interfaces.review import cmd_review
 from interfaces.signals import COMMAND, on_signal, signal_of, stop_now, watch_signals
 from tasks.settings import apply_environment
 
@@ -33,6 +34,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "serve": cmd_serve,
     "report": cmd_report,
+    "review": cmd_review,
     "pipeline": cmd_pipeline,
     "retrain": cmd_retrain,
 }

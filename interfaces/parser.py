@@ -220,9 +220,41 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--mlflow", action="store_true", help="also log the days to the model's MLflow training run (metrics and a plot)")
 
     p = sub.add_parser(
+        "review",
+        help="decide what the bot should have answered: fallbacks, thumbs-down, unsure answers, grouped by topic",
+        description="Read the conversation log (the champion's table by default), keep the turns that fell back, were rated bad, or were answered with less than --below confidence, and group them by what was asked, biggest group first. For each group pick a suggested stored response, write a new one, or mark it out of scope; the decisions are written as one JSONL drop (with the turns, reviewer and time) into --drop_dir, which `bucketchat retrain` and the nightly retrain deployment learn from. Out-of-scope decisions teach the bot to fall back on that topic. Input may be piped, one answer per line.",
+    )
+    arg(p, "--model", help=f"MLflow model URI whose table's log to review (default models:/MODEL_NAME@{CHAMPION_ALIAS})")
+    model_name_arg(p, promote=False)
+    arg(p, "--weights", help="local weights file (with --meta) instead of --model")
+    arg(p, "--meta", help="local meta JSON (with --weights)")
+    arg(p, "--device", default="cpu", help="cpu or cuda (default cpu)")
+    arg(p, "--db", help="review the log of this table folder instead of the model's")
+    arg(p, "--drop_dir", default="data/drops", help="the retrain folder the decisions go to (default data/drops: the retrain deployment's)")
+    arg(p, "--days", type=int, help="only turns of the last N days (default: all not yet decided)")
+    arg(
+        p,
+        "--below",
+        type=float,
+        default=0.5,
+        help="also review answers less confident than this (default 0.5; 0: only fallbacks and thumbs-down)",
+    )
+    arg(
+        p,
+        "--similarity",
+        type=float,
+        default=0.5,
+        help="how alike a group's messages are (mean cosine similarity; default 0.5). Higher: smaller, purer groups, more decisions",
+    )
+    arg(p, "--reviewer", help="who decides, kept with each decision (default $BUCKETCHAT_REVIEWER, else your user name)")
+    arg(p, "--max_groups", type=int, help="stop after this many groups (default: all)")
+    arg(p, "--list", action="store_true", help="print the groups and their suggestions, decide nothing")
+    arg(p, "--json", action="store_true", help="with --list, print JSON")
+
+    p = sub.add_parser(
         "serve",
         help="HTTP server: OpenAI-compatible chat completions and a chat page",
-        description="Serve the chat engine over HTTP: POST /v1/chat/completions (OpenAI-compatible, stream too), GET /v1/models, GET /healthz, and a chat page at /. The model and table load once.",
+        description="Serve the chat engine over HTTP: POST /v1/chat/completions (OpenAI-compatible, stream too), GET /v1/models, GET /healthz, POST /v1/feedback, a chat page at / and a review page at /review (GET/POST /v1/review: decide what the bot should have answered; decisions go to --drop_dir). The model and table load once.",
     )
     engine_args(p)
     arg(
@@ -242,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes answering on the one port (default auto: one per core, at most 4; each holds ~300 MB, the table index is shared). One process answers on about one core",
     )
     arg(p, "--workers_threads", type=int, default=2, help="threads answering requests in each process (default 2)")
+    arg(
+        p,
+        "--drop_dir",
+        default="data/drops",
+        help="where the review page (/review) writes its decisions: the retrain folder (default data/drops, the retrain deployment's)",
+    )
 
     p = sub.add_parser(
         "pipeline",

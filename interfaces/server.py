@@ -38,6 +38,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from conversations.text import MAX_MESSAGE_CHARS, TextError, clean_text
+from interfaces.api_error import ApiError, error_response
 from retrieval.answer import ChatEngine
 from retrieval.styles import STYLES
 
@@ -56,6 +57,9 @@ class ServerConfig:
     max_messages: int = 64
     max_message_chars: int = MAX_MESSAGE_CHARS
     model_name: str = "bucketchat"
+    drop_dir: str = "data/drops"  # where the review view writes its decisions (the retrain folder)
+    review_below: float = 0.5  # the review lists answers less confident than this (retrieval/review.py)
+    review_similarity: float = 0.5
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -70,31 +74,6 @@ class ServerConfig:
             raise ValueError(
                 "--api_key is shorter than 8 characters; use a long random string (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)"
             )
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind, self.headers = status, message, param, code, kind, headers
-
-
-def _error(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    kind: str = "invalid_request_error",
-    headers: dict | None = None,
-) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status, headers=headers)
 
 
 def _text(content, i: int, limit: int) -> str:
@@ -314,15 +293,15 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
         return FileResponse(PAGE, media_type="text/html")
 
     async def on_api_error(request: Request, exc: ApiError) -> Response:
-        return _error(exc.status, exc.message, exc.param, exc.code, exc.kind, exc.headers)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.kind, exc.headers)
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(
+        return error_response(
             exc.status_code, exc.detail or "request failed", kind="not_found_error" if exc.status_code == 404 else "invalid_request_error"
         )
 
     async def on_crash(request: Request, exc: Exception) -> Response:
-        return _error(500, f"internal error ({exc.__class__.__name__}); the server logs have the details", kind="server_error")
+        return error_response(500, f"internal error ({exc.__class__.__name__}); the server logs have the details", kind="server_error")
 
     routes = [
         Route("/", page, methods=["GET"]),
@@ -331,6 +310,9 @@ def create_app(engine: ChatEngine, cfg: ServerConfig | None = None) -> Starlette
         Route("/v1/chat/completions", completions, methods=["POST"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
     ]
+    from interfaces.review_api import review_routes
+
+    routes += review_routes(engine, cfg, check_auth, read_json, pool)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

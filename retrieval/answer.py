@@ -8,7 +8,8 @@ search over the version's saved index, memory-mapped: retrieval/search.py, retri
 ``--llm_db`` share their bucket's probability). The best-scoring response wins (or one is sampled
 with ``response_temperature`` > 0). Too little confidence, too small a lead over the runner-up, or
 a message unlike every stored one (cosine similarity to the nearest) gives the fallback answer
-instead of a wrong one; the three thresholds are calibrated on validation data at training time. A style (retrieval/styles.py) is applied last.
+instead of a wrong one; the three thresholds are calibrated on validation data at training time. So
+does a message whose best response is ``OUT_OF_SCOPE``: a topic a reviewer marked out of scope. A style (retrieval/styles.py) is applied last.
 
 A short follow-up ("and how long does that take?") is read together with the previous user turn.
 """
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from conversations.records import OUT_OF_SCOPE
 from conversations.text import MAX_MESSAGE_CHARS, clean_text, clean_turns
 from models import checkpoint
 from models.candidates import Candidates
@@ -217,6 +219,12 @@ class ChatEngine:
                 raise ValueError(f"--llm_db {db!r} cannot be opened: {exc}") from exc
             return None, {}  # the model's own table is gone: answer from learned candidates alone
 
+    def unsure(self, confidence: float, margin: float, best: str | None) -> bool:
+        """The gates besides similarity: too little confidence, too small a lead, or a best response
+        that is ``OUT_OF_SCOPE`` (a topic a reviewer marked out of scope, learned as a response of its
+        own: conversations/records.py). Evaluation asks the same (retrieval/evaluate.py)."""
+        return confidence < self.min_confidence or margin < self.min_margin or best == OUT_OF_SCOPE
+
     @property
     def searches_table(self) -> bool:
         """Search only where it can add answers: responses the head did not learn, or an explicit --llm_db."""
@@ -249,12 +257,14 @@ class ChatEngine:
         style_mode: str | None = None,
         seed: int | None = None,
         conversation: str | None = None,
+        log: bool = True,
     ) -> Answer:
         """Answer ``message``; ``history``: the conversation's earlier user messages, oldest first.
         With a ``turn_log`` (retrieval/turn_log.py) the turn is recorded under ``conversation`` (a new
-        id when None); recording never waits for the disk."""
+        id when None) unless ``log`` is False (the review's own questions); recording never waits
+        for the disk."""
         ans = self._answer(message, history, style_mode, seed)
-        if self.turn_log is not None:
+        if self.turn_log is not None and log:
             ans.turn = self.turn_log.record(message, ans, conversation or uuid.uuid4().hex)
         return ans
 
@@ -340,7 +350,7 @@ class ChatEngine:
         margin = best - (math.exp(ranked[1][1][0]) if len(ranked) > 1 else 0.0)
         # Unlike every stored message: a question from outside the bot's world, however sure the head is.
         unfamiliar = similarity is not None and similarity < self.min_similarity
-        fallback = best < self.min_confidence or margin < self.min_margin or unfamiliar
+        fallback = unfamiliar or self.unsure(best, margin, ranked[0][0])
         if fallback:
             text, style = self.opts.fallback_response, "balanced"
         else:

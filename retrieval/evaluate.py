@@ -104,8 +104,8 @@ def evaluate(engine: ChatEngine, data: str | Path, oos: str | Path | None = None
 
 
 def _other_gates(engine: ChatEngine, ans) -> bool:
-    """Whether the confidence or margin gate alone would give ``ans`` the fallback."""
-    return ans.confidence < engine.min_confidence or ans.margin < engine.min_margin
+    """Whether a gate other than similarity gives ``ans`` the fallback."""
+    return engine.unsure(ans.confidence, ans.margin, ans.chosen)
 
 
 def tradeoff(

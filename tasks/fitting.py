@@ -315,6 +315,7 @@ def fit(
         "y_val": y_va,
         "buckets_val": rows["buckets"][va],
         "resumed_from_epoch": result.resumed_from_epoch,
+        "examples": rows["users"][:3],  # the MLflow model's input example (tasks/registry.py)
     }
     return head, meta, extras
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasks.settings import CHAMPION_ALIAS, EXPERIMENT_NAME, MODEL_NAME, artifact_location, mlflow_tracking_uri, sqlite_path
 
-MODEL_ARTIFACT = "model"  # run artifact folder holding head.safetensors + meta.json
+MODEL_ARTIFACT = "model"  # run artifact folder: head.safetensors + meta.json, and MLmodel (an MLflow pyfunc)
 WEIGHTS_FILE, META_FILE = "head.safetensors", "meta.json"
 
 
@@ -89,6 +89,31 @@ def register(run_id: str, tags: dict[str, str], name: str = MODEL_NAME) -> int:
     run = c.get_run(run_id)
     mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id, tags=tags)
     return int(mv.version)
+
+
+def describe_pyfunc(folder: Path, examples: list[str]) -> None:
+    """Make a model folder (head + meta) a standard MLflow ``pyfunc`` model in place: an ``MLmodel``
+    file naming retrieval/pyfunc.py as its loader, the signature (a ``message`` column in; the
+    response, fallback and scores out) and an input example of ``examples`` (training messages).
+    The folder is not copied, so a model that brings its own encoder is not stored twice."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import Model, ModelSignature
+    from mlflow.models.utils import _save_example
+    from mlflow.types import ColSpec, Schema
+
+    from retrieval.pyfunc import INPUT, OUTPUTS
+
+    model = Model()
+    model.signature = ModelSignature(
+        inputs=Schema([ColSpec("string", INPUT)]),
+        # No stored response for a message that could not be answered, no similarity without a table.
+        outputs=Schema([ColSpec(kind, name, required=name not in ("chosen", "similarity")) for name, kind in OUTPUTS.items()]),
+    )
+    # pandas 3 reads text as its own string dtype; the example is plain objects, as a user's frame would be.
+    _save_example(model, pd.DataFrame({INPUT: pd.Series(examples[:3], dtype=object)}), str(folder))
+    mlflow.pyfunc.add_to_model(model, loader_module="retrieval.pyfunc")
+    model.save(str(folder / "MLmodel"))
 
 
 def log_oos_tradeoff(run_id: str, report: dict) -> None:

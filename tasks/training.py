@@ -206,6 +206,7 @@ def train_head(
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / registry.MODEL_ARTIFACT
             checkpoint.save(model, meta_dict, folder / registry.WEIGHTS_FILE, folder / registry.META_FILE, encoder=extras["encoder"])
+            registry.describe_pyfunc(folder, extras["examples"])
             mlflow.log_metrics({f"best_{k}": float(v) for k, v in meta_dict["metrics"].items()})
             mlflow.log_metrics({k: meta_dict["calibration"][k] for k in ("min_confidence", "min_margin", "min_similarity")})
             mlflow.log_artifacts(str(folder), registry.MODEL_ARTIFACT)

@@ -35,6 +35,26 @@ def test_build_db_flow_reports_version_and_counts(tmp_path, tiny_jsonl, prefect_
 
 
 @pytest.mark.slow
+def _artifact(flow_run_id) -> str:
+    """The pipeline summary a flow run left in Prefect (tasks/summary.py)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["bucketchat-pipeline"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
+            )
+            return [a.data for a in found]
+
+    (markdown,) = asyncio.run(read())
+    return markdown
+
+
 def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, prefect_harness, monkeypatch, capsys):
     """Two runs with their own workdirs and MLflow stores never touch each other."""
     import io
@@ -44,12 +64,14 @@ def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, p
 
     for name in ("one", "two"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / name / 'mlflow.db'}")
-        out = pipeline_flow(
+        out_state = pipeline_flow(
             [str(tiny_jsonl)],
             workdir=str(tmp_path / name / "work"),
             train={"epochs": 30, "lr": 5e-3},
             head={"hidden_dim": 64, "dropout": 0.0},
+            return_state=True,
         )
+        out = out_state.result()
         assert out["registry"] == {
             "version": 1,
             "promoted": True,
@@ -69,6 +91,25 @@ def test_pipeline_end_to_end_then_chat_from_the_champion(tmp_path, tiny_jsonl, p
             "champion_model_chat_ft.pth",
             "chat_model_meta.json",
         }
+
+    # The champion is a standard MLflow model, with its signature and input example.
+    import pandas as pd
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}")
+    bot = mlflow.pyfunc.load_model("models:/bucketchat@champion")
+    assert bot.metadata.get_input_schema().input_names() == ["message"]
+    assert len(bot.input_example) == 3 and list(bot.input_example.columns) == ["message"]
+    got = bot.predict(pd.DataFrame({"message": ["I forgot my password", ""]}))
+    assert list(got.columns) == ["response", "chosen", "fallback", "confidence", "margin", "similarity", "bucket"]
+    assert got["response"][0].startswith("Use Settings") and not got["fallback"][0]
+    assert got["fallback"][1] and pd.isna(got["chosen"][1])  # an empty message falls back; the batch does not fail
+
+    # Each pipeline run leaves its summary in Prefect, with the promotion decision and the MLflow run.
+    markdown = _artifact(out_state.state_details.flow_run_id)
+    assert "| pairs kept | 26 |" in markdown and "Registered `bucketchat` v1: **champion**. no champion yet." in markdown
+    assert f"run `{out['train']['run_id']}`" in markdown and "/#/experiments/" in markdown
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("I forgot my password\nhow do I undo a commit in git\n"))
     assert main(["chat", "--json"]) == 0  # the champion of store "two"
