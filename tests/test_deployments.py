@@ -44,6 +44,12 @@ def test_deployments_run_on_a_local_server_with_a_process_worker(tmp_path, tiny_
     drops = tmp_path / "drops"
     drops.mkdir()
     write_jsonl(drops / "drop-1.jsonl", tiny_records)
+    # What `bucketchat review` writes: the retrain deployment learns it with the rest of the folder.
+    reviewed = [
+        {"user": "tips for jet lag", "assistant": "Shift your sleep an hour a day before you fly.", "reviewed_by": "test"},
+        {"user": "who won the 1954 world cup?", "out_of_scope": True, "reviewed_by": "test"},
+    ]
+    write_jsonl(drops / "review-20261203T120000Z-abcdef.jsonl", reviewed)
     quick = {"target": 0, "train": {"epochs": 3}, "head": {"hidden_dim": 32}}
     try:
         up = subprocess.run([str(script), "up"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -118,6 +124,15 @@ def test_deployments_run_on_a_local_server_with_a_process_worker(tmp_path, tiny_
         assert sorted(v["version"] for v in versions) == [1, 2]
         assert [v["aliases"] for v in versions if v["version"] == 1] in ([["champion"]], [[]])
         assert all(v["promotion"] for v in versions)
+        from conversations.records import OUT_OF_SCOPE
+        from retrieval.store import open_table
+
+        rows = (
+            open_table(str(tmp_path / "work-retrain" / "llm_chat.db"), "conversations").to_arrow().select(["user", "assistant"]).to_pylist()
+        )
+        assert {"user": "who won the 1954 world cup?", "assistant": OUT_OF_SCOPE} in rows and any(
+            r["user"] == "tips for jet lag" for r in rows
+        )
     finally:
         down = subprocess.run([str(script), "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "stopped server" in down.stdout

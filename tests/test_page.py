@@ -101,3 +101,44 @@ def test_thumbs_rate_an_answer_into_the_conversation_log(tmp_path, tiny_records)
     engine.turn_log.close()
     turns = read_turns(tmp_path / "turns").to_pylist()
     assert [(t["message"], t["feedback"]) for t in turns] == [("how do I track my package", "bad")]
+
+
+def test_the_review_page_decides_a_group_into_a_drop(chat_model, tmp_path):
+    """A person opens /review, sees the questions the bot fell back on as one group, writes the
+    response it should give and saves it: the decision is a drop in the retrain folder."""
+    import json
+
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from retrieval.turn_log import TurnLog
+
+    engine = ChatEngine(*chat_model)
+    engine.turn_log = TurnLog(tmp_path / "turns", model="page", table="conversations", table_version=1, source="serve")
+    asked = ["who won the football world cup in 1954?", "which team won the 1954 football world cup?"]
+    try:
+        with running_server(engine, ServerConfig(drop_dir=str(tmp_path / "drops"))) as url, sync_playwright() as p:
+            for q in asked:
+                httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": q}]}, timeout=30)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page()
+            page.goto(url + "/review")
+            group = page.locator(".group").first
+            group.wait_for()
+            assert page.locator(".group").count() == 1
+            assert sorted(group.locator("li").all_inner_texts()) == sorted(asked)
+            assert group.locator(".suggestion").count() >= 1  # the model's candidates to pick from
+            group.locator("textarea").fill("West Germany won the 1954 World Cup.")
+            group.locator("button.use").click()
+            page.wait_for_selector(".status.done")
+            assert "2 message(s) from 2 turn(s) written to" in group.locator(".status").inner_text()
+            assert page.locator("#error").inner_text() == ""
+            browser.close()
+    finally:
+        engine.turn_log.close()
+    (drop,) = (tmp_path / "drops").glob("review-*.jsonl")
+    records = [json.loads(l) for l in drop.read_text().splitlines()]
+    assert sorted(r["user"] for r in records) == sorted(asked)
+    assert {r["assistant"] for r in records} == {"West Germany won the 1954 World Cup."} and {r["review_decision"] for r in records} == {
+        "new"
+    }
