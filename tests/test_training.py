@@ -221,7 +221,13 @@ def test_run_logs_params_epoch_metrics_and_checkpoint(table, mlflow_store, prefe
     assert run.data.tags["model_size"] == "base" and run.data.tags["table_version"] == str(version)
     assert [m.step for m in client.get_metric_history(out["run_id"], "train_loss")] == [1, 2, 3, 4, 5]
     files = {f.path for f in client.list_artifacts(out["run_id"], "model")}
-    assert files == {"model/head.safetensors", "model/meta.json"}
+    assert files == {
+        "model/head.safetensors",
+        "model/meta.json",
+        "model/MLmodel",
+        "model/input_example.json",
+        "model/serving_input_example.json",
+    }  # MLmodel: a pyfunc model
     evaluation = {f.path for f in client.list_artifacts(out["run_id"], "evaluation")}
     assert evaluation == {"evaluation/confusion_matrix.png", "evaluation/per_bucket_accuracy.json"}
     # Per-step metrics (batched), one point per optimizer step.
