@@ -79,20 +79,25 @@ def assign_buckets(
     With at most ``num_buckets`` groups each group gets its own bucket (in sorted key order, so the
     map is stable); the remaining buckets stay empty.
     """
-    if num_buckets < 2:
-        raise ValueError(f"--num_buckets must be at least 2, got {num_buckets}")
     groups = sorted(set(keys))
     index = {g: i for i, g in enumerate(groups)}
     row_group = np.array([index[k] for k in keys])
-    counts = np.bincount(row_group, minlength=len(groups)).astype(np.float64)
-    if len(groups) <= num_buckets:
-        group_bucket = np.arange(len(groups))
-    else:
-        pos = np.zeros((len(groups), user_vecs.shape[1]), dtype=np.float64)
-        resp = np.zeros_like(pos)
-        np.add.at(pos, row_group, user_vecs)
-        np.add.at(resp, row_group, response_vecs)
-        points = _unit(_unit(pos) + _unit(resp))
-        _, group_bucket = spherical_kmeans(points, num_buckets, counts, rng=seed)
-    mapping = {g: int(b) for g, b in zip(groups, group_bucket)}
-    return group_bucket[row_group].astype(np.int32), mapping
+    pos = np.zeros((len(groups), user_vecs.shape[1]), dtype=np.float64)
+    resp = np.zeros_like(pos)
+    np.add.at(pos, row_group, user_vecs)
+    np.add.at(resp, row_group, response_vecs)
+    group_bucket = group_buckets(pos, resp, np.bincount(row_group, minlength=len(groups)), num_buckets, seed)
+    return group_bucket[row_group].astype(np.int32), {g: int(b) for g, b in zip(groups, group_bucket)}
+
+
+def group_buckets(user_sums: np.ndarray, response_sums: np.ndarray, counts: np.ndarray, num_buckets: int = 10, seed: int = 0) -> np.ndarray:
+    """Bucket per group (G,), from each group's sum of user vectors and of response vectors (G, D)
+    and its row count: what ``assign_buckets`` does once the rows are summed, so a caller can sum
+    them without holding a response vector per row (retrieval/store.py)."""
+    if num_buckets < 2:
+        raise ValueError(f"--num_buckets must be at least 2, got {num_buckets}")
+    if len(counts) <= num_buckets:
+        return np.arange(len(counts))
+    points = _unit(_unit(user_sums) + _unit(response_sums))
+    _, group_bucket = spherical_kmeans(points, num_buckets, np.asarray(counts, dtype=np.float64), rng=seed)
+    return group_bucket

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -367,53 +366,3 @@ def finetuned_id(folder: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return f"{TORCH_ID}+ft:{h.hexdigest()[:16]}"
-
-
-class EmbeddingCache:
-    """Vectors by content hash, stored as append-only Parquet shards in ``folder``.
-
-    Each build adds one shard holding only the vectors it computed; a crash mid-write leaves no shard
-    (written atomically), so the cache never holds a partial vector.
-    """
-
-    def __init__(self, folder: str | Path, encoder_id: str = ENCODER_ID, encoder_path: str | None = None):
-        self.folder = Path(folder)
-        self.encoder_id, self.encoder_path = encoder_id, encoder_path
-        self._vectors: dict[str, np.ndarray] = {}
-        self._loaded = False
-
-    def _load(self) -> None:
-        import pyarrow.parquet as pq
-
-        for shard in sorted(self.folder.glob("*.parquet")):
-            table = pq.read_table(shard)
-            keys = table.column("key").to_pylist()
-            vecs = np.asarray(table.column("vector").to_pylist(), dtype=np.float32).reshape(len(keys), -1)
-            self._vectors.update(zip(keys, vecs))
-        self._loaded = True
-
-    def __len__(self) -> int:
-        if not self._loaded:
-            self._load()
-        return len(self._vectors)
-
-    def embed(self, texts: list[str], device: str = "cpu") -> tuple[np.ndarray, int]:
-        """Vectors for ``texts`` (N, the encoder's dimension) and how many had to be computed."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from models.atomic import atomic_path
-
-        if not self._loaded:
-            self._load()
-        keys = [text_key(t, self.encoder_id) for t in texts]
-        missing = list(dict.fromkeys(k_t for k_t in zip(keys, texts) if k_t[0] not in self._vectors))
-        if missing:
-            vecs = embed([t for _, t in missing], device=device, path=self.encoder_path, encoder_id=self.encoder_id)
-            new_keys = [k for k, _ in missing]
-            self._vectors.update(zip(new_keys, vecs))
-            shard = pa.table({"key": new_keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])})
-            with atomic_path(self.folder / f"{uuid.uuid4().hex}.parquet") as tmp:
-                pq.write_table(shard, tmp)
-        out = np.stack([self._vectors[k] for k in keys]) if keys else np.zeros((0, DIM), dtype=np.float32)  # no rows: no dimension to ask
-        return out, len(missing)

@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from conversations.records import Pair
 from models.atomic import failpoint
-from retrieval.buckets import assign_buckets, group_keys
-from retrieval.encoder import DIM, ENCODER_ID, INT8_SUFFIX, TORCH_ID, EmbeddingCache, int8_decision, user_encoder_id
+from retrieval.buckets import group_buckets, group_keys
+from retrieval.embedding_cache import EmbeddingCache
+from retrieval.encoder import DIM, ENCODER_ID, INT8_SUFFIX, TORCH_ID, int8_decision, user_encoder_id
 from retrieval.locations import encoder_folder, is_uri, local_dir
 
 # Below this a flat scan is faster than building an index (DESIGN.md §5: ~8 ms per 100k at numpy speed).
@@ -206,15 +207,26 @@ def build_table(
     responses = [p.assistant for p in pairs]
     labels = [p.label for p in pairs]
     keys = group_keys(labels, responses)
-    # Response vectors only matter for clustering unlabelled groups; labelled rows skip the work.
-    need = [r for k, r in zip(keys, responses) if k.startswith("response:")]
-    resp_lookup, new_resp = {}, 0
-    if need:
-        uniq = list(dict.fromkeys(need))
+    groups = sorted(set(keys))
+    index = {g: i for i, g in enumerate(groups)}
+    row_group = np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+    user_sums = np.zeros((len(groups), user_vecs.shape[1]), dtype=np.float64)
+    np.add.at(user_sums, row_group, user_vecs)
+    response_sums = user_sums.copy()  # a labelled group's rows stand in for its responses
+    # Response vectors only matter for clustering unlabelled groups, and each distinct response is
+    # embedded once: summed per (group, response), never held per row (1M rows x 384 floats).
+    pairs_count = Counter((g, r) for g, k, r in zip(row_group.tolist(), keys, responses) if k.startswith("response:"))
+    new_resp = 0
+    if pairs_count:
+        uniq = list(dict.fromkeys(r for _, r in pairs_count))
         vecs, new_resp = cache.embed(uniq, device=device)
-        resp_lookup = dict(zip(uniq, vecs))
-    response_vecs = np.stack([resp_lookup.get(r, user_vecs[i]) for i, r in enumerate(responses)])
-    buckets, _ = assign_buckets(keys, user_vecs, response_vecs, num_buckets=num_buckets, seed=seed)
+        at = {r: i for i, r in enumerate(uniq)}
+        for g in {g for g, _ in pairs_count}:
+            response_sums[g] = 0.0
+        for (g, r), n in pairs_count.items():
+            response_sums[g] += n * vecs[at[r]]
+    group_bucket = group_buckets(user_sums, response_sums, np.bincount(row_group, minlength=len(groups)), num_buckets, seed)
+    buckets = group_bucket[row_group].astype(np.int32)
     data = pa.table(
         {
             "id": [p.id for p in pairs],

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from retrieval.encoder import INT8_ID, TORCH_ID, EmbeddingCache, embed, int8_model_path
+from retrieval.embedding_cache import EmbeddingCache
+from retrieval.encoder import INT8_ID, TORCH_ID, embed, int8_model_path
 from tests.conftest import INTENTS
 
 SENTENCES = [u for _, asks in INTENTS.values() for u in asks] + ["a much longer message about a card that never arrived, " * 6]

@@ -1,0 +1,85 @@
+"""Vectors by content hash, so a row is embedded once whatever table version or build asks for it.
+
+Stored as append-only Parquet shards in the table's ``_embedding_cache/``: each build adds one shard
+with only the vectors it computed, written atomically, so the cache never holds a partial vector.
+
+Memory: each shard's vectors are one float32 array, filled a batch of rows at a time (no Python
+object per number), and each key maps to a (shard, row) pair; at 1M cached rows that is the vectors
+themselves plus ~150 MB of keys. Converting the column through Python lists, as this did before,
+held ~14x the vectors' size (22.6 GB at 1M rows; BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.encoder import DIM, ENCODER_ID, embed, text_key
+
+SHARD_BITS = 32  # a key's location: shard number << SHARD_BITS | row
+BATCH_ROWS = 16_384  # rows decoded at a time when a shard is read
+
+
+class EmbeddingCache:
+    def __init__(self, folder: str | Path, encoder_id: str = ENCODER_ID, encoder_path: str | None = None):
+        self.folder = Path(folder)
+        self.encoder_id, self.encoder_path = encoder_id, encoder_path
+        self._shards: list[np.ndarray] = []  # (rows, dim) float32 each
+        self._where: dict[str, int] = {}
+        self._loaded = False
+
+    def _add_shard(self, keys: list[str], vectors: np.ndarray) -> None:
+        base = len(self._shards) << SHARD_BITS
+        self._shards.append(vectors)
+        self._where.update((k, base | i) for i, k in enumerate(keys))
+
+    def _load(self) -> None:
+        import pyarrow.parquet as pq
+
+        for shard in sorted(self.folder.glob("*.parquet")):
+            # A batch at a time into one array: reading a list column whole decodes its levels and
+            # pages at once, ~6x the vectors' size at its peak.
+            file = pq.ParquetFile(shard, pre_buffer=False, buffer_size=1 << 20)
+            dim = file.schema_arrow.field("vector").type.list_size
+            vectors, keys, at = np.empty((file.metadata.num_rows, dim), dtype=np.float32), [], 0
+            for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=["key", "vector"]):
+                vectors[at : at + len(batch)] = batch.column("vector").flatten().to_numpy().reshape(len(batch), dim)
+                keys += batch.column("key").to_pylist()
+                at += len(batch)
+            self._add_shard(keys, vectors)
+        self._loaded = True
+
+    def __len__(self) -> int:
+        if not self._loaded:
+            self._load()
+        return len(self._where)
+
+    def embed(self, texts: list[str], device: str = "cpu") -> tuple[np.ndarray, int]:
+        """Vectors for ``texts`` (N, the encoder's dimension) and how many had to be computed."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from models.atomic import atomic_path
+
+        if not self._loaded:
+            self._load()
+        keys = [text_key(t, self.encoder_id) for t in texts]
+        missing = list(dict.fromkeys(k_t for k_t in zip(keys, texts) if k_t[0] not in self._where))
+        if missing:
+            vecs = embed([t for _, t in missing], device=device, path=self.encoder_path, encoder_id=self.encoder_id)
+            new_keys = [k for k, _ in missing]
+            shard = pa.table({"key": new_keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])})
+            with atomic_path(self.folder / f"{uuid.uuid4().hex}.parquet") as tmp:
+                pq.write_table(shard, tmp, row_group_size=BATCH_ROWS)
+            self._add_shard(new_keys, vecs)
+        if not keys:
+            return np.zeros((0, DIM), dtype=np.float32), 0  # no rows: no dimension to ask
+        where = np.fromiter((self._where[k] for k in keys), dtype=np.int64, count=len(keys))
+        shard_of, row_of = where >> SHARD_BITS, where & ((1 << SHARD_BITS) - 1)
+        out = np.empty((len(keys), self._shards[int(shard_of[0])].shape[1]), dtype=np.float32)
+        for s in np.unique(shard_of).tolist():
+            pick = shard_of == s
+            out[pick] = self._shards[s][row_of[pick]]
+        return out, len(missing)
