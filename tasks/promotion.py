@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +31,13 @@ def response_accuracy(weights: str, meta_path: str, db: str, table: str, version
     candidate's text equals the row's response). The rows are embedded by the checkpoint's own
     encoder when it differs from the table's, so a fine-tuned model and a stock one compare fairly.
     None when there is nothing to compare on."""
+    right = answers(weights, meta_path, db, table, version, val_ids)
+    return float(np.mean(list(right.values()))) if right else None
+
+
+def answers(weights: str, meta_path: str, db: str, table: str, version: int, val_ids: list[str]) -> dict[str, bool] | None:
+    """Whether the checkpoint answers each of the given rows right (row id -> bool; rows no longer
+    in the table are left out); None when there is nothing to compare on."""
     if not val_ids:
         return None
     rows = table_rows(db, table, version)
@@ -49,7 +57,7 @@ def response_accuracy(weights: str, meta_path: str, db: str, table: str, version
         _, log_pr = head.response_log_probs(torch.from_numpy(x), head.lex([rows["users"][i] for i in idx]))
     texts = meta["candidates"]["texts"]  # None for an "other" slot: never equal to a response
     predicted = [texts[j] for j in log_pr.argmax(1).tolist()]
-    return float(np.mean([p == rows["responses"][i] for p, i in zip(predicted, idx)]))
+    return {rows["ids"][i]: p == rows["responses"][i] for p, i in zip(predicted, idx)}
 
 
 def champion_score(
@@ -66,14 +74,7 @@ def champion_score(
     meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
     if not meta.get("refit"):
         return response_accuracy(weights, meta_path, db, table, version, val_ids), val_acc, f"{len(val_ids)} validation rows"
-    src = meta.get("table", {})
-    seen: set[str] = set()  # a table in another db or under another name: none of these rows
-    if src.get("db") == db_key(db) and src.get("name") == table and src.get("trained_on_version") is not None:
-        try:
-            seen = set(read_columns(open_table(db, table, int(src["trained_on_version"])), ["id"])["id"].to_pylist())
-        except ValueError:  # its version (or table) is gone, cleaned up: what it saw cannot be told
-            seen = set(val_ids)
-    unseen = [i for i in val_ids if i not in seen]
+    unseen = unseen_rows(meta, db, table, val_ids)
     if unseen and val_right is not None and len(val_right) == len(val_ids):
         right = dict(zip(val_ids, val_right))
         return (
@@ -84,7 +85,60 @@ def champion_score(
     recorded = meta.get("metrics", {}).get("val_response_acc")
     if meta.get("validation", {}).get("ids_digest") == ids_digest(val_ids) and recorded is not None:
         return float(recorded), val_acc, f"the same {len(val_ids)} validation rows, both held out at training"
-    return None, None, f"it was refit on table version {src.get('trained_on_version')}"
+    return None, None, f"it was refit on table version {meta.get('table', {}).get('trained_on_version')}"
+
+
+def unseen_rows(meta: dict, db: str, table: str, val_ids: list[str]) -> list[str]:
+    """The validation rows a champion never trained on: all of them unless it was refit on every
+    row of its table version (then those not in that version)."""
+    if not meta.get("refit"):
+        return list(val_ids)
+    src = meta.get("table", {})
+    seen: set[str] = set()  # a table in another db or under another name: none of these rows
+    if src.get("db") == db_key(db) and src.get("name") == table and src.get("trained_on_version") is not None:
+        try:
+            seen = set(read_columns(open_table(db, table, int(src["trained_on_version"])), ["id"])["id"].to_pylist())
+        except ValueError:  # its version (or table) is gone, cleaned up: what it saw cannot be told
+            seen = set(val_ids)
+    return [i for i in val_ids if i not in seen]
+
+
+# One-sided 95 %: a challenger more wrong than this many standard deviations of the paired
+# differences is measurably worse (a sign test on the rows where the two disagree).
+WORSE_Z = 1.645
+
+
+def coverage_gain(weights: str, meta_path: str, db: str, table: str, version: int, val_ids: list[str], val_right: list[bool]) -> str | None:
+    """Why a challenger that is not strictly more accurate is still the better bot, or None.
+
+    A retrain that adds a topic (reviewed turns: `bucketchat review`) gains a few validation rows
+    the champion cannot answer, as it never learned their response, while retraining moves the
+    rest by noise; "strictly more accurate" then turns on a row or two either way. So: the
+    challenger answers right at least one row whose response the champion never learned, and on
+    the rows whose responses it did learn the challenger is not measurably worse (a paired sign
+    test on the rows where the two disagree)."""
+    meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
+    ids = set(unseen_rows(meta, db, table, val_ids))
+    mine = {i: r for i, r in zip(val_ids, val_right) if i in ids}
+    theirs = answers(weights, meta_path, db, table, version, list(mine))
+    if not theirs:
+        return None
+    from conversations.dataset import normalise
+
+    rows = table_rows(db, table, version)
+    response = {i: r for i, r in zip(rows["ids"], rows["responses"]) if i in theirs}
+    known = {normalise(t) for t in meta["candidates"]["texts"] if t is not None}
+    new = [i for i in theirs if normalise(response[i]) not in known]
+    gained = sum(mine[i] for i in new)
+    old = [i for i in theirs if normalise(response[i]) in known]
+    better = sum(mine[i] and not theirs[i] for i in old)
+    worse = sum(theirs[i] and not mine[i] for i in old)
+    if gained == 0 or worse - better > WORSE_Z * math.sqrt(better + worse):
+        return None
+    return (
+        f"it answers {gained} of {len(new)} validation rows whose response the champion never learned, "
+        f"and on the other {len(old)} it is not measurably worse ({worse} answers lost, {better} won)"
+    )
 
 
 def code_digest() -> str:
@@ -152,6 +206,14 @@ def previous_training(
 # second team's data, a quick experiment): the champion then scores ~0 on its validation rows, so
 # "better on validation" would always hold and say nothing.
 MIN_SHARED_RESPONSES = 0.5
+
+
+def champion_coverage(
+    model_name: str, current: int, db: str, table: str, version: int, val_ids: list[str], val_right: list[bool]
+) -> str | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, meta = registry.download_model(f"models:/{model_name}/{current}", Path(tmp) / "champion")
+        return coverage_gain(str(weights), str(meta), db, table, version, val_ids, val_right)
 
 
 def shared_responses(meta_a: dict, meta_b: dict) -> float:
@@ -223,6 +285,11 @@ def register_and_promote(
         promoted, reason = True, "the champion cannot be scored on this validation set"
     elif challenger_acc > champion_acc:
         promoted, reason = True, f"validation response accuracy {challenger_acc:.4f} > champion v{current}'s {champion_acc:.4f} on {basis}"
+    elif val_right is not None and (gain := champion_coverage(model_name, current, db, table, version, val_ids, val_right)):
+        promoted, reason = (
+            True,
+            f"{gain} (validation response accuracy {challenger_acc:.4f}, champion v{current}'s {champion_acc:.4f} on {basis})",
+        )
     else:
         # Only a better score moves the alias: an equal one is noise, and churn has a cost (caches, audits).
         promoted, reason = (
