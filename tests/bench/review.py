@@ -146,7 +146,11 @@ def loop(a) -> None:
         report["review_command_s"] = time.perf_counter() - t0
         reviewed_turns = sum(g["turns"] for g in groups)
         mislabelled = sum(
-            sum(m["count"] for m in g["messages"] if intent_of[m["message"]] != Counter(intent_of[x["message"]] for x in g["messages"]).most_common(1)[0][0])
+            sum(
+                m["count"]
+                for m in g["messages"]
+                if intent_of[m["message"]] != Counter(intent_of[x["message"]] for x in g["messages"]).most_common(1)[0][0]
+            )
             for g in groups
         )
         report |= {
@@ -159,8 +163,9 @@ def loop(a) -> None:
             "review_output": out.strip().splitlines()[-1],
         }
         t0 = time.perf_counter()
-        run(*retrain)
+        out = run(*retrain)
         report["retrain_s"] = time.perf_counter() - t0
+        report["retrain_output"] = [l for l in out.splitlines() if "registered" in l or "table:" in l]
         scores("after")
     print(f"held out {a.holdout} intents ({', '.join(held)}); {len(asked)} askings sent, {len(unseen)} kept unseen")
     print(
@@ -168,6 +173,7 @@ def loop(a) -> None:
         f"{report['groups']} groups, {report['lines_typed']} lines typed, {report['responses_written']} responses written, "
         f"{report['mislabelled_turns']} turns given another intent's response by their group"
     )
+    print("retrain: " + " / ".join(report["retrain_output"]))
     for stage in ("before", "after"):
         u, i = report[f"{stage}_unseen"], report[f"{stage}_in_scope"]
         print(
