@@ -1,0 +1,171 @@
+"""A table of N rows (1M by default): what `db build` costs in time and memory, fresh, unchanged and
+after editing one line, and what chat costs against it (start, turn latency, memory).
+
+    python tests/bench/scale.py [--rows 1000000] [--questions 300] [--json OUT]
+
+Everything is kept under .bucketchat/bench-scale/ (git-ignored) and reused by later runs:
+  rows-N.jsonl   BANKING77 train grown to N distinct messages by `bucketchat expand` (deterministic edits)
+  db-N/          `bucketchat db build` of it; its embedding cache is kept between runs, so a later
+                 "fresh" build is a fresh table from cached vectors (the first run embeds N rows)
+  model/         `bucketchat finetune` on BANKING77 train: the head chat serves with `--llm_db db-N`
+Measured, each command in its own process (GNU time's peak RSS):
+  build          a new table from the data (the first run: embedding every row; later: cache hits)
+  unchanged      the same command again: nothing embedded, no version written
+  one edit       the data with one message changed: one row embedded, a new version and its index
+  chat           `bucketchat chat --llm_db db-N --json` on --questions BANKING77 test questions:
+                 spawn to first answer, turn p50/p99 (the engine's own latency_ms), the encoder's
+                 own time on the same questions (in this process), and the chat process's peak
+                 private (anonymous) and file-backed RSS, sampled every 50 ms; the search index is
+                 memory-mapped, so its pages are file-backed and shared between processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "banking77"
+WORK = ROOT / ".bucketchat" / "bench-scale"
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict:
+    return {**os.environ, "BUCKETCHAT_HOME": str(WORK / "home"), "MLFLOW_TRACKING_URI": f"sqlite:///{WORK / 'mlflow.db'}"}
+
+
+def timed(cmd: list[str]) -> dict:
+    """Wall time, peak RSS (GNU time) and stdout of one command."""
+    start = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *map(str, cmd)], env=env(), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"{cmd[1]} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    rss = int(re.findall(r"maxrss_kb=(\d+)", done.stderr)[-1])
+    return {"wall_s": round(wall, 1), "peak_rss_gb": round(rss / 2**20, 2), "stdout": done.stdout}
+
+
+def embedded(out: str) -> int:
+    return int(re.search(r"(\d+) newly embedded", out).group(1))
+
+
+def build(data: Path, db: Path, label: str, fresh: bool = False) -> dict:
+    if fresh:  # a new table; the embedding cache stays (the first run fills it)
+        for p in db.glob("*"):
+            if p.name != "_embedding_cache":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    r = timed([BIN / "bucketchat", "db", "build", "--data", data, "--db", db])
+    r["embedded"] = embedded(r.pop("stdout"))
+    print(f"  {label:<10} {r['wall_s']:>8.1f} s  peak {r['peak_rss_gb']:.2f} GB  {r['embedded']:,} rows embedded", flush=True)
+    return {label: r}
+
+
+def status(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed) resident KiB of a process."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"RssAnon:\s+(\d+)", text).group(1)), int(re.search(r"RssFile:\s+(\d+)", text).group(1))
+
+
+def chat(db: Path, model: Path, questions: list[str]) -> dict:
+    cmd = [BIN / "bucketchat", "chat", "--weights", model / "head.safetensors", "--meta", model / "meta.json", "--llm_db", db, "--json"]
+    cmd += ["--no_log"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(map(str, cmd)), env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    peaks = [0, 0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                anon, file = status(proc.pid)
+            except (OSError, AttributeError):
+                return
+            peaks[0], peaks[1] = max(peaks[0], anon), max(peaks[1], file)
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+    proc.stdin.write(questions[0] + "\n")
+    proc.stdin.flush()
+    first = json.loads(proc.stdout.readline())
+    first_s = time.perf_counter() - start
+    proc.stdin.write("".join(q + "\n" for q in questions[1:]))
+    proc.stdin.close()
+    answers = [first] + [json.loads(l) for l in proc.stdout]
+    proc.wait()
+    stop.set()
+    lat = sorted(a["latency_ms"] for a in answers[1:])
+    return {
+        "first_answer_s": round(first_s, 2),
+        "turn_p50_ms": round(statistics.median(lat), 2),
+        "turn_p99_ms": round(lat[int(0.99 * (len(lat) - 1))], 2),
+        "peak_private_rss_gb": round(peaks[0] / 2**20, 2),
+        "peak_file_rss_gb": round(peaks[1] / 2**20, 2),
+    }
+
+
+def encoder_ms(questions: list[str]) -> float:
+    from retrieval.encoder import ENCODER_ID, embed
+
+    embed(["warm-up"], encoder_id=ENCODER_ID)
+    times = []
+    for q in questions:
+        t = time.perf_counter()
+        embed([q], encoder_id=ENCODER_ID)
+        times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--questions", type=int, default=300)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} not found; this benchmark needs ../shared/data/banking77 beside the checkout")
+    WORK.mkdir(parents=True, exist_ok=True)
+    data, db, model = WORK / f"rows-{a.rows}.jsonl", WORK / f"db-{a.rows}", WORK / "model"
+    if not data.is_file():
+        subprocess.run([BIN / "bucketchat", "expand", "--input", DATA / "train.jsonl", "--output", data, "--target", str(a.rows)], env=env(), check=True)
+    if not (model / "head.safetensors").is_file():
+        model.mkdir(exist_ok=True)
+        cmd = [BIN / "bucketchat", "finetune", "--data", DATA / "train.jsonl", "--db", model / "llm_chat.db"]
+        subprocess.run([*cmd, "--output", model / "head.safetensors", "--meta", model / "meta.json"], env=env(), check=True)
+    report: dict = {"rows": a.rows}
+    print(f"db build, {a.rows:,} rows:", flush=True)
+    report |= build(data, db, "build", fresh=True)
+    report |= build(data, db, "unchanged")
+    edited = WORK / f"rows-{a.rows}-edited.jsonl"
+    with open(data, encoding="utf-8") as src, open(edited, "w", encoding="utf-8") as out:
+        for i, line in enumerate(src):
+            if i == a.rows // 2:
+                rec = json.loads(line)
+                rec["user"] += " (edited for the benchmark)"
+                line = json.dumps(rec) + "\n"
+            out.write(line)
+    report |= build(edited, db, "one edit")
+    questions = [json.loads(l)["user"] for l in (DATA / "test.jsonl").read_text().splitlines()[: a.questions]]
+    report["chat"] = chat(db, model, questions)
+    report["chat"]["encoder_p50_ms"] = encoder_ms(questions)
+    c = report["chat"]
+    print(
+        f"chat --llm_db: first answer {c['first_answer_s']} s; turn p50 {c['turn_p50_ms']} ms (encoder alone {c['encoder_p50_ms']} ms, "
+        f"{c['turn_p50_ms'] / c['encoder_p50_ms']:.2f}x), p99 {c['turn_p99_ms']} ms; peak RSS private {c['peak_private_rss_gb']} GB, "
+        f"file-backed {c['peak_file_rss_gb']} GB"
+    )
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
