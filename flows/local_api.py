@@ -28,19 +28,11 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from models.processes import process_start
+
 IDLE_ENV = "BUCKETCHAT_PREFECT_IDLE_S"
 DEFAULT_IDLE_S = 300.0
 _CHECK_EVERY_S = 0.5
-
-
-def process_start(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot (Linux), or None when it is not running:
-    with the pid it names one process, even after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
 def _alive(pid: int, start: str) -> bool:

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from flows.local_api import SharedApi, process_start
+from flows.local_api import SharedApi
+from models.processes import process_start
 
 TAG = "bucketchat"
 RUNNER_PREFIX = "runner:"

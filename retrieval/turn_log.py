@@ -20,6 +20,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from models.processes import process_start
+
 FLUSH_S = 1.0
 MAX_PENDING = 100_000  # turns kept in memory while the log cannot be written
 SEGMENT_MAX_BYTES = 32 << 20  # a long-running server seals its segment into Parquet at this size (~50k turns)
@@ -45,13 +47,6 @@ COLUMNS = {  # name -> pyarrow type name
     "table": "string",
     "table_version": "int64",
 }
-
-
-def _start_ticks(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
 
 
 def _schema():
@@ -113,7 +108,7 @@ class TurnLog:
 
     def _new_segment(self) -> Path:
         pid = os.getpid()
-        return self.folder / f"turns-{pid}-{_start_ticks(pid) or 0}-{uuid.uuid4().hex[:8]}.jsonl"
+        return self.folder / f"turns-{pid}-{process_start(pid) or 0}-{uuid.uuid4().hex[:8]}.jsonl"
 
     def record(self, message: str, answer, conversation: str) -> str:
         """Log one answered turn; returns its id (what feedback names)."""
@@ -197,7 +192,7 @@ class TurnLog:
         """Seal the segments of processes that no longer run (killed, so never closed)."""
         for segment in self.folder.glob("turns-*.jsonl"):
             _, pid, start, _ = segment.stem.split("-", 3)
-            if pid.isdigit() and _start_ticks(int(pid)) != start:
+            if pid.isdigit() and process_start(int(pid)) != start:
                 try:
                     _seal(segment)
                 except FileNotFoundError:  # another process sealed it first

@@ -2,7 +2,8 @@
 a user runs: a champion trained without one topic is served; that topic's questions sent over HTTP
 need review (they fall back or are unsure); `bucketchat review` (input piped, as a person would
 type it) gives them a response; `bucketchat retrain` (the flow the nightly retrain deployment runs)
-trains and promotes a new champion, which answers held-out askings of the topic."""
+trains and promotes a new champion, which answers held-out askings of the topic, in chat and
+through `mlflow models serve`."""
 
 import json
 import os
@@ -77,3 +78,13 @@ def test_a_missed_topic_is_reviewed_retrained_and_then_answered(tmp_path, prefec
     assert "registered bucketchat v2: CHAMPION" in bucketchat(*retrain)
     after = answers(held_out)
     assert [a["response"] for a in after] == [response] * len(held_out), after
+
+    # The new champion is a standard MLflow model: `mlflow models serve` answers with it too.
+    port = free_port()
+    mlflow_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/bucketchat@champion"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)]
+    with http_process(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "mlflow-serve.log", env=mlflow_env, cwd=str(ROOT), timeout=120):
+        body = {"dataframe_split": {"columns": ["message"], "data": [[q] for q in held_out]}}
+        got = httpx.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60).json()["predictions"]
+    assert [p["response"] for p in got] == [response] * len(held_out) and not any(p["fallback"] for p in got)

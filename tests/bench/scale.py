@@ -136,7 +136,11 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     data, db, model = WORK / f"rows-{a.rows}.jsonl", WORK / f"db-{a.rows}", WORK / "model"
     if not data.is_file():
-        subprocess.run([BIN / "bucketchat", "expand", "--input", DATA / "train.jsonl", "--output", data, "--target", str(a.rows)], env=env(), check=True)
+        subprocess.run(
+            [BIN / "bucketchat", "expand", "--input", DATA / "train.jsonl", "--output", data, "--target", str(a.rows)],
+            env=env(),
+            check=True,
+        )
     if not (model / "head.safetensors").is_file():
         model.mkdir(exist_ok=True)
         cmd = [BIN / "bucketchat", "finetune", "--data", DATA / "train.jsonl", "--db", model / "llm_chat.db"]
