@@ -201,3 +201,23 @@ def test_answer_exposes_the_gates_evaluation_shares(chat_model):
     engine.min_confidence, engine.min_margin = 0.5, 0.1
     assert engine.unsure(0.4, 0.5, "x") and engine.unsure(0.9, 0.05, "x") and engine.unsure(0.99, 0.9, OUT_OF_SCOPE)
     assert not engine.unsure(0.9, 0.5, "x")
+
+
+def test_a_topic_marked_out_of_scope_is_learned_and_its_paraphrases_fall_back(tmp_path):
+    from tests.conftest import train_chat_model
+
+    football = [
+        "who won the football world cup in 1954?",
+        "which country has won the most world cups",
+        "who is the best football player of all time",
+        "when is the next football world cup",
+        "who won the world cup final in 1990",
+        "how many goals did pele score",
+    ]
+    records = [{"user": u, "assistant": resp} for resp, asks in INTENTS.values() for u in asks]
+    records += [{"user": q, "out_of_scope": True, "reviewed_by": "test"} for q in football]
+    engine = ChatEngine(*train_chat_model(tmp_path, records))
+    caught = engine.answer("who won the 2010 football world cup?")
+    assert caught.fallback and caught.chosen == OUT_OF_SCOPE and caught.response == engine.opts.fallback_response
+    kept = engine.answer("I forgot my password")
+    assert not kept.fallback and kept.response == INTENTS["reset_password"][0]
