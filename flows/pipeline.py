@@ -39,11 +39,14 @@ def pipeline_flow(
     replace_champion: bool = False,
     columns: Columns | None = None,
     encoder: str | None = None,
+    dask_workers: int = 0,
+    dask_address: str | None = None,
 ) -> dict:
     """``seed`` drives expansion and bucket assignment, and training when ``train`` is not given;
     ``num_buckets`` applies when ``head`` is not given (a given ``head`` says its own). ``data`` files
     are JSONL, JSON arrays, CSV or Parquet; ``columns`` names a table's columns; ``encoder`` is a
-    sentence-transformers folder to embed with instead of the shipped MiniLM (chat then uses it too)."""
+    sentence-transformers folder to embed with instead of the shipped MiniLM (chat then uses it too);
+    ``dask_workers``/``dask_address`` embed new rows on a Dask cluster (flows/build_db.py)."""
     work = Path(workdir or default_workdir()).resolve()
     train, head = train or TrainConfig(seed=seed), head or HeadSettings(num_buckets=num_buckets)
     # Training keeps near duplicates (real phrasings) but links them to their twin's family, so the
@@ -62,7 +65,15 @@ def pipeline_flow(
     )
     db = db or str(work / "llm_chat.db")  # or an object-store URI (s3://…): only LanceDB's files go there
     built = build_db_flow(
-        dataset["parquet"], db, table=TABLE_NAME, num_buckets=head.num_buckets, seed=seed, device=train.device, encoder=encoder
+        dataset["parquet"],
+        db,
+        table=TABLE_NAME,
+        num_buckets=head.num_buckets,
+        seed=seed,
+        device=train.device,
+        encoder=encoder,
+        dask_workers=dask_workers,
+        dask_address=dask_address,
     )
     tuned = finetune_flow(
         db,

@@ -142,9 +142,25 @@ def cmd_db(a) -> None:
         with flow_run(a, table=True) as run:
             from flows.build_db import build_db_flow
 
-            r = run(build_db_flow, a.data, a.db, a.table, a.num_buckets, a.seed, a.device, a.strict, cols, a.encoder)
+            check_dask(a)
+            r = run(
+                build_db_flow,
+                a.data,
+                a.db,
+                a.table,
+                a.num_buckets,
+                a.seed,
+                a.device,
+                a.strict,
+                cols,
+                a.encoder,
+                a.dask_workers,
+                a.dask_address,
+            )
         report_rejects(r)
         print(f"table {r['table']} in {r['db']}: version {r['version']}, {r['rows']} rows, {r['embedded']} newly embedded")
+        if a.dask_workers or a.dask_address:
+            print(f"embedded on the Dask cluster: {r['embedded_on_cluster']} messages")
         print("rows per bucket: " + ", ".join(f"{b}: {n}" for b, n in r["buckets"].items()))
         done(run)
         return
@@ -165,6 +181,13 @@ def cmd_db(a) -> None:
     print("indices:")
     for i in s["indices"]:
         print(f"  {i['name']}: {i['type']} on {', '.join(i['columns'])}, {i['indexed_rows']} indexed, {i['unindexed_rows']} unindexed")
+
+
+def check_dask(a) -> None:
+    if a.dask_workers < 0:
+        raise ValueError(f"--dask_workers must be 0 (this process) or a number of worker processes, got {a.dask_workers}")
+    if a.dask_workers and a.dask_address:
+        raise ValueError("--dask_workers starts a local cluster and --dask_address names a running one; pass one of them")
 
 
 def check_weights(spec: str | None) -> None:
@@ -295,6 +318,7 @@ def cmd_pipeline(a) -> None:
     preflight(a.data, a.strict, "--data", cols)
     check_weights(a.weights)
     check_encoder(a)
+    check_dask(a)
     with flow_run(a, trains=True, table=True) as run:
         from flows.pipeline import pipeline_flow
 
@@ -318,6 +342,8 @@ def cmd_pipeline(a) -> None:
             replace_champion=a.replace_champion,
             columns=cols,
             encoder=a.encoder,
+            dask_workers=a.dask_workers,
+            dask_address=a.dask_address,
         )
     d = r["dataset"]
     if d["rejected_lines"]:

@@ -358,3 +358,19 @@ def add_verbose(parser: argparse.ArgumentParser, top: bool = True) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 add_verbose(sub, top=False)
+
+
+def dask_args(p: argparse.ArgumentParser) -> None:
+    """Where new rows are embedded: this process (default) or a Dask cluster (flows/build_db.py)."""
+    arg(
+        p,
+        "--dask_workers",
+        type=int,
+        default=0,
+        help="embed new rows as mapped tasks on a local Dask cluster of this many worker processes (each loads the encoder once; default 0: this process)",
+    )
+    arg(
+        p,
+        "--dask_address",
+        help="embed new rows on a running Dask cluster, e.g. tcp://scheduler:8786 (its workers need bucketchat installed)",
+    )

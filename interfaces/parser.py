@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from interfaces.flags import add_verbose, arg, column_args, encoder_arg, expansion_args, model_name_arg, near_dup_arg, train_args
+from interfaces.flags import add_verbose, arg, column_args, dask_args, encoder_arg, expansion_args, model_name_arg, near_dup_arg, train_args
 from tasks.settings import CHAMPION_ALIAS, TABLE_NAME
 
 EXAMPLES = """examples:
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(b, "--device", default="cpu", help="encoder device (default cpu)")
     arg(b, "--strict", action="store_true", help="stop at the first malformed line")
     encoder_arg(b)
+    dask_args(b)
     column_args(b)
     s = dbsub.add_parser(
         "stats", help="rows, buckets, sources, versions and index state", description="Describe the latest version of the table."
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg(p, "--strict", action="store_true", help="stop at the first malformed line")
     near_dup_arg(p, action="keep a pair in its twin's family (never split across train/validation)")
     encoder_arg(p)
+    dask_args(p)
     column_args(p)
     train_args(p)
 

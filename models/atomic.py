@@ -21,6 +21,12 @@ def failpoint(name: str) -> None:
     then check that what was there before is intact. Unset, it costs one dictionary lookup.
     """
     if os.environ.get("BUCKETCHAT_FAILPOINT") == name:
+        once = os.environ.get("BUCKETCHAT_FAILPOINT_ONCE")  # a file: only the first process to get here dies
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -51,6 +51,41 @@ class EmbeddingCache:
             self._add_shard(keys, vectors)
         self._loaded = True
 
+    def _known_keys(self) -> set[str]:
+        """Every cached key, read without the vectors (what a worker filling the cache needs)."""
+        import pyarrow.parquet as pq
+
+        if self._loaded:
+            return set(self._where)
+        return {k for shard in sorted(self.folder.glob("*.parquet")) for k in pq.read_table(shard, columns=["key"])["key"].to_pylist()}
+
+    def missing(self, texts: list[str]) -> list[str]:
+        """The distinct texts of ``texts`` with no cached vector, in first-seen order."""
+        known = self._known_keys()
+        return list(dict.fromkeys(t for t in texts if text_key(t, self.encoder_id) not in known))
+
+    def fill(self, texts: list[str], device: str = "cpu") -> int:
+        """Embed and store the texts not cached yet, without loading the cached vectors: what a
+        mapped embedding task runs on a worker (tasks/database.py). Returns how many it embedded; a
+        partition redone after its worker died finds its own shard there and embeds nothing."""
+        todo = self.missing(texts)
+        if todo:
+            self._store(
+                [text_key(t, self.encoder_id) for t in todo], embed(todo, device=device, path=self.encoder_path, encoder_id=self.encoder_id)
+            )
+        return len(todo)
+
+    def _store(self, keys: list[str], vectors: np.ndarray) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from models.atomic import atomic_path
+
+        shard = pa.table({"key": keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / f"{uuid.uuid4().hex}.parquet") as tmp:
+            pq.write_table(shard, tmp, row_group_size=BATCH_ROWS)
+
     def __len__(self) -> int:
         if not self._loaded:
             self._load()
@@ -58,11 +93,6 @@ class EmbeddingCache:
 
     def embed(self, texts: list[str], device: str = "cpu") -> tuple[np.ndarray, int]:
         """Vectors for ``texts`` (N, the encoder's dimension) and how many had to be computed."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from models.atomic import atomic_path
-
         if not self._loaded:
             self._load()
         keys = [text_key(t, self.encoder_id) for t in texts]
@@ -70,9 +100,7 @@ class EmbeddingCache:
         if missing:
             vecs = embed([t for _, t in missing], device=device, path=self.encoder_path, encoder_id=self.encoder_id)
             new_keys = [k for k, _ in missing]
-            shard = pa.table({"key": new_keys, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])})
-            with atomic_path(self.folder / f"{uuid.uuid4().hex}.parquet") as tmp:
-                pq.write_table(shard, tmp, row_group_size=BATCH_ROWS)
+            self._store(new_keys, vecs)
             self._add_shard(new_keys, vecs)
         if not keys:
             return np.zeros((0, DIM), dtype=np.float32), 0  # no rows: no dimension to ask

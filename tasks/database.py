@@ -9,6 +9,7 @@ from prefect import task
 
 from conversations.dataset import read_input
 from conversations.records import Columns
+from models.atomic import failpoint
 from retrieval.index_files import open_index
 from retrieval.locations import is_uri, local_dir
 from retrieval.store import build_table, keep_encoder, open_table, reembed_table, stats, table_encoder
@@ -45,6 +46,64 @@ def build_database(
     _, index = open_index(result.db, result.table, result.version)  # built unless already there
     logger.info("search index of %s@%d: %d rows, built in %.1f s", table, result.version, index["rows"], index["build_s"])
     return {**asdict(result), "rejects": rejects_file, "rejected_lines": rejected}
+
+
+PARTITION_ROWS = 20_000  # texts per mapped embedding task: a minute or so of one worker's time
+
+
+@task(**IO_RETRIES)
+def plan_embedding(
+    data: str,
+    db: str,
+    strict: bool = False,
+    columns: Columns | None = None,
+    encoder: str | None = None,
+    partition_rows: int = PARTITION_ROWS,
+) -> dict:
+    """The messages a build of ``data`` would embed (those not in the table's embedding cache), as
+    Parquet partitions for ``embed_partition`` to map over; none when everything is cached."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retrieval.embedding_cache import EmbeddingCache
+    from retrieval.encoder import ENCODER_ID
+    from retrieval.store import CACHE_DIR
+
+    beside = local_dir(db) / Path(db).name if is_uri(db) else db
+    pairs, _, _ = read_input(data, beside, strict, columns)
+    encoder_id, encoder_path = keep_encoder(db, encoder) if encoder else (ENCODER_ID, None)
+    cache = local_dir(db) / CACHE_DIR
+    todo = EmbeddingCache(cache, encoder_id, encoder_path).missing([p.user for p in pairs])
+    import shutil
+
+    for stale in cache.glob("staging-*"):  # a killed build's partitions: planned again below if still needed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = cache / f"staging-{uuid.uuid4().hex[:8]}"
+    partitions = []
+    for i in range(0, len(todo), partition_rows):
+        path = staging / f"part-{i // partition_rows:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": todo[i : i + partition_rows]}), path)
+        partitions.append(str(path))
+    run_logger().info("%d of %d messages to embed, in %d partition(s)", len(todo), len(pairs), len(partitions))
+    return {"cache": str(cache), "encoder_id": encoder_id, "encoder_path": encoder_path, "partitions": partitions, "texts": len(todo)}
+
+
+@task  # no retries: a worker that dies is Dask's to replace, and the task then runs again there
+def embed_partition(partition: str, cache: str, encoder_id: str, encoder_path: str | None = None, device: str = "cpu") -> int:
+    """Embed one partition's texts into the embedding cache (a shard of its own); returns how many
+    were embedded. Each worker process loads the encoder once, for all the partitions it runs."""
+    import pyarrow.parquet as pq
+
+    from retrieval.embedding_cache import EmbeddingCache
+
+    texts = pq.read_table(partition)["text"].to_pylist()
+    failpoint("embed:partition")
+    done = EmbeddingCache(cache, encoder_id, encoder_path).fill(texts, device)
+    Path(partition).unlink(missing_ok=True)
+    return done
 
 
 @task(**IO_RETRIES)  # a re-embedding writes a new version; repeating it writes another, never a half one

@@ -103,3 +103,36 @@ def test_training_against_an_mlflow_server_with_a_database_backend(tmp_path, tin
         monkeypatch.setattr(sys, "stdin", io.StringIO("I forgot my password\n"))
         assert main(["chat", "--json"]) == 0  # models:/bucketchat@champion from the server
         assert json.loads(capsys.readouterr().out)["response"].startswith("Use Settings")
+
+
+def test_db_build_embeds_on_a_dask_cluster_of_two_processes_like_one_process(tmp_path, tiny_records, prefect_harness, monkeypatch):
+    """The table is the same as the single-process build's (rows, buckets, vectors), every message
+    was embedded on the cluster in several partitions, and a build of the same data embeds nothing."""
+    import numpy as np
+
+    from flows.build_db import build_db_flow
+    from retrieval.store import open_table
+    from tests.conftest import write_jsonl
+
+    # More distinct messages than one partition holds, so both workers get work.
+    records = [{**r, "user": f"{r['user']} (case {i})"} for i in range(6) for r in tiny_records]
+    data = str(write_jsonl(tmp_path / "d.jsonl", records))
+    one = build_db_flow(data, str(tmp_path / "one.db"))
+    two = build_db_flow(data, str(tmp_path / "two.db"), dask_workers=2, partition_rows=25)
+    assert two["embedded_on_cluster"] == len(records) and two["embedded"] == len(records) == one["embedded"]
+    assert two["buckets"] == one["buckets"]
+    a, b = (open_table(str(tmp_path / f"{n}.db"), "conversations").to_arrow().sort_by("id") for n in ("one", "two"))
+    assert a.select(["id", "user", "assistant", "bucket"]).to_pylist() == b.select(["id", "user", "assistant", "bucket"]).to_pylist()
+    va, vb = (np.stack(t["vector"].to_numpy(zero_copy_only=False)) for t in (a, b))
+    assert np.abs(va - vb).max() < 1e-2  # int8 tolerance; in fact the same encoder gives the same vectors
+    cache = tmp_path / "two.db" / "_embedding_cache"
+    assert len(list(cache.glob("*.parquet"))) >= 2 and not list(cache.glob("staging-*/*"))  # a shard per partition; none left over
+    again = build_db_flow(data, str(tmp_path / "two.db"), dask_workers=2, partition_rows=25)
+    assert again["embedded"] == 0 and again["reused"]
+
+    # A worker killed (SIGKILL) on its first partition: Dask runs that partition again elsewhere.
+    monkeypatch.setenv("BUCKETCHAT_FAILPOINT", "embed:partition")
+    monkeypatch.setenv("BUCKETCHAT_FAILPOINT_ONCE", str(tmp_path / "killed-once"))
+    killed = build_db_flow(data, str(tmp_path / "killed.db"), dask_workers=2, partition_rows=25)
+    assert (tmp_path / "killed-once").exists() and killed["embedded_on_cluster"] == len(records)
+    assert open_table(str(tmp_path / "killed.db"), "conversations").to_arrow().sort_by("id")["user"].to_pylist() == a["user"].to_pylist()
