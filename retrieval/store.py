@@ -225,6 +225,7 @@ def build_table(
             response_sums[g] = 0.0
         for (g, r), n in pairs_count.items():
             response_sums[g] += n * vecs[at[r]]
+    del cache  # every vector it holds is copied out: the write and its indices need the memory more
     group_bucket = group_buckets(user_sums, response_sums, np.bincount(row_group, minlength=len(groups)), num_buckets, seed)
     buckets = group_bucket[row_group].astype(np.int32)
     data = pa.table(
