@@ -81,6 +81,15 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     arg(p, "--seed", type=int, default=0, help="seed for sampling and the creative style (default 0)")
 
 
+def log_source_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """Whose conversation log a command reads (report, review): a model's table, or a table folder."""
+    arg(p, "--model", help=f"MLflow model URI whose table's log to {verb} (default models:/MODEL_NAME@{CHAMPION_ALIAS})")
+    model_name_arg(p, promote=False)
+    arg(p, "--weights", help="local weights file (with --meta) instead of --model")
+    arg(p, "--meta", help="local meta JSON (with --weights)")
+    arg(p, "--db", help=f"{verb} the log of this table folder instead of the model's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bucketchat",
@@ -211,11 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the bot answered, per day: turns, fallbacks, thumbs down, confidence, which model",
         description="Read the conversation log that chat and serve keep beside the table (the champion's by default) and print, per day: turns, conversations, fallback rate, ratings and the share rated wrong, confidence (10th and 50th percentiles), median latency and the model and table version that answered. --mlflow also logs it to the model's training run.",
     )
-    arg(p, "--model", help=f"MLflow model URI whose table's log to read (default models:/MODEL_NAME@{CHAMPION_ALIAS})")
-    model_name_arg(p, promote=False)
-    arg(p, "--weights", help="local weights file (with --meta) instead of --model")
-    arg(p, "--meta", help="local meta JSON (with --weights)")
-    arg(p, "--db", help="read the log of this table folder instead of the model's")
+    log_source_args(p, "read")
     arg(p, "--days", type=int, help="only the last N days (default: all)")
     arg(p, "--json", action="store_true", help="print the days as JSON")
     arg(p, "--mlflow", action="store_true", help="also log the days to the model's MLflow training run (metrics and a plot)")
@@ -225,12 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="decide what the bot should have answered: fallbacks, thumbs-down, unsure answers, grouped by topic",
         description="Read the conversation log (the champion's table by default), keep the turns that fell back, were rated bad, or were answered with less than --below confidence, and group them by what was asked, biggest group first. For each group pick a suggested stored response, write a new one, or mark it out of scope; the decisions are written as one JSONL drop (with the turns, reviewer and time) into --drop_dir, which `bucketchat retrain` and the nightly retrain deployment learn from. Out-of-scope decisions teach the bot to fall back on that topic. Input may be piped, one answer per line.",
     )
-    arg(p, "--model", help=f"MLflow model URI whose table's log to review (default models:/MODEL_NAME@{CHAMPION_ALIAS})")
-    model_name_arg(p, promote=False)
-    arg(p, "--weights", help="local weights file (with --meta) instead of --model")
-    arg(p, "--meta", help="local meta JSON (with --weights)")
+    log_source_args(p, "review")
     arg(p, "--device", default="cpu", help="cpu or cuda (default cpu)")
-    arg(p, "--db", help="review the log of this table folder instead of the model's")
     arg(p, "--drop_dir", default="data/drops", help="the retrain folder the decisions go to (default data/drops: the retrain deployment's)")
     arg(p, "--days", type=int, help="only turns of the last N days (default: all not yet decided)")
     arg(
