@@ -373,6 +373,11 @@ class ChatEngine:
             similarity=None if similarity is None else round(similarity, 4),
         )
 
+    def responses(self) -> list[str]:
+        """Every stored response the engine can give: the learned ones, then the table's others."""
+        table = list(self._response_rows[0]) if self.index is not None else []
+        return list(dict.fromkeys([t for t in self.texts if t is not None] + table))
+
     def sources(self, response: str, limit: int = 3) -> list[dict]:
         """Stored records whose response is ``response`` (id, user message, source): what an answer rests on."""
         if self.index is None:

@@ -17,6 +17,7 @@ again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -43,8 +44,6 @@ class Group:
 
     def __post_init__(self):
         if not self.key:
-            import hashlib
-
             self.key = hashlib.sha256(" ".join(sorted(t["turn"] for t in self.turns)).encode()).hexdigest()[:12]
 
     @property
@@ -144,13 +143,7 @@ def find_responses(engine, words: str, limit: int = 5) -> list[str]:
     from conversations.records import OUT_OF_SCOPE
 
     wanted = words.lower().split()
-    known = [t for t in engine.texts if t] + (list(engine._response_rows[0]) if engine.index is not None else [])
-    seen, out = set(), []
-    for r in known:
-        if r not in seen and r != OUT_OF_SCOPE and all(w in r.lower() for w in wanted):
-            seen.add(r)
-            out.append(r)
-    return out[:limit]
+    return [r for r in engine.responses() if r != OUT_OF_SCOPE and all(w in r.lower() for w in wanted)][:limit]
 
 
 @dataclass

@@ -221,3 +221,12 @@ def test_a_topic_marked_out_of_scope_is_learned_and_its_paraphrases_fall_back(tm
     assert caught.fallback and caught.chosen == OUT_OF_SCOPE and caught.response == engine.opts.fallback_response
     kept = engine.answer("I forgot my password")
     assert not kept.fallback and kept.response == INTENTS["reset_password"][0]
+
+
+def test_find_responses_searches_every_stored_response_by_its_words(chat_model):
+    from retrieval.review import find_responses
+
+    engine = ChatEngine(*chat_model)
+    assert find_responses(engine, "TRACK orders") == [INTENTS["track_order"][0]]
+    assert find_responses(engine, "gift cards") == ["Yes, gift cards from 10 to 200 euros are in the shop."]  # only in the table
+    assert find_responses(engine, "no such words anywhere") == []
