@@ -299,7 +299,13 @@ def report_training(r: dict, name: str) -> None:
         print(f"{where}: {reg['reason']} (--force trains anyway)")
         print(f"MLflow run {t['run_id']}; {name} v{reg['version']} stays as it was")
         return
-    print(f"trained on {where}: validation response accuracy {acc:.4f}" if acc is not None else f"trained on {where} (no validation rows)")
+    speed = (t.get("metrics") or {}).get("examples_per_second")
+    speed = f", {speed:,.0f} examples/s" if speed else ""
+    print(
+        f"trained on {where}: validation response accuracy {acc:.4f}{speed}"
+        if acc is not None
+        else f"trained on {where} (no validation rows){speed}"
+    )
     print(
         f"MLflow run {t['run_id']}; registered {name} v{reg['version']}: {'CHAMPION' if reg['promoted'] else 'not promoted'} ({reg['reason']})"
     )
