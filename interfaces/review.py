@@ -28,6 +28,8 @@ def open_review(a):
         raise ValueError(f"--similarity must be a cosine similarity in (0, 1], got {a.similarity}")
     if not 0.0 <= a.below <= 1.0:
         raise ValueError(f"--below must be a probability in [0, 1], got {a.below}")
+    if a.max_groups is not None and a.max_groups < 1:
+        raise ValueError(f"--max_groups must be 1 or more, got {a.max_groups}")
     if a.days is not None and a.days < 1:
         raise ValueError(f"--days must be 1 or more, got {a.days}")
     model = a.model or f"models:/{a.model_name}@{CHAMPION_ALIAS}"
@@ -74,11 +76,18 @@ def cmd_review(a) -> None:
             # A topic split over several groups: the response written for the first is offered first.
             written = [{"response": d.response, "probability": None} for d in decisions if d.kind == "new"]
             offered = {s["response"] for s in written}
-            choice = decide(engine, g, written + [s for s in suggestions(engine, g) if s["response"] not in offered], i, len(groups))
+            offers = written + [s for s in suggestions(engine, g) if s["response"] not in offered]
+            while True:
+                choice = decide(engine, g, offers, i, len(groups))
+                if choice in ("quit", None):
+                    break
+                try:
+                    decisions.append(Decision(g, *choice))
+                    break
+                except ValueError as exc:  # a response the data rules refuse: say why, ask again
+                    print(f"  {exc}")
             if choice == "quit":
                 break
-            if choice is not None:
-                decisions.append(Decision(g, *choice))
     finally:  # Ctrl-C keeps what was decided
         drop = write_decisions(decisions, drop_dir, folder, reviewer)
         if drop:

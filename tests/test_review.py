@@ -230,3 +230,27 @@ def test_find_responses_searches_every_stored_response_by_its_words(chat_model):
     assert find_responses(engine, "TRACK orders") == [INTENTS["track_order"][0]]
     assert find_responses(engine, "gift cards") == ["Yes, gift cards from 10 to 200 euros are in the shop."]  # only in the table
     assert find_responses(engine, "no such words anywhere") == []
+
+
+def test_the_review_command_asks_again_when_a_response_is_refused(chat_model, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    from interfaces.cli import main
+    from retrieval.answer import Answer
+    from retrieval.turn_log import turns_folder
+
+    weights, meta = chat_model
+    log = TurnLog(turns_folder(tmp_path / "db"), model="m", table="conversations", table_version=1, source="chat")
+    for q in ("who won the 1954 world cup?", "which team won the 1954 world cup?"):
+        log.record(q, Answer(response="fallback", bucket=0, confidence=0.1, fallback=True), conversation="c")
+    log.close()
+    # A response of control characters only is empty once repaired: refused, and the person asked again.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("n\n\x01\x02\nn\nWest Germany won it.\n"))
+    args = ["review", "--weights", weights, "--meta", meta, "--db", str(tmp_path / "db"), "--drop_dir", str(tmp_path / "drops")]
+    assert main([*args, "--reviewer", "ana"]) == 0
+    out = capsys.readouterr().out
+    assert "the response is empty" in out and "1 decision(s) on 2 turns written to" in out
+    (drop,) = (tmp_path / "drops").glob("review-*.jsonl")
+    assert {json.loads(l)["assistant"] for l in drop.read_text().splitlines()} == {"West Germany won it."}
+    assert main([*args, "--max_groups", "0"]) == 2
