@@ -49,8 +49,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two (at most four) test processes: most tests wait on subprocesses, servers and the disk, so two
+# cores run the suite in ~2/3 of the time one process takes.
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
