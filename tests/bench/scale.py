@@ -42,8 +42,8 @@ BIN = Path(sys.executable).parent
 
 def make_rows(path: Path, rows: int) -> None:
     """BANKING77 train cycled to ``rows`` messages, distinct but for its own few repeats: the k-th pass appends
-    " (case k)". Not `bucketchat expand`: past ~300k rows its synthetic variants of these 10k
-    messages run short and it mostly draws duplicates (BENCHMARKS.md)."""
+    " (case k)". Not `bucketchat expand`: past ~200k rows of these 10k messages most of its draws
+    are duplicates and each is slow; 1M did not finish in 50 minutes (BENCHMARKS.md)."""
     train = [json.loads(l) for l in (DATA / "train.jsonl").read_text().splitlines() if l.strip()]
     with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as out:
         for i in range(rows):
