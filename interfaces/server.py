@@ -40,6 +40,7 @@ from starlette.routing import Route
 from conversations.text import MAX_MESSAGE_CHARS, TextError, clean_text
 from interfaces.api_error import ApiError, error_response
 from retrieval.answer import ChatEngine
+from retrieval.review import BELOW, SIMILARITY
 from retrieval.styles import STYLES
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -58,8 +59,8 @@ class ServerConfig:
     max_message_chars: int = MAX_MESSAGE_CHARS
     model_name: str = "bucketchat"
     drop_dir: str = "data/drops"  # where the review view writes its decisions (the retrain folder)
-    review_below: float = 0.5  # the review lists answers less confident than this (retrieval/review.py)
-    review_similarity: float = 0.5
+    review_below: float = BELOW  # the review lists answers less confident than this (retrieval/review.py)
+    review_similarity: float = SIMILARITY
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

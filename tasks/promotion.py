@@ -125,8 +125,8 @@ def coverage_gain(weights: str, meta_path: str, db: str, table: str, version: in
         return None
     from conversations.dataset import normalise
 
-    rows = table_rows(db, table, version)
-    response = {i: r for i, r in zip(rows["ids"], rows["responses"]) if i in theirs}
+    rows = read_columns(open_table(db, table, version), ["id", "assistant"])
+    response = {i: r for i, r in zip(rows["id"].to_pylist(), rows["assistant"].to_pylist()) if i in theirs}
     known = {normalise(t) for t in meta["candidates"]["texts"] if t is not None}
     new = [i for i in theirs if normalise(response[i]) not in known]
     gained = sum(mine[i] for i in new)
@@ -208,14 +208,6 @@ def previous_training(
 MIN_SHARED_RESPONSES = 0.5
 
 
-def champion_coverage(
-    model_name: str, current: int, db: str, table: str, version: int, val_ids: list[str], val_right: list[bool]
-) -> str | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, meta = registry.download_model(f"models:/{model_name}/{current}", Path(tmp) / "champion")
-        return coverage_gain(str(weights), str(meta), db, table, version, val_ids, val_right)
-
-
 def shared_responses(meta_a: dict, meta_b: dict) -> float:
     """The share of responses two models have in common, over the smaller set (1.0 when one bot's
     responses all appear in the other's: grown data of the same bot), compared after case,
@@ -252,7 +244,7 @@ def register_and_promote(
     }
     new_version = registry.register(run_id, tags, model_name)
     current = registry.champion_version(model_name)
-    champion_acc, challenger_acc, basis, shared = None, val_response_acc, "its validation rows", None
+    champion_acc, challenger_acc, basis, shared, gain = None, val_response_acc, "its validation rows", None, None
     if current is not None and current != new_version:
         with tempfile.TemporaryDirectory() as tmp:
             weights, meta = registry.download_model(f"models:/{model_name}/{current}", Path(tmp) / "champion")
@@ -262,6 +254,9 @@ def register_and_promote(
                 champion_acc, challenger_acc, basis = champion_score(
                     str(weights), str(meta), db, table, version, val_ids, val_right, val_response_acc
                 )
+                # Not strictly more accurate: it may still be better by what it learned (while the champion's files are here).
+                if champion_acc is not None and challenger_acc is not None and challenger_acc <= champion_acc and val_right is not None:
+                    gain = coverage_gain(str(weights), str(meta), db, table, version, val_ids, val_right)
     if current is None:
         promoted, reason = True, "no champion yet"
     elif current == new_version:
@@ -285,7 +280,7 @@ def register_and_promote(
         promoted, reason = True, "the champion cannot be scored on this validation set"
     elif challenger_acc > champion_acc:
         promoted, reason = True, f"validation response accuracy {challenger_acc:.4f} > champion v{current}'s {champion_acc:.4f} on {basis}"
-    elif val_right is not None and (gain := champion_coverage(model_name, current, db, table, version, val_ids, val_right)):
+    elif gain:
         promoted, reason = (
             True,
             f"{gain} (validation response accuracy {challenger_acc:.4f}, champion v{current}'s {champion_acc:.4f} on {basis})",
