@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conversations.records import Columns, Pair, Reject, load_records
+from conversations.records import Columns, Pair, Reject, iter_records, load_records
 from conversations.text import json_line
 from models.atomic import atomic_path
 
@@ -102,12 +102,46 @@ def read_input(
     pairs, rejects = read_pairs(path, strict=strict, columns=columns)
     written = None if is_dataset(path) else write_rejects(rejects, output)
     if not pairs:
-        raise ValueError(
-            f"{str(path)!r} holds no usable conversation pairs"
-            + (f" ({len(rejects):,} rejected lines, each in {written} with its reason)" if rejects else "")
-            + "; add data or fix the rejected lines"
-        )
+        raise _no_pairs(path, rejects, written)
     return pairs, len(rejects), written
+
+
+class InputStream:
+    """``read_input`` a pair at a time, for inputs too big to hold as Python objects (~1 KB a pair):
+    ``for pair in stream``. When the iteration ends the rejects are written beside ``output`` (for a
+    conversation file), counted in ``rejected``, and a file without a single usable pair raises
+    ``read_input``'s error. Iterate it once."""
+
+    def __init__(self, path: str | Path, output: str | Path, strict: bool = False, columns: Columns | None = None):
+        self.path, self.output, self.strict, self.columns = path, output, strict, columns
+        self.pairs, self.rejected, self.rejects_file = 0, 0, None
+
+    def __iter__(self) -> Iterator[Pair]:
+        if is_dataset(self.path):
+            for pair in iter_parquet(self.path):
+                self.pairs += 1
+                yield pair
+            rejects: list[Reject] = []
+        else:
+            rejects = []
+            for item in iter_records(self.path, strict=self.strict, columns=self.columns):
+                if isinstance(item, Pair):
+                    self.pairs += 1
+                    yield item
+                else:
+                    rejects.append(item)
+            self.rejects_file = write_rejects(rejects, self.output)
+        self.rejected = len(rejects)
+        if not self.pairs:
+            raise _no_pairs(self.path, rejects, self.rejects_file)
+
+
+def _no_pairs(path: str | Path, rejects: list[Reject], written: str | None) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} holds no usable conversation pairs"
+        + (f" ({len(rejects):,} rejected lines, each in {written} with its reason)" if rejects else "")
+        + "; add data or fix the rejected lines"
+    )
 
 
 def pairs_table(pairs: Iterable[Pair]) -> pa.Table:

@@ -16,10 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
+from models.memory import batch_rows, release
 from retrieval.encoder import DIM, ENCODER_ID, embed, text_key
 
 SHARD_BITS = 32  # a key's location: shard number << SHARD_BITS | row
 BATCH_ROWS = 16_384  # rows decoded at a time when a shard is read
+SHARD_ROWS = 65_536  # vectors per shard a streaming build writes: a killed build loses at most these
+
+
+def key_hashes(keys) -> np.ndarray:
+    """Each cache key's first 64 bits as an unsigned integer: what a streaming build matches on
+    (8 bytes a text instead of a Python string; a collision among 10M keys has odds of ~3e-6)."""
+    return np.fromiter((int(k[:16], 16) for k in keys), dtype=np.uint64, count=len(keys))
 
 
 class EmbeddingCache:
@@ -59,6 +67,13 @@ class EmbeddingCache:
             return set(self._where)
         return {k for shard in sorted(self.folder.glob("*.parquet")) for k in pq.read_table(shard, columns=["key"])["key"].to_pylist()}
 
+    def known_hashes(self) -> np.ndarray:
+        """Every cached key's ``key_hashes`` value, sorted and distinct, read without the vectors."""
+        import pyarrow.parquet as pq
+
+        parts = [key_hashes(pq.read_table(shard, columns=["key"])["key"].to_pylist()) for shard in sorted(self.folder.glob("*.parquet"))]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+
     def missing(self, texts: list[str]) -> list[str]:
         """The distinct texts of ``texts`` with no cached vector, in first-seen order."""
         known = self._known_keys()
@@ -86,6 +101,37 @@ class EmbeddingCache:
         with atomic_path(self.folder / f"{uuid.uuid4().hex}.parquet") as tmp:
             pq.write_table(shard, tmp, row_group_size=BATCH_ROWS)
 
+    def scatter(self, wanted: np.ndarray, write) -> np.ndarray:
+        """Hand every cached vector whose key hash is in ``wanted`` (sorted, distinct uint64) to
+        ``write(positions in wanted, vectors)``, a batch of a shard at a time, without holding the
+        cache; returns which of ``wanted`` were found."""
+        import pyarrow.parquet as pq
+
+        found = np.zeros(len(wanted), bool)
+        for shard in sorted(self.folder.glob("*.parquet")):
+            file = pq.ParquetFile(shard, pre_buffer=False, buffer_size=1 << 20)
+            dim = file.schema_arrow.field("vector").type.list_size
+            for batch in file.iter_batches(batch_size=batch_rows(dim), columns=["key", "vector"]):
+                release()
+                hashes = key_hashes(batch.column("key").to_pylist())
+                at = np.minimum(np.searchsorted(wanted, hashes), max(len(wanted) - 1, 0))
+                hit = np.flatnonzero(wanted[at] == hashes) if len(wanted) else np.zeros(0, np.int64)
+                if len(hit):
+                    vectors = batch.column("vector").flatten().to_numpy().reshape(len(batch), dim)
+                    write(at[hit], vectors[hit])
+                    found[at[hit]] = True
+        return found
+
+    def dim(self) -> int | None:
+        """The dimension of the cached vectors, or None while the cache is empty."""
+        import pyarrow.parquet as pq
+
+        shards = sorted(self.folder.glob("*.parquet"))
+        return pq.read_schema(shards[0]).field("vector").type.list_size if shards else None
+
+    def writer(self) -> ShardWriter:
+        return ShardWriter(self)
+
     def __len__(self) -> int:
         if not self._loaded:
             self._load()
@@ -111,3 +157,30 @@ class EmbeddingCache:
             pick = shard_of == s
             out[pick] = self._shards[s][row_of[pick]]
         return out, len(missing)
+
+
+class ShardWriter:
+    """Vectors a streaming build embeds, stored as they come: a shard per ``SHARD_ROWS`` (each
+    written atomically), so a build killed after an hour of embedding keeps all but its last shard's
+    worth. ``with cache.writer() as out: out.add(texts, vectors)``."""
+
+    def __init__(self, cache: EmbeddingCache):
+        self.cache, self.keys, self.vectors, self.held = cache, [], [], 0
+
+    def add(self, texts: list[str], vectors: np.ndarray) -> None:
+        self.keys += [text_key(t, self.cache.encoder_id) for t in texts]
+        self.vectors.append(vectors)
+        self.held += len(texts)
+        if self.held >= SHARD_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            self.cache._store(self.keys, np.concatenate(self.vectors))
+        self.keys, self.vectors, self.held = [], [], 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()  # also on an error: what was embedded is kept

@@ -1,7 +1,6 @@
 """The search index of one table version, on disk beside it: built once, opened memory-mapped.
 
-A pinned table version never changes, so its in-memory search index (retrieval/search.py) never
-does either. ``db build`` writes it next to the version it indexes; chat and serve open it with
+A pinned table version never changes, so its search index (retrieval/search.py) never does either. ``db build`` writes it next to the version it indexes; chat and serve open it with
 ``np.load(mmap_mode="r")``: nothing is rebuilt at start-up, the opening costs the same at 1M rows
 as at 1k, several server processes share the same pages, and a chat process needs neither LanceDB
 nor scikit-learn before its first answer. A version built before indexes were saved is indexed on
@@ -10,7 +9,8 @@ first use, once.
 Layout: ``<db>/_search_index/<table>-v<version>/`` (for an object-store table, the same under its
 local side folder, ``store.local_dir``) holds ``index.json`` (what it indexes and how), one ``.npy``
 per array, the BM25 vocabulary one term a line, and each payload column as UTF-8 bytes plus row
-offsets. The folder is written under a temporary name and renamed: it is whole or absent.
+offsets, in the table's order (``rows.npy`` maps a sorted position to its row; the responses column
+as a code per row and each distinct response once). retrieval/index_build.py writes it. The folder is written under a temporary name and renamed: it is whole or absent.
 
 Which version it is: ``index.json`` records a fingerprint of the version's LanceDB manifest file
 (a hash of its bytes), so a table deleted and rebuilt up to the same version number is not mistaken
@@ -21,32 +21,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from models.atomic import atomic_dir, failpoint
 from retrieval.locations import local_dir
 from retrieval.search import SearchIndex
 
-FORMAT = 1
+FORMAT = 2  # 1: payload in sorted order (an index built in memory); indexes of another format are built again
+
 INDEX_DIR = "_search_index"
 _ARRAYS = ("vectors", "buckets", "rows", "centroids", "slices", "nprobe", "post_indptr", "post_rows", "post_weights")
 
 
 class Strings:
-    """A column of N strings (or None) stored as one UTF-8 byte array and N + 1 offsets; a row is
-    decoded when it is read, so a memory-mapped column costs pages, not Python objects."""
+    """A column of N strings (or None) stored as one UTF-8 byte array and N + 1 offsets, read through
+    ``order`` (sorted position -> row) when given; a row is decoded when it is read, so a
+    memory-mapped column costs pages, not Python objects."""
 
-    def __init__(self, offsets: np.ndarray, blob: np.ndarray, nulls: np.ndarray | None = None):
-        self.offsets, self.blob, self.nulls = offsets, blob, nulls
+    def __init__(self, offsets: np.ndarray, blob: np.ndarray, nulls: np.ndarray | None = None, order: np.ndarray | None = None):
+        self.offsets, self.blob, self.nulls, self.order = offsets, blob, nulls, order
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str | None:
+        if self.order is not None:
+            i = int(self.order[i])
         if self.nulls is not None and self.nulls[i]:
             return None
         return bytes(self.blob[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8", "surrogateescape")
@@ -81,23 +84,18 @@ def distinct(column) -> tuple[list, np.ndarray]:
     return list(seen), codes
 
 
-def _save_strings(folder: Path, name: str, values) -> None:
-    encoded = [b"" if v is None else v.encode("utf-8", "surrogateescape") for v in values]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    np.save(folder / f"{name}.offsets.npy", offsets)
-    np.save(folder / f"{name}.bytes.npy", np.frombuffer(b"".join(encoded), dtype=np.uint8))
-    nulls = np.fromiter((v is None for v in values), dtype=bool, count=len(encoded))
-    if nulls.any():
-        np.save(folder / f"{name}.nulls.npy", nulls)
+def _map(path: Path, dtype) -> np.ndarray:
+    """A raw file memory-mapped (an empty one cannot be mapped: an empty array)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
 
-def _load_strings(folder: Path, name: str) -> Strings:
+def _load_strings(folder: Path, name: str, order: np.ndarray | None = None) -> Strings:
     nulls = folder / f"{name}.nulls.npy"
     return Strings(
         np.load(folder / f"{name}.offsets.npy", mmap_mode="r"),
-        np.load(folder / f"{name}.bytes.npy", mmap_mode="r"),
+        _map(folder / f"{name}.bytes", np.uint8).view(np.ndarray),
         np.load(nulls, mmap_mode="r") if nulls.is_file() else None,
+        order,
     )
 
 
@@ -122,39 +120,19 @@ def index_dir(db: str | Path, table: str, version: int) -> Path:
     return local_dir(db) / INDEX_DIR / f"{table}-v{version}"
 
 
-def save_index(index: SearchIndex, folder: Path, about: dict) -> None:
-    """Write ``index`` to ``folder`` whole or not at all (filled under a temporary name, then renamed)."""
-    with atomic_dir(folder) as tmp:
-        for name, array in index.parts().items():
-            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
-        terms = "\n".join(sorted(index.vocab, key=index.vocab.__getitem__))
-        (tmp / "vocab.txt").write_text(terms, encoding="utf-8", errors="surrogateescape")
-        for name, column in index.payload.items():
-            if name == "assistant":  # few distinct responses: each once, and a code per row
-                values, codes = distinct(column)
-                np.save(tmp / "assistant.codes.npy", codes.astype(np.int32))
-                _save_strings(tmp, "assistant.values", values)
-            else:
-                _save_strings(tmp, name, column)
-        meta = {"format": FORMAT, **about, "rows": len(index.vectors), "columns": list(index.payload), "build_s": index.build_s}
-        (tmp / "index.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
-        for path in tmp.iterdir():  # on disk before the rename makes it visible
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        failpoint("index:written")
-
-
 def load_index(folder: Path) -> tuple[SearchIndex, dict]:
     """The index saved in ``folder``, memory-mapped, and its ``index.json``."""
     about = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     parts = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    order = parts["rows"].view(np.ndarray)
     payload = {}
     for name in about["columns"]:
         if name == "assistant":
             values = list(_load_strings(folder, "assistant.values"))
-            payload[name] = Coded(values, np.load(folder / "assistant.codes.npy", mmap_mode="r"))
+            # Sorted order in memory (4 bytes a row): the chat engine maps codes to candidates with numpy.
+            payload[name] = Coded(values, np.load(folder / "assistant.codes.npy", mmap_mode="r")[order])
         else:
-            payload[name] = _load_strings(folder, name)
+            payload[name] = _load_strings(folder, name, order)
     terms = (folder / "vocab.txt").read_text(encoding="utf-8", errors="surrogateescape")
     vocab = dict(zip(terms.split("\n"), range(len(parts["post_indptr"]) - 1))) if terms else {}
     return SearchIndex.from_parts(parts, payload, vocab, about.get("build_s", 0.0)), about
@@ -185,5 +163,20 @@ def build_index(db: str | Path, table: str, version: int, fingerprint: str | Non
         "encoder": table_encoder(tbl),
     }
     folder = index_dir(db, table, version)
-    save_index(SearchIndex.from_table(tbl), folder, about)
+    from retrieval.index_build import TableRows, write_index  # building only: opening needs none of it
+
+    write_index(TableRows(tbl), folder, {"format": FORMAT, **about}, log=logging.getLogger(__name__).info)
     return load_index(folder)
+
+
+def index_from_arrays(vectors: np.ndarray, users: list[str], buckets, payload: dict[str, list], seed: int = 0) -> SearchIndex:
+    """A search index of rows held in memory (tests, benchmarks), built as a table version's is and
+    opened from a temporary folder (its maps outlive the files' names)."""
+    import tempfile
+
+    from retrieval.index_build import ArrayRows, write_index
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_index(ArrayRows(vectors, users, buckets, payload), Path(tmp) / "ix", {"format": FORMAT}, seed)
+        index, _ = load_index(Path(tmp) / "ix")
+    return index

@@ -1,11 +1,11 @@
-"""Hybrid search of one pinned table version, in memory: BM25 over the user messages + vector
-similarity, fused by reciprocal rank (RRF), as LanceDB's hybrid search does.
+"""Hybrid search of one pinned table version: BM25 over the user messages + vector similarity,
+fused by reciprocal rank (RRF), as LanceDB's hybrid search does.
 
 Why not LanceDB's own hybrid query on every chat turn: its planning and execution cost several times
 the whole turn budget at 100k rows, while the arithmetic itself is well under a millisecond
-(BENCHMARKS.md, "Why the hand-written pieces stay"). A pinned version never changes, so the chat
-engine reads it once into arrays and answers from them; LanceDB stays the store of record (building,
-versions, `/why`).
+(BENCHMARKS.md, "Why the hand-written pieces stay"). A pinned version never changes, so its index is
+built once beside it (retrieval/index_build.py) and opened memory-mapped (retrieval/index_files.py);
+LanceDB stays the store of record (building, versions, `/why`).
 
 Vectors: an exact scan below ``IVF_MIN_ROWS``; above it an inverted-file index (k-means cells over the
 unit vectors, ~sqrt(N) of them) and a scan of the ``nprobe`` nearest cells. Rows are stored sorted
@@ -20,7 +20,6 @@ term x row matrix of precomputed per-posting scores; a query sums its terms' row
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,25 +33,13 @@ RRF_K = 60  # LanceDB's RRFReranker default
 BM25_K1, BM25_B = 1.2, 0.75
 COLUMNS = ["id", "user", "assistant", "bucket", "group", "source"]
 
-# Negations carry meaning in support messages ("card not working"); keep them out of the stop list.
-_KEEP = frozenset({"no", "not", "nor", "cannot", "never", "none", "nothing", "nobody", "without"})
 _TERM = re.compile(r"(?u)\w+")
 
 
 def query_terms(text: str) -> list[str]:
-    """A query's BM25 terms: lower-cased word tokens, as the index's CountVectorizer reads rows. Stop
+    """A query's BM25 terms: lower-cased word tokens, as the index read its rows. Stop
     words are not removed here: they are not in the vocabulary, so they match nothing."""
     return _TERM.findall(text.lower())
-
-
-def ivf_centroids(x: np.ndarray, k: int, iters: int = 10, per_cell: int = 40, seed: int = 0) -> np.ndarray:
-    """The index's cells: spherical k-means on a sample of ``per_cell`` unit rows per cell (faiss trains
-    IVF on 39-256) -> (k, D) unit centroids. Seeded: the same table gives the same index in every process."""
-    from retrieval.buckets import spherical_kmeans  # building only: opening a saved index needs none of it
-
-    rng = np.random.default_rng(seed)
-    sample = x[np.sort(rng.choice(len(x), min(per_cell * k, len(x)), replace=False))]
-    return spherical_kmeans(sample, k, iters=iters, rng=rng, plus_plus=False)[0]
 
 
 @dataclass(frozen=True)
@@ -66,45 +53,13 @@ class IndexStats:
 
 
 class SearchIndex:
-    """``SearchIndex(vectors, users, buckets, payload).search(vec, text, k, buckets)`` -> rows.
+    """``index.search(vec, text, k, buckets)`` -> rows, from the arrays of a built index
+    (``from_parts``; retrieval/index_files.py opens one, retrieval/index_build.py builds one).
 
-    ``vectors`` (N, D) unit float32; ``users`` the texts BM25 indexes; ``buckets`` (N,) ints;
-    ``payload`` column name -> N values returned with each row. Read-only once built: safe to share
-    between the server's threads. ``retrieval/index_files.py`` saves one beside its table version and
-    opens it again memory-mapped (``SearchIndex.from_parts``), so a process need not build it.
+    ``vectors`` (N, D) unit float32 and ``buckets`` (N,) in sorted order; ``rows`` maps a sorted
+    position to the row's place in the table; ``payload`` column name -> N values, read by sorted
+    position. Read-only: safe to share between the server's threads.
     """
-
-    def __init__(self, vectors: np.ndarray, users: list[str], buckets: np.ndarray, payload: dict[str, list], seed: int = 0):
-        start = time.perf_counter()
-        n = len(vectors)
-        if not (len(users) == len(buckets) == n and all(len(v) == n for v in payload.values())):
-            raise ValueError("vectors, users, buckets and every payload column must have one entry per row")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        buckets = np.asarray(buckets, dtype=np.int64)
-        if n and buckets.min() < 0:
-            raise ValueError(f"bucket numbers must be 0 or more, got {int(buckets.min())}; rebuild the table with `bucketchat db build`")
-        self.num_buckets = int(buckets.max()) + 1 if n else 0
-        cells = int(round(np.sqrt(n))) if n >= IVF_MIN_ROWS else 1
-        if cells > 1:
-            self.centroids = ivf_centroids(vectors, cells, seed=seed)
-            cell = np.concatenate([np.argmax(vectors[i : i + 8192] @ self.centroids.T, axis=1) for i in range(0, n, 8192)])
-        else:
-            self.centroids = np.zeros((1, vectors.shape[1] if n else 0), np.float32)
-            cell = np.zeros(n, np.int64)
-        self.nprobe = min(cells, max(MIN_PROBES, int(np.ceil(PROBE_SHARE * cells))))
-        # Sorted by (cell, bucket): slices[c][b] .. slices[c][b + 1] are cell c's rows of bucket b.
-        order = np.lexsort((buckets, cell))
-        self.vectors = vectors[order]
-        keys = cell[order] * (self.num_buckets + 1) + buckets[order]
-        grid = np.arange(cells)[:, None] * (self.num_buckets + 1) + np.arange(self.num_buckets + 1)[None, :]
-        # Plain ints: a query walks these in Python, where numpy scalars cost ~10x more.
-        self.slices = np.searchsorted(keys, grid).tolist()  # (cells, K + 1)
-        self.cell_span = [(row[0], row[-1]) for row in self.slices]
-        self.buckets = buckets[order]
-        self.rows = order  # sorted position -> the row's position in the input (the table's order)
-        self.payload = {name: [values[i] for i in order] for name, values in payload.items()}
-        self._build_bm25([users[i] for i in order])
-        self.build_s = round(time.perf_counter() - start, 3)
 
     @classmethod
     def from_parts(cls, parts: dict, payload: dict, vocab: dict[str, int], build_s: float = 0.0) -> SearchIndex:
@@ -147,40 +102,6 @@ class SearchIndex:
             self.build_s,
             self.vectors.nbytes + self.post_weights.nbytes + self.post_rows.nbytes,
         )
-
-    @classmethod
-    def from_table(cls, tbl) -> SearchIndex:
-        """Every row of ``tbl``'s checked-out version (a pinned version never changes)."""
-        from retrieval.store import read_columns
-
-        data = read_columns(tbl, [*COLUMNS, "vector"])
-        dim = data.schema.field("vector").type.list_size
-        vectors = data["vector"].combine_chunks().flatten().to_numpy().reshape(len(data), dim)
-        payload = {c: data[c].to_pylist() for c in COLUMNS if c != "bucket"}
-        return cls(vectors, payload["user"], data["bucket"].to_numpy(), payload)
-
-    def _build_bm25(self, users: list[str]) -> None:
-        from scipy import sparse
-        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
-
-        counter = CountVectorizer(token_pattern=r"(?u)\w+", stop_words=sorted(ENGLISH_STOP_WORDS - _KEEP), dtype=np.float32)
-        try:
-            tf = counter.fit_transform(users).tocoo()  # (rows, terms)
-            self.vocab: dict[str, int] = counter.vocabulary_
-        except ValueError:  # no row has a single indexable word
-            tf, self.vocab = sparse.coo_matrix((len(users), 0), dtype=np.float32), {}
-        n = len(users)
-        lengths = np.bincount(tf.row, weights=tf.data, minlength=n).astype(np.float32)
-        df = np.bincount(tf.col, minlength=len(self.vocab)).astype(np.float32)
-        idf = np.log(1.0 + (n - df + 0.5) / (df + 0.5))  # Lucene's BM25 idf: never negative
-        avg = float(lengths.mean()) if n and lengths.mean() > 0 else 1.0
-        norm = BM25_K1 * (1.0 - BM25_B + BM25_B * lengths[tf.row] / avg)
-        weight = idf[tf.col] * tf.data * (BM25_K1 + 1.0) / (tf.data + norm)
-        # term x row, CSR: a query term's postings are one contiguous slice.
-        postings = sparse.csr_matrix((weight.astype(np.float32), (tf.col, tf.row)), shape=(len(self.vocab), n))
-        self.post_indptr = postings.indptr.astype(np.int64)
-        self.post_rows = postings.indices.astype(np.int32)
-        self.post_weights = postings.data.astype(np.float32)
 
     def bm25(self, text: str) -> np.ndarray:
         """(N,) BM25 score of every row (sorted order) for ``text``; 0 where no term matches."""

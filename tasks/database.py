@@ -7,12 +7,13 @@ from pathlib import Path
 
 from prefect import task
 
-from conversations.dataset import read_input
+from conversations.dataset import InputStream
 from conversations.records import Columns
 from models.atomic import failpoint
+from retrieval.build import build_table
 from retrieval.index_files import open_index
 from retrieval.locations import is_uri, local_dir
-from retrieval.store import build_table, keep_encoder, open_table, reembed_table, stats, table_encoder
+from retrieval.store import keep_encoder, open_table, reembed_table, stats, table_encoder
 from tasks import run_logger
 from tasks.retries import IO_RETRIES
 
@@ -35,9 +36,10 @@ def build_database(
     logger = run_logger()
     # llm_chat.db -> llm_chat.rejects.jsonl beside it; for an object-store db, in its local folder.
     beside = local_dir(db) / Path(db).name if is_uri(db) else db
-    pairs, rejected, rejects_file = read_input(data, beside, strict, columns)
-    result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, encoder=encoder)
-    del pairs  # ~1 KB a row: not kept while the search index is built
+    # The pairs are streamed, never all held (~1 KB a row): retrieval/build.py.
+    pairs = InputStream(data, beside, strict, columns)
+    result = build_table(pairs, db, table, num_buckets=num_buckets, seed=seed, device=device, encoder=encoder, log=logger.info)
+    rejected, rejects_file = pairs.rejected, pairs.rejects_file
     if result.reused:
         logger.info("table %s@%d already holds exactly these %d rows; no new version written", table, result.version, result.rows)
     else:
@@ -62,34 +64,61 @@ def plan_embedding(
     partition_rows: int = PARTITION_ROWS,
 ) -> dict:
     """The messages a build of ``data`` would embed (those not in the table's embedding cache), as
-    Parquet partitions for ``embed_partition`` to map over; none when everything is cached."""
+    Parquet partitions for ``embed_partition`` to map over; none when everything is cached.
+
+    The data is streamed and matched on 64-bit key hashes (retrieval/build.py does the same): what
+    is held is 8 bytes per cached vector and per new message, and one partition's texts."""
+    import shutil
     import uuid
 
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retrieval.embedding_cache import EmbeddingCache
-    from retrieval.encoder import ENCODER_ID
+    from retrieval.embedding_cache import EmbeddingCache, key_hashes
+    from retrieval.encoder import ENCODER_ID, text_key
     from retrieval.store import CACHE_DIR
 
     beside = local_dir(db) / Path(db).name if is_uri(db) else db
-    pairs, _, _ = read_input(data, beside, strict, columns)
     encoder_id, encoder_path = keep_encoder(db, encoder) if encoder else (ENCODER_ID, None)
     cache = local_dir(db) / CACHE_DIR
-    todo = EmbeddingCache(cache, encoder_id, encoder_path).missing([p.user for p in pairs])
-    import shutil
-
+    known = EmbeddingCache(cache, encoder_id, encoder_path).known_hashes()
     for stale in cache.glob("staging-*"):  # a killed build's partitions: planned again below if still needed
         shutil.rmtree(stale, ignore_errors=True)
     staging = cache / f"staging-{uuid.uuid4().hex[:8]}"
-    partitions = []
-    for i in range(0, len(todo), partition_rows):
-        path = staging / f"part-{i // partition_rows:05d}.parquet"
+    partitions: list[str] = []
+    seen: set[int] = set()
+    todo: list[str] = []
+
+    def write_partition() -> None:
+        path = staging / f"part-{len(partitions):05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"text": todo[i : i + partition_rows]}), path)
+        pq.write_table(pa.table({"text": todo}), path)
         partitions.append(str(path))
-    run_logger().info("%d of %d messages to embed, in %d partition(s)", len(todo), len(pairs), len(partitions))
-    return {"cache": str(cache), "encoder_id": encoder_id, "encoder_path": encoder_path, "partitions": partitions, "texts": len(todo)}
+        todo.clear()
+
+    def plan(texts: list[str]) -> None:
+        hashes = key_hashes([text_key(t, encoder_id) for t in texts])
+        at = np.minimum(np.searchsorted(known, hashes), max(len(known) - 1, 0))
+        cached = known[at] == hashes if len(known) else np.zeros(len(texts), bool)
+        for text, h, hit in zip(texts, hashes.tolist(), cached.tolist()):
+            if not hit and h not in seen:
+                seen.add(h)
+                todo.append(text)
+                if len(todo) == partition_rows:
+                    write_partition()
+
+    pairs, batch = InputStream(data, beside, strict, columns), []
+    for pair in pairs:
+        batch.append(pair.user)
+        if len(batch) == 16_384:
+            plan(batch)
+            batch = []
+    plan(batch)
+    if todo:
+        write_partition()
+    run_logger().info("%d of %d messages to embed, in %d partition(s)", len(seen), pairs.pairs, len(partitions))
+    return {"cache": str(cache), "encoder_id": encoder_id, "encoder_path": encoder_path, "partitions": partitions, "texts": len(seen)}
 
 
 @task  # no retries: a worker that dies is Dask's to replace, and the task then runs again there

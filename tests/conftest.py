@@ -170,7 +170,7 @@ def train_chat_model(folder: Path, records: list[dict]) -> tuple[str, str]:
     from conversations.records import load_records
     from models import checkpoint
     from models.config import HeadSettings, TrainConfig
-    from retrieval.store import build_table
+    from retrieval.build import build_table
     from tasks.fitting import fit
 
     pairs, _ = load_records(write_jsonl(folder / "d.jsonl", records))

@@ -32,23 +32,28 @@ def test_retrieval_reaches_responses_the_head_did_not_learn(model):
     assert ans.candidates[0]["from"].startswith("table:")
 
 
-def test_the_saved_index_answers_as_one_built_in_memory(model):
+def test_the_saved_index_answers_as_one_built_from_the_rows_in_memory(model):
     import json
     from pathlib import Path
 
     import numpy as np
 
-    from retrieval.index_files import index_dir
-    from retrieval.search import SearchIndex
-    from retrieval.store import open_table
+    from retrieval.index_files import index_dir, index_from_arrays
+    from retrieval.store import open_table, read_columns
 
     saved = ChatEngine(*model)  # the table's version has its index beside it (made once, by now)
     pinned = json.loads(Path(model[1]).read_text())["table"]
     assert (index_dir(pinned["db"], pinned["name"], pinned["version"]) / "index.json").is_file()
     assert isinstance(saved.index.vectors.base, np.memmap)
+    rows = read_columns(
+        open_table(pinned["db"], pinned["name"], pinned["version"]), ["id", "user", "assistant", "bucket", "group", "source", "vector"]
+    )
+    payload = {c: rows[c].to_pylist() for c in ("id", "user", "assistant", "group", "source")}
     built = ChatEngine(*model)
-    built.index = SearchIndex.from_table(open_table(pinned["db"], pinned["name"], pinned["version"]))
-    assert built.index.payload["assistant"] == list(saved.index.payload["assistant"])
+    built.index = index_from_arrays(
+        np.stack(rows["vector"].to_numpy(zero_copy_only=False)), payload["user"], rows["bucket"].to_numpy(), payload
+    )
+    assert list(built.index.payload["assistant"]) == list(saved.index.payload["assistant"])
     for q in ("do you sell gift cards?", "I forgot my password", "where is my parcel", "zzz qqq"):
         a, b = saved.answer(q), built.answer(q)
         assert (a.response, a.bucket, a.fallback, a.candidates) == (b.response, b.bucket, b.fallback, b.candidates)
@@ -224,7 +229,7 @@ def test_answers_mix_in_the_vote_of_the_nearest_stored_messages(model, tmp_path)
     from pathlib import Path
 
     from conversations.records import load_records
-    from retrieval.store import build_table
+    from retrieval.build import build_table
     from tests.conftest import write_jsonl
 
     engine = ChatEngine(*model)

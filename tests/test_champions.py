@@ -4,7 +4,7 @@ the same run twice (a retry) leaves one version."""
 
 import pytest
 
-from retrieval.store import build_table
+from retrieval.build import build_table
 from tasks import registry
 from tasks.promotion import MIN_SHARED_RESPONSES, register_and_promote, shared_responses
 from tasks.training import train_head

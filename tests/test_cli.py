@@ -12,7 +12,7 @@ from conversations.records import load_records
 from interfaces.cli import build_parser, main
 from models import checkpoint
 from models.config import HeadSettings, TrainConfig
-from retrieval.store import build_table
+from retrieval.build import build_table
 from tasks.fitting import fit
 
 COMMANDS = [

@@ -87,8 +87,9 @@ def test_a_users_own_encoder_runs_the_pipeline_and_chat(tmp_path, tiny_records, 
     from pathlib import Path
 
     from conversations.records import load_records
+    from retrieval.build import build_table
     from retrieval.encoder import INT8_SUFFIX, user_encoder_id
-    from retrieval.store import build_table, open_table, table_encoder
+    from retrieval.store import open_table, table_encoder
     from tests.conftest import write_jsonl
 
     mine = tmp_path / "my-encoder"
@@ -130,9 +131,10 @@ def test_finetune_encoder_re_embeds_the_pinned_version_once(tmp_path, tiny_recor
     """`finetune --encoder` on a table embedded by the shipped encoder trains on a re-embedded copy of
     the version (same rows and buckets, the user's vectors); a second run reuses that copy."""
     from conversations.records import load_records
+    from retrieval.build import build_table
     from retrieval.encoder import INT8_SUFFIX, user_encoder_id
     from retrieval.index_files import index_dir
-    from retrieval.store import build_table, open_table, read_columns, table_encoder
+    from retrieval.store import open_table, read_columns, table_encoder
     from tasks.database import embed_version
     from tests.conftest import write_jsonl
 

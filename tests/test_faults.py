@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from models import checkpoint
-from retrieval.store import build_table, latest_complete_version, open_table
+from retrieval.build import build_table
+from retrieval.store import latest_complete_version, open_table
 from tasks import registry
 from tests.conftest import INTENTS, train_chat_model
 
@@ -37,7 +38,7 @@ def test_kill_during_db_build_keeps_the_pinned_version_answering(tmp_path, tiny_
     weights, meta = train_chat_model(tmp_path, tiny_records)
     pinned = json.loads(Path(meta).read_text())["table"]["version"]
     db = tmp_path / "db"
-    rebuild = f"from retrieval.store import build_table; from conversations.records import load_records; p, _ = load_records({str(tmp_path / 'd.jsonl')!r}); build_table(p[:20], {str(db)!r}, 'conversations')"
+    rebuild = f"from retrieval.build import build_table; from conversations.records import load_records; p, _ = load_records({str(tmp_path / 'd.jsonl')!r}); build_table(p[:20], {str(db)!r}, 'conversations')"
 
     assert _killed(_child(rebuild, "db:rows-written"))  # new rows committed, not yet indexed
     engine = ChatEngine(weights, meta, ChatOptions(llm_db=str(db)))  # its own table: the pinned version, searched every turn

@@ -2,7 +2,7 @@
 (a reviewed topic) is the better bot unless it is measurably worse on the rest; a real champion
 checkpoint answers real table rows."""
 
-from retrieval.store import build_table
+from retrieval.build import build_table
 from tasks.promotion import answers, coverage_gain
 from tests.conftest import INTENTS, write_jsonl
 

@@ -65,7 +65,7 @@ def test_retrain_refuses_an_empty_drop_folder(tmp_path):
 
 def test_build_reuses_the_latest_version_only_for_identical_content(tmp_path, tiny_jsonl):
     from conversations.records import load_records
-    from retrieval.store import build_table
+    from retrieval.build import build_table
 
     pairs, _ = load_records(tiny_jsonl)
     first = build_table(pairs, tmp_path / "db", "t")
@@ -79,7 +79,8 @@ def test_build_reuses_the_latest_version_only_for_identical_content(tmp_path, ti
 def test_a_version_missing_its_indices_is_rebuilt_not_reused(tmp_path, tiny_jsonl):
     """What a build killed between writing rows and indexing them leaves behind."""
     from conversations.records import load_records
-    from retrieval.store import build_table, connect, content_key, schema
+    from retrieval.build import build_table, content_key
+    from retrieval.store import connect, schema
 
     pairs, _ = load_records(tiny_jsonl)
     first = build_table(pairs, tmp_path / "db", "t")

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from conversations.records import load_records
+from retrieval.build import build_table
 from retrieval.encoder import embed
+from retrieval.index_files import index_from_arrays, open_index
 from retrieval.search import BM25_B, BM25_K1, IVF_MIN_ROWS, RRF_K, SearchIndex
-from retrieval.store import build_table, hybrid_search, open_table
+from retrieval.store import hybrid_search, open_table
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -17,7 +19,7 @@ def _index(vectors, users=None, buckets=None) -> SearchIndex:
     n = len(vectors)
     users = users or [f"row {i}" for i in range(n)]
     buckets = np.zeros(n, np.int64) if buckets is None else np.asarray(buckets)
-    return SearchIndex(vectors, users, buckets, {"id": [str(i) for i in range(n)], "user": users})
+    return index_from_arrays(vectors, users, buckets, {"id": [str(i) for i in range(n)], "user": users})
 
 
 def test_bm25_matches_the_formula_by_hand():
@@ -87,11 +89,11 @@ def test_rank_fusion_puts_rows_both_legs_agree_on_first():
         idx.search(vecs[0], "card", k=0)
 
 
-def test_from_table_answers_like_lancedb_hybrid_search(tmp_path, tiny_jsonl):
+def test_a_table_versions_index_answers_like_lancedb_hybrid_search(tmp_path, tiny_jsonl):
     pairs, _ = load_records(tiny_jsonl)
     res = build_table(pairs, tmp_path / "db", "conversations")
     tbl = open_table(tmp_path / "db", "conversations", res.version)
-    idx = SearchIndex.from_table(tbl)
+    idx, _ = open_index(tmp_path / "db", "conversations", res.version)
     assert idx.stats.rows == 26
     for q in ("how long do I boil an egg", "where is my order", "I forgot my password", "undo my last commit"):
         vec = embed([q])[0]

@@ -8,8 +8,9 @@ import torch
 import mlflow
 from conversations.records import load_records
 from models.config import HeadSettings, TrainConfig
+from retrieval.build import build_table
 from retrieval.encoder import INT8_ID
-from retrieval.store import build_table, open_table, read_columns
+from retrieval.store import open_table, read_columns
 from tasks import registry
 from tasks.fitting import fit, ids_digest
 from tasks.promotion import register_and_promote, response_accuracy

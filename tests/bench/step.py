@@ -68,7 +68,7 @@ def main() -> None:
         db = a.db
         if db is None:
             from conversations.records import load_records
-            from retrieval.store import build_table
+            from retrieval.build import build_table
 
             db = str(Path(tmp) / "db")
             build_table(load_records(a.data)[0], db, "conversations")

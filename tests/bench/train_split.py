@@ -170,8 +170,9 @@ def main() -> None:
     from models import checkpoint
     from models.config import HeadSettings, TrainConfig
     from retrieval.answer import ChatEngine
+    from retrieval.build import build_table
     from retrieval.evaluate import evaluate
-    from retrieval.store import build_table, open_table
+    from retrieval.store import open_table
     from tasks.fitting import fit
 
     a.work.mkdir(parents=True, exist_ok=True)

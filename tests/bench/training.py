@@ -34,7 +34,7 @@ def peak_mb() -> float:
 
 def phase_build(data: str, db: str) -> dict:
     from conversations.records import load_records
-    from retrieval.store import build_table
+    from retrieval.build import build_table
 
     pairs, _ = load_records(data)
     t0 = time.perf_counter()
