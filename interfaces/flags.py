@@ -210,6 +210,13 @@ def train_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     )
     arg(
         g,
+        "--val_max_rows",
+        type=int,
+        default=d.val_max_rows,
+        help=f"at most this many rows held out, whatever --val_split gives on a big table (default {d.val_max_rows:,})",
+    )
+    arg(
+        g,
         "--max_candidates_per_bucket",
         type=int,
         default=d.max_candidates_per_bucket,

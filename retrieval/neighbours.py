@@ -23,16 +23,29 @@ K = 10
 TEMPERATURE = 0.05  # the same softmax temperature chat uses on retrieved rows' cosines
 
 
-def nearest(queries: np.ndarray, memory: np.ndarray, k: int = K, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+CHUNK_BYTES = 256 << 20  # a chunk's similarities and partition indices: 12 bytes a (query, row) pair
+
+
+def nearest(
+    queries: np.ndarray, memory: np.ndarray, k: int = K, chunk: int | None = None, among: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by cosine of unit ``queries`` (B, D) among unit ``memory`` rows (M, D):
-    (cosines (B, k'), row indices (B, k')), best first, k' = min(k, M)."""
-    k = min(k, len(memory))
+    (cosines (B, k'), row indices (B, k')), best first, k' = min(k, rows searched).
+
+    ``among``: a (M,) mask of the rows that may be returned (training rows, without copying them out
+    of a memory-mapped table); ``chunk``: queries at a time, by default as many as fit
+    ``CHUNK_BYTES`` (at 1M rows, 21: a fixed 1,024 held 12 GB)."""
+    allowed = len(memory) if among is None else int(np.count_nonzero(among))
+    k = min(k, allowed)
     b = len(queries)
     if k == 0 or b == 0:
         return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
+    chunk = chunk or max(1, min(1024, CHUNK_BYTES // (12 * max(len(memory), 1))))
     cos, idx = np.empty((b, k), np.float32), np.empty((b, k), np.int64)
     for i in range(0, b, chunk):
         sims = queries[i : i + chunk] @ memory.T  # (chunk, M)
+        if among is not None:
+            sims[:, ~among] = -np.inf
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if memory.shape[0] > k else np.tile(np.arange(k), (len(sims), 1))
         top_sims = np.take_along_axis(sims, top, 1)
         order = np.argsort(-top_sims, axis=1, kind="stable")

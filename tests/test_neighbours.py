@@ -59,3 +59,16 @@ def test_the_weight_is_validated_naming_the_flag(weight):
 
     with pytest.raises(ValueError, match="--neighbour_weight"):
         TrainConfig(neighbour_weight=weight)
+
+
+def test_nearest_among_a_mask_returns_only_those_rows_and_matches_searching_them_alone():
+    rng = np.random.default_rng(3)
+    memory = rng.normal(size=(50, 8)).astype(np.float32)
+    memory /= np.linalg.norm(memory, axis=1, keepdims=True)
+    queries = memory[:5] + 0.01
+    among = np.arange(50) % 3 != 0  # rows 0, 3, 6, ... excluded, among them query 0's own row
+    cos, idx = nearest(queries, memory, k=4, among=among)
+    sub_cos, sub_idx = nearest(queries, memory[among], k=4)
+    np.testing.assert_array_equal(idx, np.flatnonzero(among)[sub_idx])
+    np.testing.assert_allclose(cos, sub_cos, rtol=1e-6)
+    assert among[idx].all()

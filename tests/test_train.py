@@ -388,3 +388,13 @@ def test_state_writer_writes_the_first_state_in_line_then_snapshots_on_a_thread_
     bad.save({"epoch": 2})  # a later one, on the thread: raised at close
     with pytest.raises(OSError):
         bad.close()
+
+
+def test_validation_is_capped_at_max_val_rows_and_the_rest_trains():
+    keys = [str(i % 4) for i in range(400)]
+    ids = [f"r{i}" for i in range(400)]
+    tr_all, va_all = split_indices(keys, ids, 0.25, "stratified", seed=0)
+    tr, va = split_indices(keys, ids, 0.25, "stratified", seed=0, max_val=30)
+    assert len(va_all) == 100 and len(va) == 30
+    assert set(va) <= set(va_all)  # the cap keeps a subset of the same validation set
+    assert sorted([*tr, *va]) == list(range(400))

@@ -1,7 +1,7 @@
 """A table of N rows (1M by default): what `db build` costs in time and memory, fresh, unchanged and
 after editing one line, and what chat costs against it (start, turn latency, memory).
 
-    python tests/bench/scale.py [--rows 1000000] [--questions 300] [--json OUT]
+    python tests/bench/scale.py [--rows 1000000] [--questions 300] [--epochs 2] [--skip PHASE ...] [--json OUT]
 
 Everything is kept under .bucketchat/bench-scale/ (git-ignored) and reused by later runs:
   rows-N.jsonl   BANKING77 train cycled to N distinct messages (deterministic edits: `make_rows`)
@@ -17,6 +17,9 @@ Measured, each command in its own process (GNU time's peak RSS):
                  own time on the same questions (in this process), and the chat process's peak
                  private (anonymous) and file-backed RSS, sampled every 50 ms; the search index is
                  memory-mapped, so its pages are file-backed and shared between processes.
+  finetune       `bucketchat finetune --db db-N --epochs E` (2 by default) on the whole table: wall
+                 time, the training's examples/s, and peak private and file-backed RSS sampled as
+                 for chat (the vectors are read into a memory map, so they count as file-backed).
 """
 
 from __future__ import annotations
@@ -90,24 +93,67 @@ def status(pid: int) -> tuple[int, int]:
     return int(re.search(r"RssAnon:\s+(\d+)", text).group(1)), int(re.search(r"RssFile:\s+(\d+)", text).group(1))
 
 
+class Peaks:
+    """Peak (anonymous, file-backed) RSS of a running process, sampled every 50 ms on a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.kb, self._stop = pid, [0, 0], threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                anon, file = status(self.pid)
+            except (OSError, AttributeError):
+                return
+            self.kb = [max(self.kb[0], anon), max(self.kb[1], file)]
+            time.sleep(0.05)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        return {"peak_private_rss_gb": round(self.kb[0] / 2**20, 2), "peak_file_rss_gb": round(self.kb[1] / 2**20, 2)}
+
+
+def finetune(db: Path, epochs: int) -> dict:
+    out = WORK / "scale-head"
+    out.mkdir(exist_ok=True)
+    cmd = [
+        BIN / "bucketchat",
+        "finetune",
+        "--db",
+        db,
+        "--epochs",
+        epochs,
+        "--output",
+        out / "head.safetensors",
+        "--meta",
+        out / "meta.json",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(map(str, cmd)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks = Peaks(proc.pid)
+    text = proc.communicate()[0]
+    r = {"wall_s": round(time.perf_counter() - start, 1), **peaks.stop(), "epochs": epochs}
+    if proc.returncode:
+        sys.exit(f"finetune failed:\n{text[-3000:]}")
+    speed = re.search(r"([\d,]+) examples/s", text)
+    r["examples_per_s"] = int(speed.group(1).replace(",", "")) if speed else None
+    meta = json.loads((out / "meta.json").read_text())
+    r["val_rows"] = meta["validation"]["rows"]
+    print(
+        f"  finetune   {r['wall_s']:>8.1f} s  {r['examples_per_s'] or 0:,} examples/s  peak RSS private {r['peak_private_rss_gb']:.2f} GB, "
+        f"file-backed {r['peak_file_rss_gb']:.2f} GB; {r['val_rows']:,} validation rows",
+        flush=True,
+    )
+    return r
+
+
 def chat(db: Path, model: Path, questions: list[str]) -> dict:
     cmd = [BIN / "bucketchat", "chat", "--weights", model / "head.safetensors", "--meta", model / "meta.json", "--llm_db", db, "--json"]
     cmd += ["--no_log"]
     start = time.perf_counter()
     proc = subprocess.Popen(list(map(str, cmd)), env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    peaks = [0, 0]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            try:
-                anon, file = status(proc.pid)
-            except (OSError, AttributeError):
-                return
-            peaks[0], peaks[1] = max(peaks[0], anon), max(peaks[1], file)
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
+    peaks = Peaks(proc.pid)
     proc.stdin.write(questions[0] + "\n")
     proc.stdin.flush()
     first = json.loads(proc.stdout.readline())
@@ -116,14 +162,13 @@ def chat(db: Path, model: Path, questions: list[str]) -> dict:
     proc.stdin.close()
     answers = [first] + [json.loads(l) for l in proc.stdout]
     proc.wait()
-    stop.set()
+    rss = peaks.stop()
     lat = sorted(a["latency_ms"] for a in answers[1:])
     return {
         "first_answer_s": round(first_s, 2),
         "turn_p50_ms": round(statistics.median(lat), 2),
         "turn_p99_ms": round(lat[int(0.99 * (len(lat) - 1))], 2),
-        "peak_private_rss_gb": round(peaks[0] / 2**20, 2),
-        "peak_file_rss_gb": round(peaks[1] / 2**20, 2),
+        **rss,
     }
 
 
@@ -143,6 +188,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--questions", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=2, help="finetune's epochs on the N-row table (default 2)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["build", "chat", "finetune"], help="phases not to run")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not DATA.is_dir():
@@ -156,27 +203,32 @@ def main() -> None:
         cmd = [BIN / "bucketchat", "finetune", "--data", DATA / "train.jsonl", "--db", model / "llm_chat.db"]
         subprocess.run([*cmd, "--output", model / "head.safetensors", "--meta", model / "meta.json"], env=env(), check=True)
     report: dict = {"rows": a.rows}
-    print(f"db build, {a.rows:,} rows:", flush=True)
-    report |= build(data, db, "build", fresh=True)
-    report |= build(data, db, "unchanged")
-    edited = WORK / f"rows-{a.rows}-edited.jsonl"
-    with open(data, encoding="utf-8") as src, open(edited, "w", encoding="utf-8") as out:
-        for i, line in enumerate(src):
-            if i == a.rows // 2:
-                rec = json.loads(line)
-                rec["user"] += " (edited for the benchmark)"
-                line = json.dumps(rec) + "\n"
-            out.write(line)
-    report |= build(edited, db, "one edit")
-    questions = [json.loads(l)["user"] for l in (DATA / "test.jsonl").read_text().splitlines()[: a.questions]]
-    report["chat"] = chat(db, model, questions)
-    report["chat"]["encoder_p50_ms"] = encoder_ms(questions)
-    c = report["chat"]
-    print(
-        f"chat --llm_db: first answer {c['first_answer_s']} s; turn p50 {c['turn_p50_ms']} ms (encoder alone {c['encoder_p50_ms']} ms, "
-        f"{c['turn_p50_ms'] / c['encoder_p50_ms']:.2f}x), p99 {c['turn_p99_ms']} ms; peak RSS private {c['peak_private_rss_gb']} GB, "
-        f"file-backed {c['peak_file_rss_gb']} GB"
-    )
+    if "build" not in a.skip:
+        print(f"db build, {a.rows:,} rows:", flush=True)
+        report |= build(data, db, "build", fresh=True)
+        report |= build(data, db, "unchanged")
+        edited = WORK / f"rows-{a.rows}-edited.jsonl"
+        with open(data, encoding="utf-8") as src, open(edited, "w", encoding="utf-8") as out:
+            for i, line in enumerate(src):
+                if i == a.rows // 2:
+                    rec = json.loads(line)
+                    rec["user"] += " (edited for the benchmark)"
+                    line = json.dumps(rec) + "\n"
+                out.write(line)
+        report |= build(edited, db, "one edit")
+    if "chat" not in a.skip:
+        questions = [json.loads(l)["user"] for l in (DATA / "test.jsonl").read_text().splitlines()[: a.questions]]
+        report["chat"] = chat(db, model, questions)
+        report["chat"]["encoder_p50_ms"] = encoder_ms(questions)
+        c = report["chat"]
+        print(
+            f"chat --llm_db: first answer {c['first_answer_s']} s; turn p50 {c['turn_p50_ms']} ms (encoder alone {c['encoder_p50_ms']} ms, "
+            f"{c['turn_p50_ms'] / c['encoder_p50_ms']:.2f}x), p99 {c['turn_p99_ms']} ms; peak RSS private {c['peak_private_rss_gb']} GB, "
+            f"file-backed {c['peak_file_rss_gb']} GB",
+            flush=True,
+        )
+    if "finetune" not in a.skip:
+        report["finetune"] = finetune(db, a.epochs)
     if a.json:
         a.json.write_text(json.dumps(report, indent=2))
 
