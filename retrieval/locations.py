@@ -36,3 +36,15 @@ def encoder_folder(db: str | Path, encoder_id: str) -> Path | None:
     if encoder_id in STOCK_IDS:
         return None
     return local_dir(db) / ENCODERS_DIR / encoder_id.rsplit(":", 1)[-1].removesuffix(INT8_SUFFIX)
+
+
+def table_encoder_path(db: str | Path, encoder_id: str) -> str | None:
+    """The folder of ``encoder_folder`` as a string, checked to hold its weights; None for the shipped encoder."""
+    folder = encoder_folder(db, encoder_id)
+    if folder is None:
+        return None
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the table in {db!r} was embedded by encoder {encoder_id}, whose copy {str(folder)!r} beside the table is missing; rebuild the table with `bucketchat db build` (with the same --encoder)"
+        )
+    return str(folder)

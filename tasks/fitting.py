@@ -21,51 +21,13 @@ from models.config import BRANCH_WIDTHS, BRANCHES, HeadConfig, HeadSettings, Tra
 from models.heads import BucketHead, warm_start
 from models.train import Trainable, TrainData, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID
-from retrieval.locations import db_key, encoder_folder, local_dir
+from retrieval.locations import db_key, encoder_folder, table_encoder_path
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import mix, nearest, vote
-from retrieval.store import open_table, reembed_table, table_encoder
+from retrieval.store import reembed_table
+from retrieval.table_rows import table_rows, vectors_by_id
 from tasks import registry
-
-
-def table_rows(db: str, table: str, version: int) -> dict:
-    """The columns training needs from one table version: vectors (N, D) and plain lists.
-
-    Read a batch at a time: the vectors go into a memory-mapped float32 file beside the table
-    (unlinked at once, so nothing is left behind), not into the process's own memory. Reading the
-    version whole held it three times over at its peak (Arrow's copy, its combined chunks and a
-    float32 copy: ~4.5 GB at 1M rows); a map's pages are the kernel's to keep or drop.
-    """
-    from retrieval.index_build import TableRows
-
-    tbl = open_table(db, table, version)
-    rows = TableRows(tbl)
-    names = {"ids": "id", "parents": "parent_id", "users": "user", "responses": "assistant", "groups": "group"}
-    out: dict = {key: [] for key in names}
-    buckets = np.zeros(rows.count, np.int64)
-    vectors = _scratch_vectors(db, rows.count, rows.dim)
-    at = 0
-    for batch in rows.batches([*names.values(), "bucket", "vector"]):
-        m = len(batch)
-        for key, column in names.items():
-            out[key] += batch.column(column).to_pylist()
-        buckets[at : at + m] = batch.column("bucket").to_numpy(zero_copy_only=False)
-        vectors[at : at + m] = batch.column("vector").flatten().to_numpy().reshape(m, rows.dim)
-        at += m
-    return out | {"buckets": buckets, "vectors": vectors, "encoder": table_encoder(tbl)}
-
-
-def _scratch_vectors(db: str, rows: int, dim: int) -> np.ndarray:
-    """A writable (rows, dim) float32 array backed by an unlinked file in the table's local folder."""
-    if not rows:
-        return np.zeros((0, dim), np.float32)
-    folder = local_dir(db) / "_build"
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix="train-vectors-", suffix=".npy") as f:
-        # The map outlives the file's name: its pages are written back to the open file, and the
-        # space is freed when the last map closes.
-        return np.lib.format.open_memmap(f.name, mode="w+", dtype=np.float32, shape=(rows, dim))
 
 
 def data_version(rows: dict) -> str:
@@ -370,14 +332,6 @@ def validation_log_probs(model: Trainable, data: TrainData, idx: np.ndarray) -> 
         return model.head.response_log_probs(x, lex)[1]
 
 
-def vectors_by_id(db: str, table: str, version: int, ids: list[str]) -> np.ndarray:
-    """The vectors of rows ``ids``, in that order, from ``table@version`` (a re-embedded version
-    holds the same rows, not necessarily in the same order)."""
-    other = table_rows(db, table, version)
-    where = {i: n for n, i in enumerate(other["ids"])}
-    return other["vectors"][[where[i] for i in ids]]
-
-
 def prefixed(callback):
     """``callback`` with every metric of the refit named ``refit_*`` (its epoch/step kept)."""
     if callback is None:
@@ -388,14 +342,3 @@ def prefixed(callback):
 def ids_digest(ids: list[str]) -> str:
     """A short hash of a set of row ids: two runs validated on the same rows iff these match."""
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-
-
-def table_encoder_path(db: str, encoder_id: str) -> str | None:
-    folder = encoder_folder(db, encoder_id)
-    if folder is None:
-        return None
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"the table in {db!r} was embedded by encoder {encoder_id}, whose copy {str(folder)!r} beside the table is missing; rebuild the table with `bucketchat db build` (with the same --encoder)"
-        )
-    return str(folder)

@@ -21,8 +21,9 @@ from models.config import HeadSettings, TrainConfig, run_settings
 from retrieval.encoder import STOCK_IDS, TORCH_ID, embed
 from retrieval.locations import db_key
 from retrieval.store import open_table, read_columns
+from retrieval.table_rows import table_rows
 from tasks import registry, run_logger
-from tasks.fitting import ids_digest, table_rows
+from tasks.fitting import ids_digest
 from tasks.retries import IO_RETRIES
 
 

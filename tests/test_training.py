@@ -53,7 +53,7 @@ def test_the_fallback_is_calibrated_on_answers_with_the_neighbour_vote(table):
 
     from models.calibration import answered_right, calibrate_similarity, calibrate_thresholds
     from retrieval.neighbours import neighbour_log_probs
-    from tasks.fitting import table_rows
+    from retrieval.table_rows import table_rows
 
     db, name, version = table
     head, meta, val = fit(db, name, version, TrainConfig(epochs=3, lr=5e-3, val_split=0.2, refit=False), HeadSettings(hidden_dim=32))

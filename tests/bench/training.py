@@ -68,7 +68,7 @@ def phase_baseline(db: str, version: int) -> dict:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    from tasks.fitting import table_rows
+    from retrieval.table_rows import table_rows
 
     rows = table_rows(db, "conversations", version)
     t0 = time.perf_counter()
@@ -85,8 +85,8 @@ def phase_train_all(db: str, version: int, rows: int, precision: str) -> dict:
     from models.config import HeadConfig, TrainConfig
     from models.heads import BucketHead
     from models.train import Trainable, TrainData, train
+    from retrieval.table_rows import table_rows
     from retrieval.trainable_encoder import TrainableEncoder
-    from tasks.fitting import table_rows
 
     torch.set_num_threads(os.cpu_count() or 1)
     r = table_rows(db, "conversations", version)
