@@ -30,6 +30,15 @@ def key_hashes(keys) -> np.ndarray:
     return np.fromiter((int(k[:16], 16) for k in keys), dtype=np.uint64, count=len(keys))
 
 
+def lookup(known: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``hashes`` is in ``known`` (sorted, distinct uint64) and whether it is there:
+    (positions, found); a position is only meaningful where found."""
+    if not len(known):
+        return np.zeros(len(hashes), np.int64), np.zeros(len(hashes), bool)
+    at = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
+    return at, known[at] == hashes
+
+
 class EmbeddingCache:
     def __init__(self, folder: str | Path, encoder_id: str = ENCODER_ID, encoder_path: str | None = None):
         self.folder = Path(folder)
@@ -113,9 +122,8 @@ class EmbeddingCache:
             dim = file.schema_arrow.field("vector").type.list_size
             for batch in file.iter_batches(batch_size=batch_rows(dim), columns=["key", "vector"]):
                 release()
-                hashes = key_hashes(batch.column("key").to_pylist())
-                at = np.minimum(np.searchsorted(wanted, hashes), max(len(wanted) - 1, 0))
-                hit = np.flatnonzero(wanted[at] == hashes) if len(wanted) else np.zeros(0, np.int64)
+                at, found_here = lookup(wanted, key_hashes(batch.column("key").to_pylist()))
+                hit = np.flatnonzero(found_here)
                 if len(hit):
                     vectors = batch.column("vector").flatten().to_numpy().reshape(len(batch), dim)
                     write(at[hit], vectors[hit])

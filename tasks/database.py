@@ -71,11 +71,10 @@ def plan_embedding(
     import shutil
     import uuid
 
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retrieval.embedding_cache import EmbeddingCache, key_hashes
+    from retrieval.embedding_cache import EmbeddingCache, key_hashes, lookup
     from retrieval.encoder import ENCODER_ID, text_key
     from retrieval.store import CACHE_DIR
 
@@ -99,8 +98,7 @@ def plan_embedding(
 
     def plan(texts: list[str]) -> None:
         hashes = key_hashes([text_key(t, encoder_id) for t in texts])
-        at = np.minimum(np.searchsorted(known, hashes), max(len(known) - 1, 0))
-        cached = known[at] == hashes if len(known) else np.zeros(len(texts), bool)
+        cached = lookup(known, hashes)[1]
         for text, h, hit in zip(texts, hashes.tolist(), cached.tolist()):
             if not hit and h not in seen:
                 seen.add(h)
