@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from retrieval.buckets import group_buckets, group_key
 from retrieval.embedding_cache import EmbeddingCache, key_hashes
 from retrieval.encoder import ENCODER_ID, embed, text_key
 from retrieval.locations import is_uri, local_dir
-from retrieval.store import CACHE_DIR, keep_encoder, read_columns, schema, write_version
+from retrieval.store import CACHE_DIR, connect, indexed, keep_encoder, read_columns, schema, write_version
 
 BATCH_ROWS = 16_384  # pairs spooled at a time; vectors go in batches of models.memory.batch_rows
 EMBED_ROWS = 4_096  # new texts embedded per call, between progress lines
@@ -364,10 +365,6 @@ def _rows(
 
 def _unchanged(db: Path, table: str, key: str) -> BuildResult | None:
     """The latest version of ``table`` when it was built from exactly this content, else None."""
-    from collections import Counter
-
-    from retrieval.store import connect, indexed
-
     conn = connect(db)
     if table not in conn.list_tables().tables:
         return None
