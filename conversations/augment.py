@@ -22,7 +22,7 @@ import dataclasses
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -217,8 +217,26 @@ def expand(
     max_tries_per_record: int = 50,
     check: bool = True,
 ) -> tuple[list[Pair], Counter]:
-    """Return exactly ``target`` pairs (the originals first, then new distinct variants) and the
-    count of variants dropped by the consistency check, by reason.
+    """``expand_stream`` into a list: (exactly ``target`` pairs, variants dropped by reason)."""
+    dropped: Counter = Counter()
+    out = list(expand_stream(pairs, target, dropped, creative_prob, blend_prob, seed, max_tries_per_record, check))
+    return out, dropped
+
+
+def expand_stream(
+    pairs: list[Pair],
+    target: int,
+    dropped: Counter,
+    creative_prob: float = 0.0,
+    blend_prob: float = 0.0,
+    seed: int = 42,
+    max_tries_per_record: int = 50,
+    check: bool = True,
+) -> Iterator[Pair]:
+    """Yield exactly ``target`` pairs (the originals first, then new distinct variants); ``dropped``
+    counts the variants the consistency check dropped, by reason. Only the inputs and each output's
+    normalised text (the distinctness check) are held, never the output pairs: they can be written as
+    they come.
 
     Raises ``ValueError`` when ``target`` is below the input size or the input cannot yield enough
     distinct, consistent variants (e.g. a handful of one-word messages asked to become thousands).
@@ -238,12 +256,13 @@ def expand(
         by_response[normalise(p.assistant)].append(p)
     seen = {(normalise(p.user), normalise(p.assistant)) for p in pairs}
     consistency = ConsistencyFilter(pairs) if check and target > len(pairs) else None
-    out, dropped = list(pairs), Counter()
+    yield from pairs
+    made = len(pairs)
     tries, limit = 0, max_tries_per_record * target
-    while len(out) < target:
+    while made < target:
         # A batch a little larger than what is missing: the check runs vectorised per batch.
         batch, exhausted = [], False
-        while len(batch) < min(50_000, int((target - len(out)) * 1.2) + 16):
+        while len(batch) < min(50_000, int((target - made) * 1.2) + 16):
             tries += 1
             if tries > limit:
                 exhausted = True
@@ -258,10 +277,10 @@ def expand(
         for child, reason in zip(batch, reasons):
             if reason:
                 dropped[reason] += 1
-            elif len(out) < target:
-                out.append(dataclasses.replace(child, line=len(out)))
-        if exhausted and len(out) < target:
+            elif made < target:
+                yield dataclasses.replace(child, line=made)
+                made += 1
+        if exhausted and made < target:
             raise ValueError(
-                f"could only make {len(out)} distinct consistent records from {len(pairs)} inputs after {limit} tries ({sum(dropped.values())} variants failed the consistency check); lower --target to at most {len(out)} or add more varied data"
+                f"could only make {made} distinct consistent records from {len(pairs)} inputs after {limit} tries ({sum(dropped.values())} variants failed the consistency check); lower --target to at most {made} or add more varied data"
             )
-    return out, dropped

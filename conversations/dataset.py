@@ -110,10 +110,14 @@ class InputStream:
     """``read_input`` a pair at a time, for inputs too big to hold as Python objects (~1 KB a pair):
     ``for pair in stream``. When the iteration ends the rejects are written beside ``output`` (for a
     conversation file), counted in ``rejected``, and a file without a single usable pair raises
-    ``read_input``'s error. Iterate it once."""
+    ``read_input``'s error unless ``allow_empty`` (one of several sources, judged together later).
+    Iterate it once."""
 
-    def __init__(self, path: str | Path, output: str | Path, strict: bool = False, columns: Columns | None = None):
+    def __init__(
+        self, path: str | Path, output: str | Path, strict: bool = False, columns: Columns | None = None, allow_empty: bool = False
+    ):
         self.path, self.output, self.strict, self.columns = path, output, strict, columns
+        self.allow_empty = allow_empty
         self.pairs, self.rejected, self.rejects_file = 0, 0, None
 
     def __iter__(self) -> Iterator[Pair]:
@@ -132,7 +136,7 @@ class InputStream:
                     rejects.append(item)
             self.rejects_file = write_rejects(rejects, self.output)
         self.rejected = len(rejects)
-        if not self.pairs:
+        if not self.pairs and not self.allow_empty:
             raise _no_pairs(self.path, rejects, self.rejects_file)
 
 
@@ -170,15 +174,26 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
             fh.write(json_line(rec))
 
 
-def write_dataset(pairs: list[Pair], output: str | Path) -> dict[str, str]:
-    """Write ``output`` (``.jsonl`` or ``.parquet``) plus its sibling in the other format.
+WRITE_BATCH = 8192  # pairs per Parquet row group: what a streaming write holds at a time
+
+
+def write_dataset(pairs: Iterable[Pair], output: str | Path) -> dict[str, str]:
+    """Write ``output`` (``.jsonl`` or ``.parquet``) plus its sibling in the other format, in one
+    pass over ``pairs`` (any iterable: a generator is never held whole), both files atomically.
 
     Returns ``{"jsonl": path, "parquet": path}``; the Parquet file is what later stages read.
     """
     jsonl, parquet = sibling(output, ".jsonl"), sibling(output, ".parquet")
-    with atomic_path(parquet) as tmp:
-        pq.write_table(pairs_table(pairs), tmp)
-    write_jsonl(jsonl, (p.to_record() for p in pairs))
+    with atomic_path(parquet) as ptmp, atomic_path(jsonl) as jtmp, open(jtmp, "w", encoding="utf-8") as fh:
+        with pq.ParquetWriter(ptmp, SCHEMA) as writer:
+            batch: list[Pair] = []
+            for p in pairs:
+                fh.write(json_line(p.to_record()))
+                batch.append(p)
+                if len(batch) == WRITE_BATCH:
+                    writer.write_table(pairs_table(batch))
+                    batch = []
+            writer.write_table(pairs_table(batch))
     return {"jsonl": str(jsonl), "parquet": str(parquet)}
 
 

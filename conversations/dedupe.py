@@ -22,7 +22,7 @@ import functools
 import json
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,23 +172,39 @@ def filter_and_dedupe(
     chunk_size: int = 4096,
     near_duplicates: str = "drop",
 ) -> tuple[list[Pair], DropReport]:
-    """Stream ``pairs`` through quality, exact and near-duplicate filters; first seen wins.
+    """``dedupe_stream`` into a list: (kept pairs, report)."""
+    report = DropReport()
+    kept = list(dedupe_stream(pairs, report, cfg, on_drop, chunk_size, near_duplicates))
+    return kept, report
+
+
+def dedupe_stream(
+    pairs,
+    report: DropReport,
+    cfg: QualityConfig | None = None,
+    on_drop: Callable[[Reject], None] | None = None,
+    chunk_size: int = 4096,
+    near_duplicates: str = "drop",
+) -> Iterator[Pair]:
+    """Stream ``pairs`` through quality, exact and near-duplicate filters, yielding what is kept;
+    first seen wins. ``report`` counts the drops and, once the stream ends, what was kept.
 
     ``near_duplicates="link"`` keeps a near duplicate but makes it part of its twin's family
     (``parent_id``), so a train/validation split keeps the twins together: for training data,
     near-identical rows are real phrasings worth keeping, but a twin on each side of the split makes validation too easy.
 
-    Reads ``pairs`` (any iterable) a chunk at a time, so signatures are computed in bulk while memory
-    holds what is kept, its LSH index, and one chunk. Each dropped pair goes to ``on_drop`` as it is
-    found (e.g. straight into the rejects file), not into a list.
+    Reads ``pairs`` (any iterable) a chunk at a time, so signatures are computed in bulk; memory
+    holds one chunk and, per kept pair, its id, its family and (for the near-duplicate check) its
+    normalised text and LSH entry, never the pairs themselves. Each dropped pair goes to ``on_drop``
+    as it is found (e.g. straight into the rejects file), not into a list.
     """
     from datasketch import LeanMinHash, MinHashLSH
 
     if near_duplicates not in ("drop", "link"):
         raise ValueError(f"near_duplicates must be 'drop' or 'link', got {near_duplicates!r}")
     cfg = cfg or QualityConfig()
-    report = DropReport()
-    kept: list[Pair] = []
+    kept_ids: list[str] = []  # each kept pair's id, and the family (parent) a near twin joins
+    families: list[str] = []
     exact: dict[tuple, str] = {}
     near = cfg.near_dup_threshold < 1.0
     # Balanced band weights: recall-weighted bands found few more near duplicates for far more candidates.
@@ -233,21 +249,22 @@ def filter_and_dedupe(
             exact[key] = p.id
             fresh.append((p, key))
         if not near:
-            kept += [p for p, _ in fresh]
+            report.kept += len(fresh)
+            yield from (p for p, _ in fresh)
             continue
         user_sigs = signer.sign([p.user for p, _ in fresh])
         for (p, key), user_sig in zip(fresh, user_sigs):
             sig = LeanMinHash(seed=1, hashvalues=user_sig, scheme="affine32")
             match = first_near(key[1], key[2], key[0], lsh.query(sig))
             if match is not None and near_duplicates == "drop":
-                drop(p, "near duplicate", f"near duplicate of {kept[match].id}")
+                drop(p, "near duplicate", f"near duplicate of {kept_ids[match]}")
                 continue
             if match is not None:
-                twin = kept[match]
-                p = dataclasses.replace(p, parent_id=p.parent_id or twin.parent_id or twin.id)
+                p = dataclasses.replace(p, parent_id=p.parent_id or families[match])
                 report.linked += 1
-            lsh.insert(len(kept), sig, check_duplication=False)
-            kept.append(p)
+            lsh.insert(len(kept_ids), sig, check_duplication=False)
+            kept_ids.append(p.id)
+            families.append(p.parent_id or p.id)
             kept_norm.append((key[1], key[2], key[0]))
-    report.kept = len(kept)
-    return kept, report
+            report.kept += 1
+            yield p

@@ -3,14 +3,16 @@ counts: nothing large or live passes between tasks."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 from prefect import task
 
-from conversations.augment import expand
-from conversations.dataset import iter_parquet, read_input, read_pairs, rejects_path, sibling, write_dataset, write_rejects
-from conversations.dedupe import QualityConfig, filter_and_dedupe
+from conversations.augment import expand_stream
+from conversations.dataset import InputStream, iter_parquet, read_input, rejects_path, sibling, write_dataset, write_rejects
+from conversations.dedupe import DropReport, QualityConfig, dedupe_stream
 from conversations.records import Columns, Reject
 from conversations.text import json_line
 from models import progress
@@ -35,19 +37,23 @@ def validate_source(path: str, staging: str, strict: bool = False, columns: Colu
 
     Mapped over the sources, so they are read in parallel (threads, or a Dask cluster).
     """
-    pairs, rejects = read_pairs(path, strict=strict, columns=columns)
     shard = shard_path(path, staging)
+    # A pair at a time: a large source is never held. An empty one is judged with the others by merge_sources.
+    pairs = InputStream(path, shard, strict, columns, allow_empty=True)
     write_dataset(pairs, shard)
-    run_logger().info("%s: %d pairs, %d malformed lines", path, len(pairs), len(rejects))
-    return {"source": path, "shard": str(shard), "rejects": write_rejects(rejects, shard), "pairs": len(pairs), "malformed": len(rejects)}
+    rejects = pairs.rejects_file or write_rejects([], shard)  # a dataset an earlier stage wrote has none
+    run_logger().info("%s: %d pairs, %d malformed lines", path, pairs.pairs, pairs.rejected)
+    return {"source": path, "shard": str(shard), "rejects": rejects, "pairs": pairs.pairs, "malformed": pairs.rejected}
 
 
 @task(**CACHED)
 def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0.9, near_duplicates: str = "drop") -> dict:
     """Stream the shards, in source order, through quality filters and exact/near dedupe; write the
     dataset, one rejects file (malformed lines + every dropped pair, with reasons) and
-    ``<output>.report.json`` with counts per reason. Memory holds only the kept pairs."""
+    ``<output>.report.json`` with counts per reason. The kept pairs stream into the dataset as they
+    are found; memory holds what the duplicate checks need per pair (conversations/dedupe.py)."""
     cfg = QualityConfig(near_dup_threshold=near_dup_threshold)
+    report = DropReport()
     with atomic_path(rejects_path(output)) as tmp, open(tmp, "w", encoding="utf-8") as rejects_file:
         for shard in shards:  # malformed lines first, as the sources had them
             rejects_file.write(Path(shard["rejects"]).read_text(encoding="utf-8"))
@@ -62,7 +68,10 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
                     yield p
 
         with progress.bar(sum(s["pairs"] for s in shards), "dedupe", "pair") as bar:
-            kept, report = filter_and_dedupe(pairs(bar), cfg, on_drop=reject, near_duplicates=near_duplicates)
+            kept = dedupe_stream(pairs(bar), report, cfg, on_drop=reject, near_duplicates=near_duplicates)
+            first = next(kept, None)
+            # Nothing kept: no dataset is written (the error below says why), only the rejects.
+            written = write_dataset(itertools.chain([first], kept), output) if first is not None else None
     malformed = sum(s["malformed"] for s in shards)
     summary = {
         "sources": {s["source"]: {"pairs": s["pairs"], "malformed": s["malformed"]} for s in shards},
@@ -73,15 +82,15 @@ def merge_sources(shards: list[dict], output: str, near_dup_threshold: float = 0
     report_path = sibling(output, ".report.json")
     write_text(report_path, json.dumps(summary, indent=2))
     dups = report.dropped["exact duplicate"] + report.dropped["near duplicate"]
-    if not kept:
+    if written is None:
         raise NoUsablePairs(
             f"no usable conversation pairs in {', '.join(s['source'] for s in shards)}: {malformed:,} malformed line(s) and {report.to_dict()['dropped_total']:,} pair(s) dropped, every one in {rejects_path(output)} with its reason; fix those lines, or add data"
         )
     return {
-        **write_dataset(kept, output),
+        **written,
         "rejects": str(rejects_path(output)),
         "report": str(report_path),
-        "records": len(kept),
+        "records": report.kept,
         "rejected_lines": malformed,
         "duplicates": dups,
         "low_quality": report.to_dict()["dropped_total"] - dups,
@@ -103,18 +112,20 @@ def expand_dataset(
 ) -> dict:
     """Grow a dataset to exactly ``target`` pairs with synthetic variants (see conversations/augment.py)."""
     pairs, rejected, rejects_file = read_input(input, output, strict, columns)
-    grown, inconsistent = expand(pairs, target, creative_prob=creative_prob, blend_prob=blend_prob, seed=seed)
+    inconsistent: Counter = Counter()
+    # Written as they are made: the output (often many times the input) is never held.
+    written = write_dataset(expand_stream(pairs, target, inconsistent, creative_prob, blend_prob, seed), output)
     run_logger().info(
         "expanded %d -> %d records; %d variants dropped as inconsistent: %s",
         len(pairs),
-        len(grown),
+        target,
         sum(inconsistent.values()),
         dict(inconsistent),
     )
     return {
-        **write_dataset(grown, output),
+        **written,
         "rejects": rejects_file,
-        "records": len(grown),
+        "records": target,
         "input_records": len(pairs),
         "rejected_lines": rejected,
         "inconsistent_variants": dict(inconsistent),

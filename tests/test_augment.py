@@ -60,3 +60,19 @@ def test_impossible_targets_fail_clearly():
     pairs = [Pair("hi", "hello"), Pair("yo", "hey")]  # two one-word messages cannot become 500
     with pytest.raises(ValueError, match="lower --target to at most"):
         expand(pairs, 500, max_tries_per_record=2)
+
+
+def test_expand_stream_yields_as_it_makes_and_matches_expand(tiny_jsonl):
+    from collections import Counter
+
+    from conversations.augment import expand_stream
+
+    pairs, _ = load_records(tiny_jsonl)
+    dropped: Counter = Counter()
+    stream = expand_stream(pairs, 90, dropped, creative_prob=0.3, seed=5)
+    # The originals come out before a single variant is drawn: the output is never held.
+    assert [next(stream) for _ in pairs] == pairs
+    rest = list(stream)
+    grown, dropped_list = expand(pairs, 90, creative_prob=0.3, seed=5)
+    assert pairs + rest == grown and dropped == dropped_list
+    assert [p.line for p in rest] == list(range(len(pairs), 90))

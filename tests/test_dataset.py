@@ -1,6 +1,7 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from conversations.dataset import normalise, read_pairs, rejects_path, write_dataset, write_rejects
 from conversations.records import Pair, load_records
@@ -35,6 +36,28 @@ def test_dataset_round_trips_through_parquet_and_jsonl(tmp_path, tiny_jsonl):
     back_jsonl, rejects = read_pairs(out["jsonl"])
     assert rejects == []
     assert [(p.user, p.assistant, p.context, p.label) for p in back_jsonl] == [(p.user, p.assistant, p.context, p.label) for p in pairs]
+
+
+def test_write_dataset_streams_a_generator_in_row_groups(tmp_path, monkeypatch):
+    import conversations.dataset as dataset
+
+    monkeypatch.setattr(dataset, "WRITE_BATCH", 10)
+    pairs = [Pair(f"question {i}", f"answer {i % 3}", line=i) for i in range(25)]
+    out = write_dataset((p for p in pairs), tmp_path / "g.jsonl")
+    parquet = pq.ParquetFile(out["parquet"])
+    assert [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)] == [10, 10, 5]
+    assert read_pairs(out["parquet"])[0] == pairs
+    assert [json.loads(l)["user"] for l in open(out["jsonl"])] == [p.user for p in pairs]
+
+
+def test_write_dataset_that_fails_midway_leaves_no_files(tmp_path):
+    def broken():
+        yield Pair("q", "a")
+        raise ValueError("the source broke")
+
+    with pytest.raises(ValueError, match="the source broke"):
+        write_dataset(broken(), tmp_path / "b.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_write_rejects_always_writes_a_file(tmp_path):

@@ -161,3 +161,24 @@ def test_link_mode_keeps_near_duplicates_in_their_twins_family():
     assert [p.user for p in kept] == [a.user, b.user]
     assert kept[1].parent_id == "s:1:0" and kept[1].id == "s:2:0"
     assert report.linked == 1 and report.to_dict()["near_duplicates_linked"] == 1
+
+
+def test_dedupe_stream_yields_a_chunk_at_a_time_and_counts_as_it_goes():
+    from conversations.dedupe import DropReport, dedupe_stream
+
+    unique, exact, _, _ = planted()
+    read = []
+
+    def source():
+        for p in unique + exact:
+            read.append(p)
+            yield p
+
+    report = DropReport()
+    stream = dedupe_stream(source(), report, chunk_size=16)
+    first = next(stream)
+    # Kept pairs come out after one chunk is read, not after the whole input.
+    assert first is unique[0] and len(read) == 16
+    rest = list(stream)
+    assert [first, *rest] == filter_and_dedupe(unique + exact)[0]
+    assert report.kept == len(unique) and report.dropped["exact duplicate"] == len(exact)

@@ -29,6 +29,19 @@ def test_build_super_merges_sources_and_drops_duplicates(tmp_path, tiny_records,
     assert {r["source"] for r in rows[:24]} == {"a", "b"}
 
 
+def test_build_super_takes_an_empty_source_and_an_earlier_stage_dataset(tmp_path, tiny_records, prefect_harness):
+    from conversations.dataset import write_dataset
+    from conversations.records import load_records
+
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["{broken", '{"user": "no answer"}'])
+    earlier = write_dataset(load_records(write_jsonl(tmp_path / "raw.jsonl", tiny_records[:10]))[0], tmp_path / "earlier.jsonl")["parquet"]
+    out = build_super_flow([str(empty), earlier], str(tmp_path / "super.jsonl"))
+    assert (out["records"], out["rejected_lines"]) == (10, 2)
+    report = json.load(open(out["report"]))
+    assert report["sources"] == {str(empty): {"pairs": 0, "malformed": 2}, earlier: {"pairs": 10, "malformed": 0}}
+    assert [json.loads(l)["line"] for l in open(out["rejects"])] == [1, 2]
+
+
 def test_build_db_flow_reports_version_and_counts(tmp_path, tiny_jsonl, prefect_harness):
     out = build_db_flow(str(tiny_jsonl), str(tmp_path / "x.db"))
     assert out["rows"] == 26 and out["version"] >= 1 and out["embedded"] == 26
