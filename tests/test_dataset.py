@@ -48,6 +48,11 @@ def test_write_dataset_streams_a_generator_in_row_groups(tmp_path, monkeypatch):
     assert [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)] == [10, 10, 5]
     assert read_pairs(out["parquet"])[0] == pairs
     assert [json.loads(l)["user"] for l in open(out["jsonl"])] == [p.user for p in pairs]
+    even = write_dataset(pairs[:20], tmp_path / "even.jsonl")
+    assert [pq.ParquetFile(even["parquet"]).metadata.row_group(i).num_rows for i in range(2)] == [10, 10]
+    assert pq.ParquetFile(even["parquet"]).num_row_groups == 2
+    empty = write_dataset([], tmp_path / "empty.jsonl")
+    assert pq.read_table(empty["parquet"]).num_rows == 0 and open(empty["jsonl"]).read() == ""
 
 
 def test_write_dataset_that_fails_midway_leaves_no_files(tmp_path):
