@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from models.memory import Appender, scratch_array
+
 LexBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # EmbeddingBag (indices, offsets, weights)
 
 CHAR_NGRAMS, WORD_NGRAMS = (2, 5), (1, 2)
+CHUNK_ROWS = 16_384  # texts hashed, and rows weighed, at a time
 _WHITE_SPACES = re.compile(r"\s\s+")  # scikit-learn's, for char_wb
 _WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
 
@@ -67,18 +71,42 @@ class Hasher:
             )
         return self._vectorizers
 
-    def counts(self, texts: list[str]):
-        if not texts:  # scikit-learn's hasher cannot take an empty batch
-            import scipy.sparse as sp
+    def counts(self, texts: list[str], folder: Path | None = None):
+        """texts -> CSR (N, n_features) float32: each analyzer's counts L2-normalised, then summed.
 
-            return sp.csr_matrix((0, self.n_features), dtype=np.float64)
-        chars, words = self.vectorizers()
-        return (chars.transform(texts) + words.transform(texts)).tocsr()
+        Hashed ``CHUNK_ROWS`` texts at a time: scikit-learn's temporaries for 1M texts at once peaked
+        near 7 GB. With ``folder``, the index and value arrays are scratch files there, mapped back
+        (models/memory.py), so every row's n-grams (~1.5 GB at 1M rows) are not the process's own."""
+        import scipy.sparse as sp
 
-    def idf(self, counts) -> np.ndarray:
-        """Smoothed IDF over the rows of ``counts`` (the training rows): log((1 + n) / (1 + df)) + 1."""
-        df = np.bincount(counts.indices, minlength=self.n_features)
-        return (np.log((1 + counts.shape[0]) / (1 + df)) + 1).astype(np.float32)
+        indices, data = Appender(folder, np.int32), Appender(folder, np.float32)
+        indptr = np.zeros(len(texts) + 1, np.int64)
+        if texts:
+            chars, words = self.vectorizers()
+        for at in range(0, len(texts), CHUNK_ROWS):
+            batch = texts[at : at + CHUNK_ROWS]
+            part = (chars.transform(batch) + words.transform(batch)).tocsr()
+            indices.append(part.indices)
+            data.append(part.data)
+            indptr[at + 1 : at + len(batch) + 1] = indptr[at] + part.indptr[1:]
+        idx = indices.array()
+        if indptr[-1] > np.iinfo(np.int32).max:  # past ~10M rows: scipy then wants 64-bit indices, and would copy them in memory
+            wide = scratch_array(folder, idx.shape, np.int64)
+            for at in range(0, len(idx), 1 << 26):
+                wide[at : at + (1 << 26)] = idx[at : at + (1 << 26)]
+            idx = wide
+        return sp.csr_matrix((data.array(), idx, indptr), shape=(len(texts), self.n_features), copy=False)
+
+    def idf(self, counts, rows: np.ndarray | None = None) -> np.ndarray:
+        """Smoothed IDF over ``rows`` of ``counts`` (the training rows; all by default):
+        log((1 + n) / (1 + df)) + 1, gathered ``CHUNK_ROWS`` rows at a time."""
+        if rows is None:
+            df, n = np.bincount(counts.indices, minlength=self.n_features), counts.shape[0]
+        else:
+            df, n = np.zeros(self.n_features, np.int64), len(rows)
+            for at in range(0, n, CHUNK_ROWS):
+                df += np.bincount(counts[rows[at : at + CHUNK_ROWS]].indices, minlength=self.n_features)
+        return (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)
 
     def transform(self, texts: list[str], idf: np.ndarray):
         return self.weigh(self.counts(texts), idf)
@@ -108,12 +136,24 @@ class Hasher:
         val /= np.linalg.norm(val) or 1.0
         return idx, val.astype(np.float32)
 
-    def weigh(self, counts, idf: np.ndarray):
-        """``counts`` rows -> L2-normalised TF-IDF rows."""
-        m = counts.multiply(idf[None, :]).tocsr()
-        norms = np.sqrt(np.asarray(m.multiply(m).sum(1)).ravel())
-        norms[norms == 0] = 1.0
-        return m.multiply(1.0 / norms[:, None]).tocsr().astype(np.float32)
+    def weigh(self, counts, idf: np.ndarray, folder: Path | None = None):
+        """``counts`` rows -> L2-normalised TF-IDF rows (float32), ``CHUNK_ROWS`` rows at a time.
+
+        The result shares ``counts``' indices (every weight is positive, so the pattern is the same);
+        with ``folder``, its values are a scratch file there, as in ``counts``."""
+        import scipy.sparse as sp
+
+        n, indptr = counts.shape[0], counts.indptr
+        values = scratch_array(folder, (counts.nnz,), np.float32)
+        for at in range(0, n, CHUNK_ROWS):
+            end = min(n, at + CHUNK_ROWS)
+            lo, hi = int(indptr[at]), int(indptr[end])
+            v = counts.data[lo:hi].astype(np.float64) * idf[counts.indices[lo:hi]]
+            row = np.repeat(np.arange(end - at), np.diff(indptr[at : end + 1]))
+            norms = np.sqrt(np.bincount(row, weights=v * v, minlength=end - at))
+            norms[norms == 0] = 1.0
+            values[lo:hi] = v / norms[row]
+        return sp.csr_matrix((values, counts.indices, indptr), shape=counts.shape, copy=False)
 
 
 class RowsBag(NamedTuple):

@@ -4,10 +4,11 @@ size (the vectors of 1M rows are ~1.5 GB)."""
 
 from __future__ import annotations
 
-import tempfile
+from pathlib import Path
 
 import numpy as np
 
+from models.memory import scratch_array
 from retrieval.index_build import TableRows
 from retrieval.locations import local_dir
 from retrieval.store import open_table, table_encoder
@@ -26,7 +27,7 @@ def table_rows(db: str, table: str, version: int) -> dict:
     names = {"ids": "id", "parents": "parent_id", "users": "user", "responses": "assistant", "groups": "group"}
     out: dict = {key: [] for key in names}
     buckets = np.zeros(rows.count, np.int64)
-    vectors = _scratch_vectors(db, rows.count, rows.dim)
+    vectors = scratch_array(scratch_folder(db), (rows.count, rows.dim), np.float32)
     at = 0
     for batch in rows.batches([*names.values(), "bucket", "vector"]):
         m = len(batch)
@@ -38,16 +39,9 @@ def table_rows(db: str, table: str, version: int) -> dict:
     return out | {"buckets": buckets, "vectors": vectors, "encoder": table_encoder(tbl)}
 
 
-def _scratch_vectors(db: str, rows: int, dim: int) -> np.ndarray:
-    """A writable (rows, dim) float32 array backed by an unlinked file in the table's local folder."""
-    if not rows:
-        return np.zeros((0, dim), np.float32)
-    folder = local_dir(db) / "_build"
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix="train-vectors-", suffix=".npy") as f:
-        # The map outlives the file's name: its pages are written back to the open file, and the
-        # space is freed when the last map closes.
-        return np.lib.format.open_memmap(f.name, mode="w+", dtype=np.float32, shape=(rows, dim))
+def scratch_folder(db: str) -> Path:
+    """Where a job on ``db`` keeps its scratch files (unlinked as made): beside the table's local copy."""
+    return local_dir(db) / "_build"
 
 
 def vectors_by_id(db: str, table: str, version: int, ids: list[str]) -> np.ndarray:

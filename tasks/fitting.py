@@ -26,7 +26,7 @@ from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import mix, nearest, vote
 from retrieval.store import reembed_table
-from retrieval.table_rows import table_rows, vectors_by_id
+from retrieval.table_rows import scratch_folder, table_rows, vectors_by_id
 from tasks import registry
 
 
@@ -169,14 +169,15 @@ def fit(
 
         model, report = fresh(log=True)
         hasher = model.head.hasher()
-        counts = hasher.counts(rows["users"]) if hasher else None  # every row hashed once
+        scratch = scratch_folder(db)
+        counts = hasher.counts(rows["users"], scratch) if hasher else None  # every row hashed once
 
         def lexical(head: BucketHead, idx: np.ndarray):
             """The rows' n-gram TF-IDF, with IDF from the rows ``idx`` trains on (validation stays unseen)."""
             if counts is None:
                 return None
-            head.lexical_idf.copy_(torch.from_numpy(hasher.idf(counts[idx])))
-            return hasher.weigh(counts, head.lexical_idf.numpy())
+            head.lexical_idf.copy_(torch.from_numpy(hasher.idf(counts, idx)))
+            return hasher.weigh(counts, head.lexical_idf.numpy(), scratch)
 
         data = TrainData(
             rows["buckets"],
@@ -210,6 +211,7 @@ def fit(
                     result.best_epoch,
                 )
             model, _ = fresh(log=False)
+            data.lex = None  # the held-out run's features, before the refit's are weighed
             data.lex = lexical(model.head, everything)
             refit_state = f"{state_path}.refit" if state_path else None
             done = train(
