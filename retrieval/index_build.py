@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from models.atomic import atomic_dir, failpoint
 from models.memory import batch_rows, release
-from retrieval.search import BM25_B, BM25_K1, COLUMNS, IVF_MIN_ROWS, MIN_PROBES, PROBE_SHARE, query_terms
+from retrieval.search import BM25_B, BM25_K1, COLUMNS, IVF_MIN_ROWS, query_terms
 
 PER_CELL = 40  # sample rows per IVF cell that train its centroids (faiss trains IVF on 39-256)
 
@@ -259,7 +259,6 @@ def write_index(rows: Rows, folder: Path, about: dict, seed: int = 0, log: Calla
             "rows": order,
             "centroids": cents.astype(np.float32),
             "slices": np.searchsorted(keys, grid).astype(np.int64),  # (cells, K + 1)
-            "nprobe": np.asarray([min(cells, max(MIN_PROBES, int(np.ceil(PROBE_SHARE * cells))))]),
             "post_indptr": indptr,
             "post_rows": post_rows,
             "post_weights": post_weights,

@@ -33,7 +33,8 @@ from retrieval.search import SearchIndex
 FORMAT = 2  # 1: payload in sorted order (an index built in memory); indexes of another format are built again
 
 INDEX_DIR = "_search_index"
-_ARRAYS = ("vectors", "buckets", "rows", "centroids", "slices", "nprobe", "post_indptr", "post_rows", "post_weights")
+# An index of format 2 built before the probe count became a search setting also holds nprobe.npy: unread.
+_ARRAYS = ("vectors", "buckets", "rows", "centroids", "slices", "post_indptr", "post_rows", "post_weights")
 
 
 class Strings:

@@ -8,7 +8,8 @@ built once beside it (retrieval/index_build.py) and opened memory-mapped (retrie
 LanceDB stays the store of record (building, versions, `/why`).
 
 Vectors: an exact scan below ``IVF_MIN_ROWS``; above it an inverted-file index (k-means cells over the
-unit vectors, ~sqrt(N) of them) and a scan of the ``nprobe`` nearest cells. Rows are stored sorted
+unit vectors, ~sqrt(N) of them) and a scan of the ``PROBES`` nearest cells, so a query reads
+~PROBES * sqrt(N) rows: the vector legs grow as the square root of the table, not with it. Rows are stored sorted
 by (cell, bucket), so a cell's rows of one bucket are a contiguous slice: the bucket prefilter is a
 choice of slices, not a scan, and the probe widens to more cells until it has k rows of the allowed
 buckets.
@@ -26,9 +27,11 @@ import numpy as np
 
 # Below this an exact scan is ~1.5 ms (20k x 384): no index to build.
 IVF_MIN_ROWS = 20_000
-# Share of the rows the vector leg scans (nearest cells first): recall@20 ~0.99 at 100k (module doc).
-PROBE_SHARE = 0.03
-MIN_PROBES = 8
+# Cells a query scans, nearest first. A share of the cells (3 %, the rule before) scanned 30k rows a
+# query at 1M: ~5 ms a leg, for recall@10 0.997 against 0.989 with 10 cells (~1.6 ms), measured with
+# tests/bench/search.py (BENCHMARKS.md); at 100k, 10 is what the share gave. A search-time setting:
+# indexes built before it was one get it without being built again.
+PROBES = 10
 RRF_K = 60  # LanceDB's RRFReranker default
 BM25_K1, BM25_B = 1.2, 0.75
 COLUMNS = ["id", "user", "assistant", "bucket", "group", "source"]
@@ -74,7 +77,7 @@ class SearchIndex:
         self.slices = np.asarray(parts["slices"]).tolist()
         self.cell_span = [(row[0], row[-1]) for row in self.slices]
         self.num_buckets = len(self.slices[0]) - 1
-        self.nprobe = int(parts["nprobe"][0])
+        self.nprobe = min(len(self.centroids), PROBES)
         self.payload, self.vocab, self.build_s = payload, vocab, build_s
         return self
 
@@ -86,7 +89,6 @@ class SearchIndex:
             "rows": self.rows,
             "centroids": self.centroids,
             "slices": np.asarray(self.slices, dtype=np.int64),
-            "nprobe": np.asarray([self.nprobe]),
             "post_indptr": self.post_indptr,
             "post_rows": self.post_rows,
             "post_weights": self.post_weights,

@@ -10,7 +10,7 @@ from conversations.records import load_records
 from retrieval.build import build_table
 from retrieval.index_build import ArrayRows, write_index
 from retrieval.index_files import Coded, Strings, index_dir, index_from_arrays, load_index, open_index
-from retrieval.search import BM25_B, BM25_K1, IVF_MIN_ROWS
+from retrieval.search import BM25_B, BM25_K1, IVF_MIN_ROWS, PROBES
 from retrieval.store import open_table
 from tests.conftest import write_jsonl
 
@@ -68,6 +68,20 @@ def test_an_index_built_in_batches_lays_out_every_row_and_scores_bm25_exactly(tm
     for query in ("card not", "café refund", "the"):
         np.testing.assert_allclose(index.bm25(query)[np.argsort(rows)], _reference_bm25(users, query), rtol=1e-5, atol=1e-6)
     assert index.nearest(vecs[5], 1)[1].tolist() == [int(np.flatnonzero(rows == 5)[0])]
+
+
+def test_an_index_saved_with_its_probe_count_opens_with_todays(tmp_path):
+    """Indexes built before the probe count was a search setting hold an nprobe.npy (30 cells at 1M
+    rows); they open as they are and probe ``PROBES`` cells, without being built again."""
+    rng = np.random.default_rng(0)
+    n = IVF_MIN_ROWS + 100
+    vecs = _unit(rng.normal(size=(n, 8)))
+    users = [f"row {i}" for i in range(n)]
+    write_index(ArrayRows(vecs, users, np.zeros(n, np.int64), {"id": [str(i) for i in range(n)]}), tmp_path / "ix", {})
+    assert not (tmp_path / "ix" / "nprobe.npy").exists()
+    np.save(tmp_path / "ix" / "nprobe.npy", np.asarray([30]))
+    index, _ = load_index(tmp_path / "ix")
+    assert len(index.centroids) == round(np.sqrt(n)) and index.nprobe == PROBES == 10
 
 
 def test_an_index_built_from_a_table_equals_one_built_from_its_rows_in_memory(tmp_path):
