@@ -135,10 +135,11 @@ def _peak_mb(tmp_path: Path, rows: int, dim: int) -> float:
 @pytest.mark.slow
 def test_a_builds_peak_memory_does_not_grow_with_its_vectors(tmp_path):
     """Vectors of 8,192 dimensions (32 KB a row) written straight into the embedding cache, so what
-    a row costs is its vector: the larger table has 281 MB more of them, and a build that held
-    them all even once would grow by that much. Both sizes stay under the 20k rows where vector
-    indices start, so only the rows change."""
-    small, large = _peak_mb(tmp_path, 3_000, 8192), _peak_mb(tmp_path, 12_000, 8192)
-    extra_vectors_mb = 9_000 * 8192 * 4 / 2**20
-    print(f"peak {small:.0f} MB at 3k rows, {large:.0f} MB at 12k; their vectors differ by {extra_vectors_mb:.0f} MB")
-    assert large - small < extra_vectors_mb / 3, f"peak {small:.0f} MB at 3k rows, {large:.0f} MB at 12k"
+    a row costs is its vector: the larger table has 375 MB more of them, and a build that held
+    them all even once would grow by that much. The margin is half of it: one build's peak moves by
+    up to ~100 MB from run to run (LanceDB's and Arrow's threads), more beside the rest of the suite.
+    Both sizes stay under the 20k rows where vector indices start, so only the rows change."""
+    small, large = _peak_mb(tmp_path, 4_000, 8192), _peak_mb(tmp_path, 16_000, 8192)
+    extra_vectors_mb = 12_000 * 8192 * 4 / 2**20
+    print(f"peak {small:.0f} MB at 4k rows, {large:.0f} MB at 16k; their vectors differ by {extra_vectors_mb:.0f} MB")
+    assert large - small < extra_vectors_mb / 2, f"peak {small:.0f} MB at 4k rows, {large:.0f} MB at 16k"
