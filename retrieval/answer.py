@@ -276,15 +276,17 @@ class ChatEngine:
         vec = embed([query], device=self.opts.device, path=self.encoder_path, encoder_id=self.encoder_id)[0]  # (384,)
         log_pb, log_pr = self.head.response_log_probs(torch.from_numpy(vec[None]).to(self.opts.device), self.head.lex([query]))
         log_pb, log_pr = log_pb[0].cpu().numpy(), log_pr[0].cpu().numpy()  # (K,), (C,)
-        similarity = None
+        similarity = probe = None
         if self.neighbour_weight > 0:
-            cos, pos = self.index.nearest(vec, self.neighbour_k)
+            probe = self.index.probe(vec)  # the nearest cells, scanned once for the vote and the search
+            cos, pos = self.index.nearest(vec, self.neighbour_k, probe)
             similarity = float(cos[0]) if len(cos) else None
             log_pr = mix(
                 log_pr[None], vote(cos[None], self.row_slot[pos][None], len(log_pr), self.neighbour_temperature), self.neighbour_weight
             )[0]
         elif self.min_similarity > 0 and self.index is not None:
-            cos, _ = self.index.nearest(vec, 1)
+            probe = self.index.probe(vec)
+            cos, _ = self.index.nearest(vec, 1, probe)
             similarity = float(cos[0]) if len(cos) else None
         order = np.argsort(-log_pb)
         allowed = order[: self.opts.top_labels] if self.opts.pool_mode == "top" else np.arange(len(log_pb))
@@ -299,7 +301,7 @@ class ChatEngine:
         )
         if searched:
             pool = None if self.opts.pool_mode == "all" else allowed.tolist()
-            rows = self.index.search(vec, query, self.opts.db_top_k, buckets=pool)
+            rows = self.index.search(vec, query, self.opts.db_top_k, buckets=pool, probe=probe)
             # The head's own score is better calibrated than retrieval's for responses it learned.
             rows = [r for r in rows if r["assistant"] not in self.candidates.index]
             by_bucket: dict[int, list[dict]] = {}

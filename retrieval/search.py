@@ -55,6 +55,21 @@ class IndexStats:
     bytes: int
 
 
+@dataclass(frozen=True)
+class Probe:
+    """The rows of the cells nearest one query vector (``SearchIndex.probe``) and their cosines."""
+
+    by_cell: list[int]  # every cell, nearest first
+    positions: np.ndarray  # sorted positions of the scanned rows
+    sims: np.ndarray  # their cosines to the query
+
+
+def _best(pos: np.ndarray, sims: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` of ``pos`` with the highest ``sims``, best first (ties: the lower position)."""
+    top = np.argpartition(-sims, k - 1)[:k] if len(sims) > k else np.arange(len(sims))
+    return pos[top][np.lexsort((pos[top], -sims[top]))]
+
+
 class SearchIndex:
     """``index.search(vec, text, k, buckets)`` -> rows, from the arrays of a built index
     (``from_parts``; retrieval/index_files.py opens one, retrieval/index_build.py builds one).
@@ -116,11 +131,39 @@ class SearchIndex:
         weights = np.concatenate([self.post_weights[s] for s in parts])
         return np.bincount(docs, weights=weights, minlength=n)
 
-    def _vector_top(self, vec: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+    def probe(self, vector: np.ndarray) -> Probe:
+        """Scan the ``nprobe`` cells nearest ``vector`` once: a turn's neighbour vote and its search
+        then both read this (``probe=``) instead of scanning the same cells twice."""
+        vector = np.asarray(vector, dtype=np.float32)
+        by_cell = self._cells_by_distance(vector)
+        spans = [(a, b) for a, b in (self.cell_span[c] for c in by_cell[: self.nprobe]) if b > a]
+        if not spans:
+            return Probe(by_cell, np.zeros(0, np.int64), np.zeros(0, np.float32))
+        positions = np.concatenate([np.arange(a, b) for a, b in spans])
+        return Probe(by_cell, positions, np.concatenate([self.vectors[a:b] @ vector for a, b in spans]))
+
+    def _cells_by_distance(self, vec: np.ndarray) -> list[int]:
+        return np.argsort(-(self.centroids @ vec)).tolist() if len(self.centroids) > 1 else [0]
+
+    def _vector_top(self, vec: np.ndarray, k: int, allowed: np.ndarray | None, probe: Probe | None = None) -> np.ndarray:
         """Sorted positions of the ``k`` rows nearest ``vec`` (in the allowed buckets), best first."""
+        if probe is not None:
+            pos, sims = probe.positions, probe.sims
+            if allowed is not None:
+                keep = np.zeros(self.num_buckets, bool)
+                keep[allowed] = True
+                rows = keep[self.buckets[pos]]
+                pos, sims = pos[rows], sims[rows]
+            if len(pos) >= k or self.nprobe >= len(self.centroids):
+                return _best(pos, sims, k)
+            return self._scan(vec, k, allowed, probe.by_cell, self.nprobe * 2)  # too few rows nearby: widen
+        return self._scan(vec, k, allowed, self._cells_by_distance(vec), self.nprobe)
+
+    def _scan(self, vec: np.ndarray, k: int, allowed: np.ndarray | None, by_cell: list[int], nprobe: int) -> np.ndarray:
+        """``_vector_top`` by scanning the nearest ``nprobe`` cells (only the allowed buckets' slices
+        of them), doubling them until they hold ``k`` rows or are all the cells."""
         cells = len(self.centroids)
-        by_cell = np.argsort(-(self.centroids @ vec)).tolist() if cells > 1 else [0]
-        nprobe = self.nprobe
+        nprobe = min(cells, nprobe)
         while True:
             if allowed is None:
                 spans = [self.cell_span[c] for c in by_cell[:nprobe]]
@@ -130,26 +173,19 @@ class SearchIndex:
             found = sum(b - a for a, b in spans)
             if found >= k or nprobe >= cells:
                 break
-            nprobe = min(cells, nprobe * 2)  # too few rows of the allowed buckets nearby: widen
+            nprobe = min(cells, nprobe * 2)
         if not spans:
             return np.zeros(0, np.int64)
-        sims = np.concatenate([self.vectors[a:b] @ vec for a, b in spans])
-        top = np.argpartition(-sims, k - 1)[:k] if len(sims) > k else np.arange(len(sims))
-        # Index into the concatenated spans -> sorted position: span start + offset within it.
-        starts = np.asarray([a for a, _ in spans])
-        lengths = np.asarray([b - a for a, b in spans])
-        ends = np.cumsum(lengths)
-        span = np.searchsorted(ends, top, side="right")
-        pos = starts[span] + top - (ends[span] - lengths[span])
-        return pos[np.lexsort((pos, -sims[top]))]
+        pos = np.concatenate([np.arange(a, b) for a, b in spans])
+        return _best(pos, np.concatenate([self.vectors[a:b] @ vec for a, b in spans]), k)
 
-    def nearest(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def nearest(self, vector: np.ndarray, k: int, probe: Probe | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(cosines (k',), row positions (k',)) of the ``k`` rows nearest ``vector``, best first:
         the neighbour vote's rows (retrieval/neighbours.py). Positions index ``payload`` and ``buckets``."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         vector = np.asarray(vector, dtype=np.float32)
-        pos = self._vector_top(vector, k, None)
+        pos = self._vector_top(vector, k, None, probe)
         return self.vectors[pos] @ vector, pos
 
     def _text_top(self, text: str, k: int, allowed: np.ndarray | None) -> np.ndarray:
@@ -165,16 +201,17 @@ class SearchIndex:
             hits = hits[np.argpartition(-scores[hits], k - 1)[:k]]
         return hits[np.lexsort((hits, -scores[hits]))]
 
-    def search(self, vector: np.ndarray, text: str, k: int, buckets: list[int] | None = None) -> list[dict]:
+    def search(self, vector: np.ndarray, text: str, k: int, buckets: list[int] | None = None, probe: Probe | None = None) -> list[dict]:
         """Top ``k`` rows by RRF of the BM25 and vector rankings (each leg's top ``k``), as dicts of
-        the payload columns plus ``bucket`` and ``cosine`` (the row's vector against ``vector``)."""
+        the payload columns plus ``bucket`` and ``cosine`` (the row's vector against ``vector``);
+        ``probe``: ``probe(vector)``'s scan, when the turn has one already."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         vector = np.asarray(vector, dtype=np.float32)
         allowed = None if buckets is None else np.asarray(sorted({int(b) for b in buckets if 0 <= int(b) < self.num_buckets}), np.int64)
         if allowed is not None and len(allowed) == 0:
             return []
-        dense = self._vector_top(vector, k, allowed)
+        dense = self._vector_top(vector, k, allowed, probe)
         lexical = self._text_top(text, k, allowed) if text.strip() else np.zeros(0, np.int64)
         fused: dict[int, float] = {}
         for ranking in (dense, lexical):

@@ -76,6 +76,31 @@ def test_inverted_file_recall_and_a_rare_bucket_is_never_lost():
     assert np.array_equal(again.centroids, idx.centroids)
 
 
+def test_a_turns_one_probe_gives_what_each_search_scanning_alone_gives():
+    """Chat scans the nearest cells once per turn (``probe``) for the vote and the search; every
+    result must be the one the search would find on its own, with or without a bucket filter, and
+    when the filter leaves too few rows in those cells (bucket 9: five rows anywhere) and it widens."""
+    rng = np.random.default_rng(2)
+    topics = _unit(rng.normal(size=(100, 16)))
+    n = IVF_MIN_ROWS + 2000
+    vecs = _unit(topics[rng.integers(0, 100, n)] + 0.4 * rng.normal(size=(n, 16)) / 4)
+    buckets = np.where(np.arange(n) < 5, 9, rng.integers(0, 9, n))
+    words = ["card", "refund", "parcel", "password", "limit"]
+    users = [" ".join(rng.choice(words, 2)) for _ in range(n)]
+    idx = _index(vecs, users, buckets)
+    assert idx.nprobe < len(idx.centroids)
+    for q in _unit(topics[:20] + 0.4 * rng.normal(size=(20, 16)) / 4):
+        probe = idx.probe(q)
+        assert len(probe.positions) == sum(b - a for a, b in (idx.cell_span[c] for c in probe.by_cell[: idx.nprobe]))
+        for k in (1, 10):
+            alone, shared = idx.nearest(q, k), idx.nearest(q, k, probe)
+            assert alone[1].tolist() == shared[1].tolist()
+            np.testing.assert_array_equal(alone[0], shared[0])
+        for pool in (None, [1, 3], [9]):
+            assert idx.search(q, "card refund", 10, pool, probe=probe) == idx.search(q, "card refund", 10, pool)
+        assert sorted(int(r["id"]) for r in idx.search(q, "", 10, [9], probe=probe)) == [0, 1, 2, 3, 4]
+
+
 def test_rank_fusion_puts_rows_both_legs_agree_on_first():
     vecs = _unit(np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]], np.float32))
     users = ["card arrived broken", "parcel delayed", "refund my card fee", "exchange rate"]

@@ -129,6 +129,7 @@ def finetune(db: Path, epochs: int) -> dict:
         out / "head.safetensors",
         "--meta",
         out / "meta.json",
+        "--force",  # train even when an earlier run trained this table with these settings
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(list(map(str, cmd)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,6 +11,8 @@ question, after one untimed pass that pages the index in (the figures are for a 
   vector leg    the vector half of ``search`` with a bucket prefilter of 3 buckets
   text leg      the BM25 half of the same search (the same for every probe count)
   search        the whole ``search(vec, text, 10, buckets)``
+  turn          what a chat turn searches: ``nearest`` then ``search``, each scanning on its own, and
+                with one ``probe(vec)`` scan shared by both (retrieval/answer.py does the latter)
   recall@10     of ``nearest`` and of the filtered vector leg, against an exact scan of every row
                 (``retrieval/neighbours.nearest``) with the same filter
 
@@ -110,6 +112,9 @@ def main() -> None:
         near_ms, near = timed(index.nearest, [(v, K) for v in vecs])
         leg_ms, leg = timed(index._vector_top, [(v, K, b) for v, b in zip(vecs, allowed)])
         search_ms, _ = timed(index.search, [(v, t, K, b.tolist()) for v, t, b in zip(vecs, texts, allowed)])
+        turn = [(v, t, b.tolist()) for v, t, b in zip(vecs, texts, allowed)]
+        alone_ms, _ = timed(lambda v, t, b: (index.nearest(v, K), index.search(v, t, K, b)), turn)
+        shared_ms, _ = timed(lambda v, t, b: (p := index.probe(v), index.nearest(v, K, p), index.search(v, t, K, b, probe=p)), turn)
         row = {
             "probes": probes,
             "rows_scanned": int(min(probes, stats.cells) * stats.rows / max(stats.cells, 1)),
@@ -118,11 +123,14 @@ def main() -> None:
             "vector_leg_ms": round(leg_ms, 3),
             "vector_leg_recall": round(recall(leg, np.asarray(exact_filtered)), 4),
             "search_ms": round(search_ms, 3),
+            "turn_alone_ms": round(alone_ms, 3),
+            "turn_one_probe_ms": round(shared_ms, 3),
         }
         report["probes"].append(row)
         print(
             f"  probes {probes:>4} (~{row['rows_scanned']:,} rows): nearest {near_ms:.2f} ms recall@10 {row['nearest_recall']:.4f}; "
-            f"vector leg {leg_ms:.2f} ms recall@10 {row['vector_leg_recall']:.4f}; search {search_ms:.2f} ms",
+            f"vector leg {leg_ms:.2f} ms recall@10 {row['vector_leg_recall']:.4f}; search {search_ms:.2f} ms; "
+            f"turn {alone_ms:.2f} ms, with one probe {shared_ms:.2f} ms",
             flush=True,
         )
     if a.json:
