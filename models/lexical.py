@@ -74,9 +74,9 @@ class Hasher:
     def counts(self, texts: list[str], folder: Path | None = None):
         """texts -> CSR (N, n_features) float32: each analyzer's counts L2-normalised, then summed.
 
-        Hashed ``CHUNK_ROWS`` texts at a time: scikit-learn's temporaries for 1M texts at once peaked
-        near 7 GB. With ``folder``, the index and value arrays are scratch files there, mapped back
-        (models/memory.py), so every row's n-grams (~1.5 GB at 1M rows) are not the process's own."""
+        Hashed ``CHUNK_ROWS`` texts at a time: scikit-learn's temporaries for every row at once were
+        most of a 1M-row finetune's memory (BENCHMARKS.md, "A large table"). With ``folder``, the index and value arrays are scratch files there, mapped back
+        (models/memory.py), so every row's n-grams (8 bytes a non-zero, ~180 a message) are not the process's own."""
         import scipy.sparse as sp
 
         indices, data = Appender(folder, np.int32), Appender(folder, np.float32)

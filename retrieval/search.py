@@ -27,10 +27,10 @@ import numpy as np
 
 # Below this an exact scan is ~1.5 ms (20k x 384): no index to build.
 IVF_MIN_ROWS = 20_000
-# Cells a query scans, nearest first. At 1M rows (1,000 cells) a share of the cells (3 %, the rule
-# before) scanned 30k rows a query: nearest 5.4 ms, recall@10 0.997; 10 cells: 1.8 ms, recall@10
-# 0.989 (tests/bench/search.py, BENCHMARKS.md). At 100k, 10 is what the share gave. A search-time
-# setting: indexes built before it was one get it without being built again.
+# Cells a query scans, nearest first. A share of the cells (3 %, the rule before) made every query
+# read 3 % of the table; a fixed count reads ~PROBES * sqrt(N) rows, for a little less recall at 1M
+# rows (tests/bench/search.py; BENCHMARKS.md, "A large table"). At 100k, 10 is what the share gave. A
+# search-time setting: indexes built before it was one get it without being built again.
 PROBES = 10
 RRF_K = 60  # LanceDB's RRFReranker default
 BM25_K1, BM25_B = 1.2, 0.75

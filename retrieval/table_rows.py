@@ -29,7 +29,7 @@ def table_rows(db: str, table: str, version: int) -> dict:
     buckets = np.zeros(rows.count, np.int64)
     vectors = scratch_array(scratch_folder(db), (rows.count, rows.dim), np.float32)
     # Responses, groups and parents repeat across rows: one string object per distinct value, not one
-    # per row (to_pylist makes a new one each time; at 1M rows the text columns were 0.63 GB).
+    # per row (to_pylist makes a new one each time).
     shared: dict[str, dict] = {"parents": {}, "responses": {}, "groups": {}}
     at = 0
     for batch in rows.batches([*names.values(), "bucket", "vector"]):
