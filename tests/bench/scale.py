@@ -18,7 +18,7 @@ Measured, each command in its own process (GNU time's peak RSS):
                  chat runs them: the rest of a turn is the table's search), and the chat process's peak
                  private (anonymous) and file-backed RSS, sampled every 50 ms; the search index is
                  memory-mapped, so its pages are file-backed and shared between processes.
-  finetune       `bucketchat finetune --db db-N --epochs E` (2 by default) on the whole table: wall
+  finetune       `bucketchat finetune --db db-N --epochs E --force` (2 by default) on the whole table: wall
                  time, the training's examples/s, and peak private and file-backed RSS sampled as
                  for chat (the vectors are read into a memory map, so they count as file-backed).
 """
