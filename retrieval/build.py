@@ -43,12 +43,11 @@ from models.processes import process_start
 from retrieval.buckets import group_buckets, group_key
 from retrieval.embedding_cache import EmbeddingCache, key_hashes
 from retrieval.encoder import ENCODER_ID, embed, text_key
-from retrieval.locations import is_uri, local_dir
+from retrieval.locations import build_dir, is_uri, local_dir
 from retrieval.store import CACHE_DIR, connect, indexed, keep_encoder, read_columns, schema, write_version
 
 BATCH_ROWS = 16_384  # pairs spooled at a time; vectors go in batches of models.memory.batch_rows
 EMBED_ROWS = 4_096  # new texts embedded per call, between progress lines
-BUILD_DIR = "_build"
 _SPOOL = pa.schema([(name, pa.string()) for name in ("id", "user", "context", "assistant", "label", "source", "parent_id", "op")])
 
 
@@ -272,7 +271,7 @@ def build_table(
         db = Path(db)
         db.mkdir(parents=True, exist_ok=True)
     encoder_id, encoder_path = keep_encoder(db, encoder) if encoder else (ENCODER_ID, None)
-    builds = local_dir(db) / BUILD_DIR
+    builds = build_dir(db)
     builds.mkdir(parents=True, exist_ok=True)
     _clear_stale(builds)
     folder = builds / f"{os.getpid()}-{process_start(os.getpid())}-{uuid.uuid4().hex[:8]}"

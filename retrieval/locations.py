@@ -21,6 +21,9 @@ def db_key(db: str | Path) -> str:
     return str(db) if is_uri(db) else str(Path(db).resolve())
 
 
+BUILD_DIR = "_build"
+
+
 def local_dir(db: str | Path) -> Path:
     """The local folder for a table's side files (embedding cache, fine-tuned encoders, resume
     states): the db folder itself, or for an object-store URI a folder per URI in the machine's
@@ -28,6 +31,12 @@ def local_dir(db: str | Path) -> Path:
     if not is_uri(db):
         return Path(db)
     return cache_home() / "object-store" / hashlib.sha256(str(db).encode()).hexdigest()[:16]
+
+
+def build_dir(db: str | Path) -> Path:
+    """Where jobs on a table keep their working files: ``db build``'s folders (one per process) and
+    finetune's scratch maps (unlinked as made), beside the table's local side files."""
+    return local_dir(db) / BUILD_DIR
 
 
 def encoder_folder(db: str | Path, encoder_id: str) -> Path | None:

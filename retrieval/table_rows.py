@@ -4,13 +4,11 @@ size (the vectors of 1M rows are ~1.5 GB)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from models.memory import scratch_array
 from retrieval.index_build import TableRows
-from retrieval.locations import local_dir
+from retrieval.locations import build_dir
 from retrieval.store import open_table, table_encoder
 
 
@@ -27,7 +25,7 @@ def table_rows(db: str, table: str, version: int) -> dict:
     names = {"ids": "id", "parents": "parent_id", "users": "user", "responses": "assistant", "groups": "group"}
     out: dict = {key: [] for key in names}
     buckets = np.zeros(rows.count, np.int64)
-    vectors = scratch_array(scratch_folder(db), (rows.count, rows.dim), np.float32)
+    vectors = scratch_array(build_dir(db), (rows.count, rows.dim), np.float32)
     # Responses, groups and parents repeat across rows: one string object per distinct value, not one
     # per row (to_pylist makes a new one each time).
     shared: dict[str, dict] = {"parents": {}, "responses": {}, "groups": {}}
@@ -44,11 +42,6 @@ def table_rows(db: str, table: str, version: int) -> dict:
         vectors[at : at + m] = batch.column("vector").flatten().to_numpy().reshape(m, rows.dim)
         at += m
     return out | {"buckets": buckets, "vectors": vectors, "encoder": table_encoder(tbl)}
-
-
-def scratch_folder(db: str) -> Path:
-    """Where a job on ``db`` keeps its scratch files (unlinked as made): beside the table's local copy."""
-    return local_dir(db) / "_build"
 
 
 def vectors_by_id(db: str, table: str, version: int, ids: list[str]) -> np.ndarray:

@@ -21,12 +21,12 @@ from models.config import BRANCH_WIDTHS, BRANCHES, HeadConfig, HeadSettings, Tra
 from models.heads import BucketHead, warm_start
 from models.train import Trainable, TrainData, train
 from retrieval.encoder import STOCK_IDS, TORCH_ID
-from retrieval.locations import db_key, encoder_folder, table_encoder_path
+from retrieval.locations import build_dir, db_key, encoder_folder, table_encoder_path
 from retrieval.neighbours import TEMPERATURE as NEIGHBOURS_TEMPERATURE
 from retrieval.neighbours import K as NEIGHBOURS_K
 from retrieval.neighbours import mix, nearest, vote
 from retrieval.store import reembed_table
-from retrieval.table_rows import scratch_folder, table_rows, vectors_by_id
+from retrieval.table_rows import table_rows, vectors_by_id
 from tasks import registry
 
 
@@ -169,7 +169,7 @@ def fit(
 
         model, report = fresh(log=True)
         hasher = model.head.hasher()
-        scratch = scratch_folder(db)
+        scratch = build_dir(db)
         counts = hasher.counts(rows["users"], scratch) if hasher else None  # every row hashed once
 
         def lexical(head: BucketHead, idx: np.ndarray):

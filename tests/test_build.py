@@ -9,9 +9,10 @@ import pytest
 
 from conversations.records import load_records
 from models.processes import process_start
-from retrieval.build import BUILD_DIR, build_table
+from retrieval.build import build_table
 from retrieval.embedding_cache import EmbeddingCache
 from retrieval.encoder import ENCODER_ID, embed
+from retrieval.locations import BUILD_DIR
 from retrieval.store import CACHE_DIR, open_table, stats
 
 ROOT = Path(__file__).resolve().parents[1]

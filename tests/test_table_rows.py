@@ -7,6 +7,7 @@ import numpy as np
 
 from conversations.records import load_records
 from retrieval.build import build_table
+from retrieval.locations import BUILD_DIR
 from retrieval.store import open_table
 from retrieval.table_rows import table_rows
 
@@ -24,4 +25,4 @@ def test_rows_come_back_in_table_order_and_repeated_values_share_one_string(tmp_
         for i, value in enumerate(rows[key]):
             assert rows[key][first.setdefault(value, i)] is value, key
         assert len(first) < len(rows[key])  # the fixture repeats them
-    assert not list((tmp_path / "db" / "_build").iterdir())  # the vectors' file is unlinked
+    assert not list((tmp_path / "db" / BUILD_DIR).iterdir())  # the vectors' file is unlinked
