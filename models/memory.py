@@ -39,6 +39,12 @@ def release() -> None:
         _libc.malloc_trim(0)
 
 
+def _scratch_file(folder: Path):
+    """A new file in ``folder`` without a name (unlinked as made): gone when its last handle or map closes."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryFile(dir=folder, prefix="bucketchat-scratch-")
+
+
 def scratch_array(folder: Path | None, shape: tuple[int, ...], dtype) -> np.ndarray:
     """A writable zeroed array of ``shape``; with ``folder``, backed by an unlinked file there.
 
@@ -46,8 +52,7 @@ def scratch_array(folder: Path | None, shape: tuple[int, ...], dtype) -> np.ndar
     freed when the last map closes, so nothing is left behind even if the process is killed."""
     if folder is None or not int(np.prod(shape)):
         return np.zeros(shape, dtype)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder, prefix="bucketchat-scratch-") as f:
+    with _scratch_file(folder) as f:
         f.truncate(int(np.prod(shape)) * np.dtype(dtype).itemsize)
         return np.memmap(f, dtype=dtype, mode="r+", shape=shape)
 
@@ -62,8 +67,7 @@ class Appender:
         self._pieces: list[np.ndarray] = []
         self._file = None
         if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            self._file = tempfile.TemporaryFile(dir=folder, prefix="bucketchat-scratch-")
+            self._file = _scratch_file(folder)
 
     def append(self, piece: np.ndarray) -> None:
         piece = np.ascontiguousarray(piece, dtype=self.dtype)

@@ -142,6 +142,12 @@ class SearchIndex:
         positions = np.concatenate([np.arange(a, b) for a, b in spans])
         return Probe(by_cell, positions, np.concatenate([self.vectors[a:b] @ vector for a, b in spans]))
 
+    def _in_buckets(self, positions: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Which of ``positions`` hold rows of the ``allowed`` buckets (a lookup per row, not a pass over all)."""
+        keep = np.zeros(self.num_buckets, bool)
+        keep[allowed] = True
+        return keep[self.buckets[positions]]
+
     def _cells_by_distance(self, vec: np.ndarray) -> list[int]:
         return np.argsort(-(self.centroids @ vec)).tolist() if len(self.centroids) > 1 else [0]
 
@@ -150,9 +156,7 @@ class SearchIndex:
         if probe is not None:
             pos, sims = probe.positions, probe.sims
             if allowed is not None:
-                keep = np.zeros(self.num_buckets, bool)
-                keep[allowed] = True
-                rows = keep[self.buckets[pos]]
+                rows = self._in_buckets(pos, allowed)
                 pos, sims = pos[rows], sims[rows]
             if len(pos) >= k or self.nprobe >= len(self.centroids):
                 return _best(pos, sims, k)
@@ -194,9 +198,7 @@ class SearchIndex:
         if allowed is not None:
             # Only the rows a term matched are looked up: masking every row's bucket cost more than
             # the scoring itself at 1M rows.
-            keep = np.zeros(self.num_buckets, bool)
-            keep[allowed] = True
-            hits = hits[keep[self.buckets[hits]]]
+            hits = hits[self._in_buckets(hits, allowed)]
         if len(hits) > k:
             hits = hits[np.argpartition(-scores[hits], k - 1)[:k]]
         return hits[np.lexsort((hits, -scores[hits]))]
